@@ -1,0 +1,36 @@
+"""The command line: `alignkit COMMAND --config run.yaml [--key value ...]`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "pretrain": ("alignkit.train.pretrain", "causal LM pretraining on raw text, with packing"),
+    "sft": ("alignkit.train.sft", "supervised fine-tuning, loss on responses only"),
+    "demo": ("alignkit.pipeline", "the built-in recipe end to end on a CPU"),
+}
+
+USAGE = "usage: alignkit COMMAND [--config run.yaml] [--key value ...]\n\ncommands:\n" + "\n".join(
+    f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()
+) + "\n\n`alignkit COMMAND --help` lists every key of that command."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"alignkit: unknown command '{argv[0]}'\n\n{USAGE}", file=sys.stderr)
+        return 2
+    from alignkit.config import ConfigError
+    from alignkit.data import DataError
+    from alignkit.train.loop import TrainingError
+
+    try:
+        importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+    except (ConfigError, DataError, TrainingError) as e:
+        print(f"alignkit {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,16 @@
+"""Data: loading and checking records (file:line errors), chat templates, tokenisation with loss masks."""
+
+from alignkit.data.chat import render_prompt, split_prompt_completion
+from alignkit.data.formats import DataError, load_records
+from alignkit.data.tokenize import TruncationReport, pad_batch, tokenize_sft, tokenize_text
+
+__all__ = [
+    "DataError",
+    "load_records",
+    "split_prompt_completion",
+    "render_prompt",
+    "tokenize_sft",
+    "tokenize_text",
+    "pad_batch",
+    "TruncationReport",
+]

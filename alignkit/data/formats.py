@@ -1,0 +1,410 @@
+"""Load data records and check them, with errors that name the file, the line and the field.
+
+    records = load_records("data/train.jsonl", "preference")
+    records[0]  # {"prompt": ..., "chosen": ..., "rejected": ..., "_where": "data/train.jsonl:1"}
+
+Sources: a `.jsonl`, `.json`, `.parquet` or `.csv` file; an in-memory list of dicts;
+a `datasets.Dataset`; a directory written by `Dataset.save_to_disk`; or anything else
+`datasets.load_dataset(source, split=split)` accepts (a Hub name, a data directory).
+
+Kinds and their fields (TRL's names, so public datasets load unchanged):
+
+| kind       | fields                                                                  |
+| ---------- | ----------------------------------------------------------------------- |
+| text       | `text`                                                                  |
+| sft        | `prompt` + `completion` (both strings or both message lists), or `messages` |
+| preference | `prompt`, `chosen`, `rejected` (all strings, or all message lists)      |
+| ranking    | `prompt`, `responses` (>= 2 strings, best first), optional `scores`     |
+| unpaired   | `prompt`, `completion`, `label` (bool; true = thumbs up)                |
+| prompts    | `prompt` (extra fields such as `answer` pass through to reward functions) |
+
+A message list is `[{"role": ..., "content": "..."}, ...]`, role one of system, user,
+assistant, tool. Where a message list is the completion (`messages`, `completion`,
+`chosen`, `rejected`) its last message must be a non-empty assistant message.
+With `scores`, `responses` (and `scores`) come back sorted best first, ties in input order.
+`label` also accepts the strings true/false/1/0 (any case), as CSV stores it.
+In CSV, list-valued fields (`messages`, `responses`, `scores`) are JSON-encoded cells.
+
+Every record comes back as a plain dict with all its fields (extra fields kept) plus
+`"_where"`, the location later stages put in their own error messages: `path:LINE`
+for JSONL (the record's line), JSON (the line where the object starts) and CSV (the line
+where the row starts; the header is line 1); `path:row N` for Parquet and datasets;
+`<list>:item N` for lists. All numbers are 1-based. Nothing is skipped silently: the
+first bad record raises `DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "tool")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+class DataError(ValueError):
+    """A bad record or file: `where: field 'name': what is wrong`.
+
+    `where` is `path:LINE`, `path:row N`, `<list>:item N` or a bare path for
+    file-level problems (missing, empty, unreadable); `field` is None for those.
+    """
+
+    def __init__(self, where: str, field: str | None, message: str):
+        self.where, self.field, self.message = where, field, message
+        text = f"{where}: {message}" if field is None else f"{where}: field '{field}': {message}"
+        super().__init__(text)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _type_name(value: Any) -> str:
+    names = {type(None): "null", str: "str", bool: "bool", int: "int", float: "float",
+             list: "list", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _decode_utf8(data: bytes, path: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}", "<encoding>",
+            f"file is not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column})",
+        ) from None
+
+
+def _read_jsonl(text: str, path: str) -> Iterator[tuple[str, Any]]:
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 etc., which are not line breaks here.
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{number}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}", "<json>", f"invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _read_json(text: str, path: str) -> Iterator[tuple[str, Any]]:
+    """A JSON array of records, or an object with one list value ({"data": [...]}).
+
+    The document is parsed once to validate it, then walked with `raw_decode` so each
+    record's line is where its value starts.
+    """
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}", "<json>", f"invalid JSON: {e.msg} (column {e.colno})") from None
+    decoder = json.JSONDecoder()
+
+    def skip(pos: int) -> int:
+        return _WHITESPACE.match(text, pos).end()
+
+    pos = skip(0)
+    if isinstance(document, dict):
+        lists = [key for key, value in document.items() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise DataError(
+                f"{path}:{text.count(chr(10), 0, pos) + 1}", "<json>",
+                "expected a list of records, or an object with exactly one list value "
+                f"(like {{\"data\": [...]}}); this object has {len(lists)} list values",
+            )
+        pos = skip(pos + 1)  # past "{"
+        while True:  # walk "key": value pairs up to the list's value
+            key, pos = decoder.raw_decode(text, pos)
+            pos = skip(skip(pos) + 1)  # past ":"
+            if key == lists[0] and text[pos] == "[":
+                break
+            _, pos = decoder.raw_decode(text, pos)
+            pos = skip(skip(pos) + 1)  # past ","
+    elif not isinstance(document, list):
+        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}", "<json>",
+                        f"expected a list of records, got {_type_name(document)}")
+
+    pos = skip(pos + 1)  # past "["
+    line, counted_to = 1, 0
+    while text[pos] != "]":
+        line += text.count("\n", counted_to, pos)
+        counted_to = pos
+        record, pos = decoder.raw_decode(text, pos)
+        yield f"{path}:{line}", record
+        pos = skip(pos)
+        if text[pos] == ",":
+            pos = skip(pos + 1)
+
+
+def _read_csv(text: str, path: str) -> Iterator[tuple[str, Any]]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    end = 0  # line where the previous row ended; a row starts on the line after it
+    for row in reader:
+        start, end = end + 1, reader.line_num
+        if not row:  # a blank line
+            continue
+        if header is None:
+            header = row
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}:{start}", "<csv>",
+                            f"row has {len(row)} fields, the header has {len(header)}")
+        yield f"{path}:{start}", dict(zip(header, row))
+
+
+def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(path, None, f"not a readable Parquet file: {e}") from None
+    for number, row in enumerate(rows, 1):
+        yield f"{path}:row {number}", row
+
+
+def _read_dataset(source: Any, split: str) -> tuple[str, Iterable[tuple[str, Any]]]:
+    import datasets
+
+    if isinstance(source, datasets.Dataset):
+        name, dataset = "<dataset>", source
+    else:
+        name = str(source)
+        directory = Path(name)
+        try:
+            if (directory / "state.json").is_file() or (directory / "dataset_dict.json").is_file():
+                dataset = datasets.load_from_disk(name)  # written by save_to_disk
+                if isinstance(dataset, datasets.DatasetDict):
+                    if split not in dataset:
+                        raise DataError(name, None, f"no split {split!r}; splits: {', '.join(dataset)}")
+                    dataset = dataset[split]
+            else:
+                dataset = datasets.load_dataset(name, split=split)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(name, None, f"could not load dataset: {type(e).__name__}: {e}") from None
+    rows = ((f"{name}:row {number}", row) for number, row in enumerate(dataset, 1))
+    return name, rows
+
+
+def _read(source: Any, split: str) -> tuple[str, Iterable[tuple[str, Any]]]:
+    """(name of the source, iterator of (where, raw record))."""
+    if isinstance(source, (list, tuple)):
+        return "<list>", ((f"<list>:item {n}", item) for n, item in enumerate(source, 1))
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        name = str(source)
+        suffix = path.suffix.lower()
+        # A Hub name is "name" or "org/name": a path that is absolute or starts with "." or "~" is local.
+        local = path.is_absolute() or name.startswith((".", "~"))
+        if path.is_file() or suffix in FILE_SUFFIXES or (local and not path.exists()):
+            if not path.is_file():
+                raise DataError(name, None, "not a file" if path.exists() else "file not found")
+            if suffix not in FILE_SUFFIXES:
+                raise DataError(name, None, f"unknown file type {suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}")
+            if suffix == ".parquet":
+                return name, _read_parquet(name)
+            text = _decode_utf8(path.read_bytes(), name)
+            reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix]
+            return name, reader(text, name)
+    return _read_dataset(source, split)
+
+
+# ---------------------------------------------------------------- checking
+
+
+def _require(record: dict, where: str, field: str, kind: str, needs: str) -> Any:
+    if field not in record:
+        raise DataError(where, field, f"missing (a {kind} record needs {needs})")
+    return record[field]
+
+
+def _check_string(value: Any, where: str, field: str) -> None:
+    if not isinstance(value, str):
+        raise DataError(where, field, f"expected a string, got {_type_name(value)}")
+    if not value.strip():
+        raise DataError(where, field, "empty string" if not value else "whitespace-only string")
+
+
+def _check_messages(value: Any, where: str, field: str, *, is_completion: bool) -> None:
+    if not isinstance(value, list):
+        raise DataError(where, field, f"expected a list of messages, got {_type_name(value)}")
+    if not value:
+        raise DataError(where, field, "empty list of messages")
+    for i, message in enumerate(value):
+        name = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(where, name, f"expected a message {{'role': ..., 'content': ...}}, got {_type_name(message)}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise DataError(where, f"{name}.{key}", "missing")
+        if not isinstance(message["role"], str) or message["role"] not in ROLES:
+            raise DataError(where, f"{name}.role", f"expected one of {', '.join(ROLES)}, got {message['role']!r}")
+        if not isinstance(message["content"], str):
+            raise DataError(where, f"{name}.content", f"expected a string, got {_type_name(message['content'])}")
+    if is_completion:
+        last = f"{field}[{len(value) - 1}]"
+        if value[-1]["role"] != "assistant":
+            raise DataError(where, f"{last}.role",
+                            f"the last message is the completion and must be from the assistant, got {value[-1]['role']!r}")
+        if not value[-1]["content"].strip():
+            raise DataError(where, f"{last}.content", "empty completion")
+
+
+def _check_text_or_messages(value: Any, where: str, field: str, *, is_completion: bool) -> str:
+    """Check a string-or-message-list field; returns "string" or "messages"."""
+    if isinstance(value, str):
+        _check_string(value, where, field)
+        return "string"
+    if isinstance(value, list):
+        _check_messages(value, where, field, is_completion=is_completion)
+        return "messages"
+    raise DataError(where, field, f"expected a string or a list of messages, got {_type_name(value)}")
+
+
+def _check_same_form(form: str, prompt_form: str, value: Any, where: str, field: str) -> None:
+    if form != prompt_form:
+        wanted = "a string" if prompt_form == "string" else "a list of messages"
+        raise DataError(where, field, f"expected {wanted} like 'prompt', got {_type_name(value)}")
+
+
+def _check_text(record: dict, where: str) -> None:
+    _check_string(_require(record, where, "text", "text", "'text'"), where, "text")
+
+
+def _check_prompt_completion(record: dict, where: str, kind: str, needs: str) -> None:
+    prompt = _require(record, where, "prompt", kind, needs)
+    completion = _require(record, where, "completion", kind, needs)
+    prompt_form = _check_text_or_messages(prompt, where, "prompt", is_completion=False)
+    form = _check_text_or_messages(completion, where, "completion", is_completion=True)
+    _check_same_form(form, prompt_form, completion, where, "completion")
+
+
+def _check_sft(record: dict, where: str) -> None:
+    needs = "'prompt' and 'completion', or 'messages'"
+    # A `datasets` table with both layouts holds None where a row lacks a column.
+    if record.get("messages") is not None or ("prompt" not in record and "completion" not in record):
+        messages = _require(record, where, "messages", "sft", needs)
+        _check_messages(messages, where, "messages", is_completion=True)
+    else:
+        _check_prompt_completion(record, where, "sft", needs)
+
+
+def _check_preference(record: dict, where: str) -> None:
+    needs = "'prompt', 'chosen' and 'rejected'"
+    fields = [_require(record, where, name, "preference", needs) for name in ("prompt", "chosen", "rejected")]
+    prompt_form = _check_text_or_messages(fields[0], where, "prompt", is_completion=False)
+    for name, value in zip(("chosen", "rejected"), fields[1:]):
+        form = _check_text_or_messages(value, where, name, is_completion=True)
+        _check_same_form(form, prompt_form, value, where, name)
+
+
+def _check_ranking(record: dict, where: str) -> None:
+    needs = "'prompt' and 'responses' (optionally 'scores')"
+    _check_text_or_messages(_require(record, where, "prompt", "ranking", needs), where, "prompt", is_completion=False)
+    responses = _require(record, where, "responses", "ranking", needs)
+    if not isinstance(responses, list):
+        raise DataError(where, "responses", f"expected a list of strings, got {_type_name(responses)}")
+    if len(responses) < 2:
+        raise DataError(where, "responses", f"expected at least 2 responses, got {len(responses)}")
+    for i, response in enumerate(responses):
+        _check_string(response, where, f"responses[{i}]")
+    if record.get("scores") is None:
+        return
+    scores = record["scores"]
+    if not isinstance(scores, list):
+        raise DataError(where, "scores", f"expected a list of numbers, got {_type_name(scores)}")
+    if len(scores) != len(responses):
+        raise DataError(where, "scores", f"expected {len(responses)} scores (one per response), got {len(scores)}")
+    for i, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise DataError(where, f"scores[{i}]", f"expected a number, got {_type_name(score)}")
+        if not math.isfinite(score):
+            raise DataError(where, f"scores[{i}]", f"expected a finite number, got {score}")
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # sorted() is stable: ties keep input order
+    record["responses"] = [responses[i] for i in order]
+    record["scores"] = [scores[i] for i in order]
+
+
+_LABELS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _check_unpaired(record: dict, where: str) -> None:
+    needs = "'prompt', 'completion' and 'label'"
+    _check_prompt_completion(record, where, "unpaired", needs)
+    label = _require(record, where, "label", "unpaired", needs)
+    if isinstance(label, bool):
+        return
+    if isinstance(label, int) and label in (0, 1):  # a Parquet/pandas int column
+        record["label"] = bool(label)
+    elif isinstance(label, str) and label.strip().lower() in _LABELS:  # CSV
+        record["label"] = _LABELS[label.strip().lower()]
+    else:
+        raise DataError(where, "label", f"expected a bool (true/false, 1/0), got {_type_name(label)} {label!r}")
+
+
+def _check_prompts(record: dict, where: str) -> None:
+    _check_text_or_messages(_require(record, where, "prompt", "prompts", "'prompt'"), where, "prompt", is_completion=False)
+
+
+CHECKS: dict[str, Callable[[dict, str], None]] = {
+    "text": _check_text,
+    "sft": _check_sft,
+    "preference": _check_preference,
+    "ranking": _check_ranking,
+    "unpaired": _check_unpaired,
+    "prompts": _check_prompts,
+}
+# Fields that hold lists; a CSV cell can only hold a string, so there they are JSON-encoded.
+CSV_LIST_FIELDS = {"sft": ("messages",), "ranking": ("responses", "scores")}
+
+
+def _decode_csv_lists(record: dict, where: str, kind: str) -> None:
+    for field in CSV_LIST_FIELDS.get(kind, ()):
+        if field not in record:
+            continue
+        cell = record[field]
+        if cell == "":  # an empty cell is a missing value, as null is in a Parquet table
+            record[field] = None
+            continue
+        try:
+            record[field] = json.loads(cell)
+        except json.JSONDecodeError as e:
+            raise DataError(where, field, f"expected a JSON-encoded list in this CSV cell: {e.msg}") from None
+
+
+def load_records(source: Any, kind: str, *, split: str = "train") -> list[dict]:
+    """Read and check every record of `source` as `kind`; see the module docstring.
+
+    Returns plain dicts (all fields, extras kept) with `"_where"` added. Raises
+    `DataError` naming file, line and field for the first bad record, and
+    `ValueError` for an unknown `kind`.
+    """
+    if kind not in CHECKS:
+        raise ValueError(f"unknown data kind {kind!r}; valid kinds: {', '.join(CHECKS)}")
+    check = CHECKS[kind]
+    name, rows = _read(source, split)
+    from_csv = isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv"
+    records = []
+    for where, raw in rows:
+        if not isinstance(raw, dict):
+            raise DataError(where, "<record>", f"expected an object with named fields, got {_type_name(raw)}")
+        record = dict(raw)
+        if from_csv:
+            _decode_csv_lists(record, where, kind)
+        check(record, where)
+        record["_where"] = where
+        records.append(record)
+    if not records:
+        raise DataError(name, None, "no records")
+    return records

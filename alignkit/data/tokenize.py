@@ -1,0 +1,177 @@
+"""Token ids and loss masks, with every truncation counted.
+
+    examples, report = tokenize_sft(records, tokenizer, max_length=512)
+    print(report)   # sft data: 1,000 examples, 12 prompts left-truncated, 1 completion truncated (340 tokens dropped)
+    batch = pad_batch(examples[:8], tokenizer.pad_token_id)
+
+An example is `{"id": int, "input_ids": list[int], "loss_mask": list[int]}`; the loss
+mask is 1 where the token is trained on (the completion and its EOS for SFT, every
+token for pretraining text).
+
+SFT: prompt and completion are tokenized separately and concatenated, so the boundary
+is exact (no token straddles it). The prompt gets the tokenizer's special tokens (BOS
+for Llama-style tokenizers) unless its text already starts with the BOS text, as a
+chat-template rendering may; the completion gets none, and EOS is appended unless it
+already ends with EOS. Too long: the prompt is left-truncated first (its oldest tokens
+go, a leading BOS stays), then the completion is right-truncated (losing its EOS: a
+cut-off completion is not an ending).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from alignkit.data.chat import split_prompt_completion
+
+
+@dataclass
+class TruncationReport:
+    """What tokenisation cut. For text data, `completion_truncated` counts truncated documents."""
+
+    examples: int = 0
+    prompt_truncated: int = 0
+    completion_truncated: int = 0
+    tokens_dropped: int = 0
+    kind: str = "sft"
+
+    def __str__(self) -> str:
+        def n(count: int, word: str) -> str:
+            return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+        dropped = f"({n(self.tokens_dropped, 'token')} dropped)"
+        if self.kind == "text":
+            return f"text data: {n(self.examples, 'example')}, {n(self.completion_truncated, 'document')} truncated {dropped}"
+        return (
+            f"{self.kind} data: {n(self.examples, 'example')}, {n(self.prompt_truncated, 'prompt')} left-truncated, "
+            f"{n(self.completion_truncated, 'completion')} truncated {dropped}"
+        )
+
+    def __add__(self, other: TruncationReport) -> TruncationReport:
+        counts = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "kind"}
+        return TruncationReport(**counts, kind=self.kind)
+
+    def merge(self, other: TruncationReport) -> TruncationReport:
+        return self + other
+
+
+def _batch_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def _eos_id(tokenizer: Any) -> int:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id: a model cannot learn to stop without one")
+    return tokenizer.eos_token_id
+
+
+def _prompt_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """Prompts with special tokens, except those whose text already starts with BOS."""
+    bos = tokenizer.bos_token
+    has_bos = [bool(bos) and p.startswith(bos) for p in prompts]
+    with_special = iter(_batch_ids(tokenizer, [p for p, b in zip(prompts, has_bos) if not b], True))
+    without = iter(_batch_ids(tokenizer, [p for p, b in zip(prompts, has_bos) if b], False))
+    return [next(without) if b else next(with_special) for b in has_bos]
+
+
+def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int) -> tuple[list[dict], TruncationReport]:
+    """Tokenize sft records (see `load_records(..., "sft")`) into examples with loss masks.
+
+    Returns (examples, report); example i comes from records[i] and has `id` i,
+    len(input_ids) <= max_length, loss_mask 0 on the prompt and 1 on the completion + EOS.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    eos = _eos_id(tokenizer)
+    prompts, completions = [], []
+    for record in records:
+        try:
+            prompt, completion = split_prompt_completion(record, tokenizer)
+        except ValueError as e:
+            raise ValueError(f"{record.get('_where', '<record>')}: {e}") from None
+        prompts.append(prompt)
+        completions.append(completion)
+    prompt_ids = _prompt_ids(tokenizer, prompts)
+    completion_ids = _batch_ids(tokenizer, completions, False)
+
+    report = TruncationReport(examples=len(records), kind="sft")
+    examples = []
+    bos = tokenizer.bos_token_id
+    for i, (p, c, text) in enumerate(zip(prompt_ids, completion_ids, completions)):
+        if not (c and c[-1] == eos) and not (tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token)):
+            c = c + [eos]
+        excess = len(p) + len(c) - max_length
+        if excess > 0:
+            keep = 1 if (p and bos is not None and p[0] == bos) else 0  # the leading BOS stays
+            drop = min(excess, len(p) - keep)
+            if drop > 0:
+                p = p[:keep] + p[keep + drop:]
+                report.prompt_truncated += 1
+                report.tokens_dropped += drop
+            excess -= drop
+            if excess > 0:
+                c = c[: len(c) - excess]
+                report.completion_truncated += 1
+                report.tokens_dropped += excess
+        examples.append({"id": i, "input_ids": p + c, "loss_mask": [0] * len(p) + [1] * len(c)})
+    return examples, report
+
+
+def tokenize_text(
+    records: list[dict | str], tokenizer: Any, max_length: int, packing: bool = True
+) -> tuple[list[dict], TruncationReport]:
+    """Pretraining examples: each document is tokenizer(text) (with BOS if the tokenizer adds it) + EOS.
+
+    packing=True: all documents in one stream cut into blocks of exactly max_length; the
+    last, shorter block is kept, so every token is used. packing=False: one example per
+    document, right-truncated to max_length (counted). loss_mask is all 1; `id` is the
+    block (or document) index. Records are dicts with `text`, or strings.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    eos = _eos_id(tokenizer)
+    texts = [r if isinstance(r, str) else r["text"] for r in records]
+    documents = [ids + [eos] for ids in _batch_ids(tokenizer, texts, True)]
+    report = TruncationReport(kind="text")
+    if packing:
+        stream = [token for ids in documents for token in ids]
+        blocks = [stream[start:start + max_length] for start in range(0, len(stream), max_length)]
+    else:
+        blocks = []
+        for ids in documents:
+            if len(ids) > max_length:
+                report.completion_truncated += 1
+                report.tokens_dropped += len(ids) - max_length
+            blocks.append(ids[:max_length])
+    report.examples = len(blocks)
+    examples = [{"id": i, "input_ids": ids, "loss_mask": [1] * len(ids)} for i, ids in enumerate(blocks)]
+    return examples, report
+
+
+def pad_batch(examples: list[dict], pad_token_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad examples to the longest one: {input_ids, attention_mask, loss_mask: (B, T), ids: (B,)}.
+
+    Padded positions hold pad_token_id, attention 0 and loss 0. side: "right" (training)
+    or "left" (generation: every prompt ends at the last column). An example without
+    `loss_mask` is trained on every token; one without `id` gets its position in the batch.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not examples:
+        raise ValueError("pad_batch needs at least one example")
+    length = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    loss_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        columns = slice(0, n) if side == "right" else slice(length - n, length)
+        input_ids[row, columns] = torch.tensor(ex["input_ids"], dtype=torch.long)
+        attention_mask[row, columns] = 1
+        loss_mask[row, columns] = torch.tensor(ex.get("loss_mask", [1] * n), dtype=torch.long)
+    ids = torch.tensor([ex.get("id", row) for row, ex in enumerate(examples)], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, "ids": ids}

@@ -1,0 +1,35 @@
+"""The one forward pass every trainer uses: per-token log-probs of a padded batch."""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.ops import token_logprobs
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """positions_t = (sum_{s<=t} mask_s) - 1, clamped at 0: [B, T] -> [B, T].
+
+    With left padding the first real token gets position 0, exactly as if the row had
+    been run alone; with right padding this equals arange(T) on the real tokens.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0):
+    """log pi(x_t | x_<t) for t = 1..T-1 of a padded batch, and the logits.
+
+    Shapes: input_ids, attention_mask [B, T] -> logprobs [B, T-1] (aligned with
+    input_ids[:, 1:]), logits [B, T-1, V]. Logits are divided by `temperature`, so a
+    sampler and a learner using the same temperature agree on every log-prob.
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logprobs(logits, input_ids[:, 1:]), logits

@@ -1,0 +1,1 @@
+"""Generation from a policy (batched, KV-cached) and reward sources."""

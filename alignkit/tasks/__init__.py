@@ -1,0 +1,1 @@
+"""Built-in tasks: generated or shipped data and a gold reward no trained model sees."""

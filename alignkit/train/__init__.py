@@ -1,0 +1,1 @@
+"""The shared accelerate loop and one file per training algorithm."""

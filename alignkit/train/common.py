@@ -1,0 +1,61 @@
+"""Pieces the trainers share: the next-token step, data splits, the end-of-run summary."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from alignkit.losses import sft_loss
+from alignkit.models.forward import forward_logprobs
+from alignkit.train.loop import TrainConfig, TrainResult
+
+
+def lm_step(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token loss on `loss_mask` tokens; metrics are sums over those tokens."""
+    logprobs, logits = forward_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    mask = batch["loss_mask"][:, 1:]
+    loss_sum, metrics = sft_loss(logprobs, mask)
+    correct = (logits.argmax(-1) == batch["input_ids"][:, 1:]) & mask.bool()
+    return loss_sum, {**metrics, "accuracy": correct.sum()}
+
+
+def lm_count(batch: dict) -> int:
+    """Loss tokens of a batch: the normaliser of `lm_step`'s sums."""
+    return int(batch["loss_mask"][:, 1:].sum())
+
+
+def load_train_eval(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]]:
+    """Validated records of `cfg.data`, and of `cfg.eval_data` or a seeded `eval_fraction` of `data`."""
+    from alignkit.data import load_records
+
+    if not cfg.data:
+        raise ValueError("no training data: set `data` (a file or a datasets name)")
+    records = load_records(cfg.data, kind)
+    if cfg.eval_data:
+        return records, load_records(cfg.eval_data, kind)
+    if cfg.eval_fraction <= 0:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, round(cfg.eval_fraction * len(records)))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def print_summary(name: str, result: TrainResult, notes: list[str]) -> None:
+    """One screen at the end of a run: what was trained, how the loss moved, where it is."""
+    train_logs = [h for h in result.history if "train/loss" in h]
+    lines = [f"== {name} finished: {result.steps} steps =="]
+    if train_logs:
+        lines.append(f"train loss {train_logs[0]['train/loss']:.4f} (step {train_logs[0]['step']}) -> "
+                     f"{train_logs[-1]['train/loss']:.4f} (step {train_logs[-1]['step']})")
+    if result.eval_metrics:
+        before = result.initial_eval_metrics
+        lines.append("held-out " + ", ".join(
+            (f"{k} {before[k]:.4f} -> {v:.4f}" if k in before else f"{k} {v:.4f}") for k, v in sorted(result.eval_metrics.items())))
+    if result.skipped_steps:
+        lines.append(f"skipped steps (non-finite loss or gradient): {result.skipped_steps}")
+    lines += notes
+    lines.append(f"model saved to {result.output_dir}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,474 @@
+"""The shared training loop, on `accelerate.Accelerator`.
+
+A trainer hands over a model, tokenised examples and two functions:
+
+    step_fn(model, batch)  -> (loss_sum, metric_sums)   # sums over the batch's units
+    count_fn(batch)        -> int                       # its units: loss tokens, pairs, ...
+
+One optimiser step takes `batch_size * grad_accum * world_size` examples. The loss of
+every micro-batch is divided by the number of units in the WHOLE step (all
+micro-batches, all processes), so accumulation and data parallelism give the
+gradient of one big batch, not a mean of means. The data order is a seeded
+permutation per epoch, so the step number alone fixes the data position and a
+resumed run replays exactly the batches an uninterrupted run would see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainConfig:
+    """Keys shared by every trainer."""
+
+    model: str = ""
+    """Model to train: a local `save_pretrained` directory or a Hub id."""
+    data: str = ""
+    """Training data: a .jsonl/.json/.parquet/.csv file or a `datasets` name."""
+    eval_data: str = ""
+    """Held-out data in the same format (empty: hold out `eval_fraction` of `data`)."""
+    eval_fraction: float = 0.0
+    """Fraction of `data` held out for evaluation when `eval_data` is empty."""
+    output_dir: str = "runs/out"
+    """Where the trained model, checkpoints and metrics.jsonl are written."""
+    max_steps: int = 0
+    """Optimiser steps to run; 0 means `epochs` passes over the data."""
+    epochs: float = 1.0
+    """Passes over the data when `max_steps` is 0."""
+    batch_size: int = 8
+    """Examples per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    lr_scheduler: str = "cosine_with_min_lr"
+    """A `transformers.get_scheduler` name: cosine_with_min_lr, linear, constant_with_warmup, ..."""
+    min_lr_ratio: float = 0.1
+    """Floor of cosine_with_min_lr as a fraction of `lr` (a schedule that decays to 0 hides late collapse)."""
+    warmup_ratio: float = 0.05
+    """Fraction of the steps spent warming the learning rate up from 0."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    max_length: int = 512
+    """Longest sequence in tokens; longer examples are truncated and counted."""
+    seed: int = 0
+    """Seed for data order, initialisation and sampling."""
+    precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Mixed precision: auto = bf16 on a GPU that supports it, none on CPU."""
+    lora_r: int = 0
+    """LoRA rank (0: train all weights)."""
+    lora_alpha: float = 0.0
+    """LoRA scaling numerator (0: 2 * lora_r)."""
+    logging: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
+    """Where metrics go besides the console and metrics.jsonl."""
+    log_steps: int = 10
+    """Log training metrics every N optimiser steps."""
+    eval_steps: int = 0
+    """Evaluate every N optimiser steps (0: only at the end)."""
+    save_steps: int = 0
+    """Save a resumable checkpoint every N optimiser steps (0: only the final model)."""
+    resume: str = ""
+    """'auto' = the latest complete checkpoint in output_dir, or a checkpoint path."""
+    allow_resume_mismatch: bool = False
+    """Resume even if the data, process count or batch geometry changed."""
+    on_nan: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient stops training, or skips that step leaving weights unchanged."""
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    history: list[dict] = field(default_factory=list)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    initial_eval_metrics: dict[str, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+
+
+def make_accelerator(cfg: TrainConfig, project_name: str):
+    """One Accelerator per run. Without CUDA but with WORLD_SIZE > 1 (torchrun on CPUs)
+    accelerate must be told `cpu=True`, or every rank silently trains alone."""
+    from accelerate import Accelerator
+
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if cfg.precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    else:
+        precision = cfg.precision
+    return Accelerator(
+        cpu=multi_cpu,
+        mixed_precision=precision,
+        log_with=None if cfg.logging == "none" else cfg.logging,
+        project_dir=cfg.output_dir,
+    )
+
+
+def data_fingerprint(examples: list[dict]) -> str:
+    """sha256 over every example's token ids: resume refuses data that changed under it."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(np.asarray(ex["input_ids"], dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def plan_steps(n_examples: int, cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
+    """(global batch, steps per epoch, total steps). The last batch of an epoch may be short."""
+    if n_examples == 0:
+        raise TrainingError("no training examples")
+    global_batch = cfg.batch_size * cfg.grad_accum * world_size
+    steps_per_epoch = math.ceil(n_examples / global_batch)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
+    return global_batch, steps_per_epoch, total
+
+
+def step_indices(step: int, n: int, global_batch: int, steps_per_epoch: int, seed: int) -> list[int]:
+    """Example indices of optimiser step `step` (0-based): a slice of epoch `step // steps_per_epoch`'s permutation."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order[k * global_batch : (k + 1) * global_batch].tolist()
+
+
+def rank_micro_batches(indices: list[int], lengths: list[int], rank: int, world: int, batch_size: int) -> list[list[int]]:
+    """This rank's share of a step, sorted by length and cut into micro-batches.
+
+    Sorting inside a step cuts padding and changes nothing else: the step's loss is a
+    sum over units divided by the step's total count, whatever the grouping.
+    """
+    share = sorted(indices[rank::world], key=lambda i: lengths[i])
+    return [share[j : j + batch_size] for j in range(0, len(share), batch_size)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in `output_dir` (incomplete ones end in .tmp)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.suffix != ".tmp" and (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(cfg.output_dir)
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").exists():
+        raise TrainingError(f"resume: {path} is not a complete checkpoint (no trainer_state.json)")
+    return path
+
+
+def load_trainable_model(cfg: TrainConfig, resume_from: Path | None):
+    """The model to train: from `cfg.model` (plus fresh LoRA adapters), or from a checkpoint."""
+    from alignkit.models.load import apply_lora, load_causal_lm
+
+    if cfg.lora_r > 0:
+        model = load_causal_lm(cfg.model)
+        if resume_from is not None:
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(model, resume_from / "adapter", is_trainable=True)
+        return apply_lora(model, cfg.lora_r, cfg.lora_alpha or None)
+    return load_causal_lm(str(resume_from) if resume_from is not None else cfg.model)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    state["numpy"] = (np_state[0], np_state[1].tolist(), *np_state[2:])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_model(model, tokenizer, path: Path, accelerator) -> None:
+    """A `save_pretrained` directory that loads into plain transformers. With LoRA:
+    the merged model at `path` and the adapter alone in `path/adapter`."""
+    unwrapped = accelerator.unwrap_model(model)
+    if hasattr(unwrapped, "peft_config"):
+        unwrapped.save_pretrained(path / "adapter")
+        import copy
+
+        unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
+    unwrapped.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, step, meta) -> Path:
+    """checkpoint-{step}/: the model, optimizer, scheduler, per-rank RNG and trainer_state.json.
+
+    Written under a .tmp name and renamed, so a crash mid-save never leaves a
+    checkpoint that `resume=auto` would pick. Everything is tensors and plain
+    Python values, loaded back with `torch.load(weights_only=True)` (no pickled code).
+    """
+    final = Path(cfg.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = final.with_suffix(".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(model, tokenizer, tmp, accelerator)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "training_state.pt")
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _check_resume_meta(saved: dict, meta: dict, path: Path, allow: bool) -> None:
+    changed = [f"{k}: {saved.get(k)!r} -> {meta[k]!r}" for k in ("data_fingerprint", "world_size", "batch_size", "grad_accum") if saved.get(k) != meta[k]]
+    if changed and not allow:
+        raise TrainingError(
+            f"resume from {path}: the run changed ({'; '.join(changed)}). The data position of a "
+            "resumed run would not match an uninterrupted one; set allow_resume_mismatch=true if intended."
+        )
+
+
+def accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator) -> tuple[dict[str, float], float, list[int]]:
+    """Backward through the micro-batches of one optimiser step.
+
+    grad = sum_j w_j * grad(loss_sum_j) * world / N, with N = sum_j w_j * count_j summed
+    over all processes: the gradient of the step's unit-mean loss however the step is
+    split (DDP then averages over the world, hence the factor `world`). Returns the
+    local metric sums (plus `_tokens`), N, and the ids of examples in micro-batches
+    whose loss was not finite.
+    """
+    world = accelerator.num_processes
+    local = sum(w * float(count_fn(b)) for w, b in zip(weights, batches))
+    step_count = float(accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum"))
+    sums = {"loss": 0.0, "_tokens": 0.0}
+    bad_ids: list[int] = []
+    for j, (batch, w) in enumerate(zip(batches, weights)):
+        sync = j == len(batches) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            loss_sum, metrics = step_fn(model, batch)
+            if not torch.isfinite(loss_sum.detach()):
+                bad_ids += batch["ids"].tolist()
+            # Every micro-batch runs backward, even a non-finite one, so that all processes
+            # meet in the same all-reduce; the caller drops a bad step.
+            accelerator.backward(loss_sum * (w * world / max(step_count, 1.0)))
+        for k, v in {"loss": loss_sum, **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + w * float(v.detach())
+        sums["_tokens"] += w * float(batch["attention_mask"].sum())
+    return sums, step_count, bad_ids
+
+
+def evaluate(model, examples, step_fn, count_fn, collate, batch_size, accelerator) -> dict[str, float]:
+    """Unit-weighted means of the loss and metrics over `examples` (sharded over processes)."""
+    model.eval()
+    sums: dict[str, float] = {}
+    count = 0.0
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    with torch.no_grad():
+        for j in range(0, len(mine), batch_size):
+            batch = _to_device(collate(mine[j : j + batch_size]), accelerator.device)
+            loss_sum, metrics = step_fn(model, batch)
+            count += float(count_fn(batch))
+            for k, v in {"loss": loss_sum, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    model.train()
+    keys = sorted(sums) or ["loss"]
+    totals = accelerator.reduce(torch.tensor([count] + [sums.get(k, 0.0) for k in keys], device=accelerator.device, dtype=torch.float64), "sum")
+    n = float(totals[0])
+    return {k: float(v) / max(n, 1.0) for k, v in zip(keys, totals[1:].tolist())}
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(
+    cfg: TrainConfig,
+    model,
+    tokenizer,
+    examples: list[dict],
+    step_fn: Callable,
+    count_fn: Callable,
+    collate: Callable,
+    *,
+    name: str,
+    eval_examples: list[dict] | None = None,
+    resume_from: Path | None = None,
+    accelerator=None,
+    derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
+) -> TrainResult:
+    """Run the optimiser steps of `cfg` and save the final model in `cfg.output_dir`.
+
+    `model` must already hold the resumed weights when `resume_from` is given (see
+    `load_trainable_model`); optimizer, scheduler, RNG and data position are restored here.
+    `derived_metrics` adds metrics computed from logged means (e.g. perplexity = exp(loss)).
+    """
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    accelerator = accelerator or make_accelerator(cfg, name)
+    derived_metrics = derived_metrics or (lambda m: {})
+    set_seed(cfg.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch, steps_per_epoch, total_steps = plan_steps(len(examples), cfg, world)
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    meta = {
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "data_fingerprint": data_fingerprint(examples),
+        "world_size": world,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "config": dataclasses.asdict(cfg),
+    }
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    kwargs = {"min_lr_rate": cfg.min_lr_ratio} if cfg.lr_scheduler == "cosine_with_min_lr" else None
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps, scheduler_specific_kwargs=kwargs,
+    )
+    # The scheduler is stepped by hand once per optimiser step; accelerate's wrapper would
+    # step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step = 0
+    if resume_from is not None:
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        _check_resume_meta(saved, meta, resume_from, cfg.allow_resume_mismatch)
+        state = torch.load(resume_from / "training_state.pt", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng_file = resume_from / f"rng_state_{rank}.pt"
+        if rng_file.exists():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        start_step = saved["step"]
+
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.logging != "none":
+        accelerator.init_trackers(name, config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
+    metrics_file = out / "metrics.jsonl"
+    result = TrainResult(output_dir=out, steps=total_steps)
+
+    def log(record: dict) -> None:
+        result.history.append(record)
+        if accelerator.is_main_process:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    if eval_examples and start_step == 0:
+        ev = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)
+        result.initial_eval_metrics = {**ev, **derived_metrics(ev)}
+        log({"step": 0, **{f"eval/{k}": v for k, v in result.initial_eval_metrics.items()}})
+    model.train()
+    window: dict[str, float] = {}
+    window_steps, window_tokens, window_start = 0, 0.0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    for step in range(start_step, total_steps):
+        indices = step_indices(step, len(examples), global_batch, steps_per_epoch, cfg.seed)
+        groups = rank_micro_batches(indices, lengths, rank, world, cfg.batch_size)
+        weights = [1.0] * len(groups)
+        if not groups:  # a short last batch left this rank nothing: join the all-reduce with weight 0
+            groups, weights = [indices[:1]], [0.0]
+        batches = [_to_device(collate([examples[i] for i in g]), accelerator.device) for g in groups]
+        sums, step_count, bad_ids = accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator)
+        window_tokens += sums.pop("_tokens")
+        if cfg.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
+        flags = accelerator.reduce(torch.tensor([float(bool(bad_ids)), float(not torch.isfinite(grad_norm))], device=accelerator.device), "sum")
+        if float(flags.sum()) > 0 or step_count == 0:
+            what = "loss" if float(flags[0]) > 0 else ("gradient" if step_count > 0 else "count of loss units (0)")
+            if cfg.on_nan == "stop" and step_count > 0:
+                raise TrainingError(
+                    f"step {step + 1}: non-finite {what} (example ids {bad_ids or indices}); "
+                    "stopped so that no NaN is averaged into the weights. Set on_nan=skip to skip such steps."
+                )
+            result.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            bar.update(1)
+            continue
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step_sums = accelerator.reduce(torch.tensor([step_count] + [sums[k] for k in sorted(sums)], dtype=torch.float64, device=accelerator.device), "sum") if world > 1 else None
+        if step_sums is not None:
+            sums = dict(zip(sorted(sums), step_sums[1:].tolist()))
+        for k, v in sums.items():
+            window[k] = window.get(k, 0.0) + v
+        window["_count"] = window.get("_count", 0.0) + step_count
+        window["_grad_norm"] = window.get("_grad_norm", 0.0) + float(grad_norm)
+        window_steps += 1
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_steps == 0 or done == total_steps:
+            n = window.pop("_count")
+            means = {k: v / n for k, v in window.items() if not k.startswith("_")}
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done, **{f"train/{k}": v for k, v in {**means, **derived_metrics(means)}.items()}}
+            record["train/grad_norm"] = window["_grad_norm"] / window_steps
+            record["train/lr"] = scheduler.get_last_lr()[0]
+            record["train/tokens_per_s"] = window_tokens * world / elapsed
+            record["train/skipped_steps"] = result.skipped_steps
+            log(record)
+            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{record['train/lr']:.2e}")
+            window, window_steps, window_tokens, window_start = {}, 0, 0.0, time.perf_counter()
+        if eval_examples and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != total_steps:
+            ev = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)
+            log({"step": done, **{f"eval/{k}": v for k, v in {**ev, **derived_metrics(ev)}.items()}})
+        if cfg.save_steps > 0 and (done % cfg.save_steps == 0 or done == total_steps):
+            save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, done, meta)
+    bar.close()
+
+    if eval_examples:
+        ev = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)
+        result.eval_metrics = {**ev, **derived_metrics(ev)}
+        log({"step": total_steps, **{f"eval/{k}": v for k, v in result.eval_metrics.items()}})
+    if accelerator.is_main_process:
+        save_model(model, tokenizer, out, accelerator)
+    accelerator.wait_for_everyone()
+    if cfg.logging != "none":
+        accelerator.end_training()
+    return result

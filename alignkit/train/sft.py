@@ -1,0 +1,53 @@
+"""Supervised fine-tuning: next-token loss on the response tokens only.
+
+    alignkit sft --model runs/base --data sft.jsonl --max_steps 200
+    python -m alignkit sft --config run.yaml --lr 5e-5
+
+Data: `prompt` + `completion`, or `messages` (the last one the assistant's). The
+prompt is left-truncated first when an example exceeds `max_length`, and every
+truncation is counted in the report.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary
+from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, resolve_resume, train
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on prompt/completion or messages data."""
+
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+
+
+def run(cfg: SFTConfig) -> TrainResult:
+    from alignkit.data import pad_batch, tokenize_sft
+    from alignkit.models.load import load_tokenizer
+
+    if not cfg.model:
+        raise ValueError("sft: set `model` (a save_pretrained directory or a Hub id)")
+    train_records, eval_records = load_train_eval(cfg, "sft")
+    resume_from = resolve_resume(cfg)
+    tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
+    model = load_trainable_model(cfg, resume_from)
+    examples, report = tokenize_sft(train_records, tokenizer, cfg.max_length)
+    eval_examples, eval_report = tokenize_sft(eval_records, tokenizer, cfg.max_length)
+    print(f"sft: {len(examples)} examples; {report}", flush=True)
+    result = train(
+        cfg, model, tokenizer, examples, lm_step, lm_count,
+        lambda b: pad_batch(b, tokenizer.pad_token_id), name="sft",
+        eval_examples=eval_examples, resume_from=resume_from,
+    )
+    print_summary("sft", result, [str(report)] + ([f"eval {eval_report}"] if eval_records else []))
+    return result
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    from alignkit.config import parse_config
+
+    return run(parse_config(SFTConfig, sys.argv[1:] if argv is None else argv, prog="alignkit sft"))

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from alignkit.data import TruncationReport, load_records, pad_batch, tokenize_sft, tokenize_text
+
+BOS, EOS, PAD = 1, 2, 0
+PROMPT = "What is 12+30? Think step by step and then write the answer."
+COMPLETION = " The answer is 42."
+
+
+def ids(tokenizer, text, special=False):
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def completion_part(example):
+    return [t for t, m in zip(example["input_ids"], example["loss_mask"]) if m]
+
+
+def test_loss_mask_is_exactly_completion_and_eos(tiny_tokenizer):
+    records = load_records([{"prompt": PROMPT, "completion": COMPLETION}], "sft")
+    (example,), report = tokenize_sft(records, tiny_tokenizer, max_length=256)
+    assert example["id"] == 0
+    assert example["input_ids"] == ids(tiny_tokenizer, PROMPT, True) + ids(tiny_tokenizer, COMPLETION) + [EOS]
+    assert example["input_ids"].count(BOS) == 1 and example["input_ids"][0] == BOS
+    assert tiny_tokenizer.decode(completion_part(example)) == COMPLETION + "</s>"
+    prompt_part = [t for t, m in zip(example["input_ids"], example["loss_mask"]) if not m]
+    assert tiny_tokenizer.decode(prompt_part) == "<s>" + PROMPT
+    assert report == TruncationReport(examples=1)
+
+
+def test_eos_not_doubled_and_bos_not_doubled(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    # A Llama-2-style template that writes BOS itself and ends the answer with EOS.
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }} [/INST]"
+        "{% else %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    record = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": " 4"}]}
+    (example,), _ = tokenize_sft([record], tokenizer, max_length=64)
+    assert example["input_ids"].count(BOS) == 1 and example["input_ids"][0] == BOS
+    assert example["input_ids"].count(EOS) == 1 and example["input_ids"][-1] == EOS
+    assert tokenizer.decode(completion_part(example)) == " 4</s>"
+
+
+def test_prompt_left_truncated_keeps_bos_and_completion(tiny_tokenizer):
+    prompt_ids = ids(tiny_tokenizer, PROMPT, True)
+    completion_ids = ids(tiny_tokenizer, COMPLETION) + [EOS]
+    max_length = len(completion_ids) + 5
+    records = [{"prompt": PROMPT, "completion": COMPLETION}, {"prompt": "1+1?", "completion": " 2"}]
+    examples, report = tokenize_sft(records, tiny_tokenizer, max_length=max_length)
+    first = examples[0]
+    assert len(first["input_ids"]) == max_length
+    assert first["input_ids"] == [BOS] + prompt_ids[-4:] + completion_ids  # oldest prompt tokens gone
+    assert first["loss_mask"] == [0] * 5 + [1] * len(completion_ids)
+    assert examples[1]["id"] == 1 and len(examples[1]["input_ids"]) < max_length
+    assert report == TruncationReport(examples=2, prompt_truncated=1, completion_truncated=0,
+                                      tokens_dropped=len(prompt_ids) - 5)
+
+
+def test_long_completion_right_truncated_without_eos(tiny_tokenizer):
+    completion = " 1+1=2, 2+2=4, 3+3=6, 4+4=8, 5+5=10, 6+6=12."
+    completion_ids = ids(tiny_tokenizer, completion)
+    prompt_ids = ids(tiny_tokenizer, "Count:", True)
+    max_length = 8
+    (example,), report = tokenize_sft([{"prompt": "Count:", "completion": completion}], tiny_tokenizer, max_length)
+    assert example["input_ids"] == [BOS] + completion_ids[:7]  # prompt down to BOS, no EOS: it was cut off
+    assert example["loss_mask"] == [0] + [1] * 7
+    dropped = (len(prompt_ids) - 1) + (len(completion_ids) + 1 - 7)
+    assert report == TruncationReport(examples=1, prompt_truncated=1, completion_truncated=1, tokens_dropped=dropped)
+
+
+def test_report_string_and_sum():
+    report = TruncationReport(examples=1000, prompt_truncated=12, completion_truncated=1, tokens_dropped=340)
+    assert str(report) == "sft data: 1,000 examples, 12 prompts left-truncated, 1 completion truncated (340 tokens dropped)"
+    total = report + TruncationReport(examples=5, prompt_truncated=1, completion_truncated=2, tokens_dropped=1)
+    assert total == TruncationReport(examples=1005, prompt_truncated=13, completion_truncated=3, tokens_dropped=341)
+    assert str(TruncationReport(examples=3, completion_truncated=1, tokens_dropped=1, kind="text")) == (
+        "text data: 3 examples, 1 document truncated (1 token dropped)")
+
+
+DOCS = ["What is 1+2? The answer is 3.", "What is 5?", "What is 40+9? The answer is 49. Yes, 49."]
+
+
+def test_packing_keeps_every_token(tiny_tokenizer):
+    stream = [t for doc in DOCS for t in ids(tiny_tokenizer, doc, True) + [EOS]]
+    examples, report = tokenize_text([{"text": d} for d in DOCS], tiny_tokenizer, max_length=7)
+    assert [ex["id"] for ex in examples] == list(range(len(examples)))
+    assert all(len(ex["input_ids"]) == 7 for ex in examples[:-1])
+    assert 0 < len(examples[-1]["input_ids"]) <= 7
+    assert [t for ex in examples for t in ex["input_ids"]] == stream
+    assert all(ex["loss_mask"] == [1] * len(ex["input_ids"]) for ex in examples)
+    assert len(examples) == -(-len(stream) // 7)
+    assert report == TruncationReport(examples=len(examples), kind="text")
+
+
+def test_no_packing_truncates_and_counts(tiny_tokenizer):
+    lengths = [len(ids(tiny_tokenizer, d, True)) + 1 for d in DOCS]
+    max_length = 10
+    examples, report = tokenize_text(DOCS, tiny_tokenizer, max_length=max_length, packing=False)
+    assert [len(ex["input_ids"]) for ex in examples] == [min(n, max_length) for n in lengths]
+    assert examples[1]["input_ids"][-1] == EOS  # "What is 5?" fits
+    assert report.completion_truncated == sum(n > max_length for n in lengths) == 2
+    assert report.tokens_dropped == sum(max(0, n - max_length) for n in lengths)
+
+
+EXAMPLES = [
+    {"id": 7, "input_ids": [1, 5, 6, 2], "loss_mask": [0, 0, 1, 1]},
+    {"id": 3, "input_ids": [1, 9], "loss_mask": [0, 1]},
+]
+
+
+def test_pad_batch_right():
+    batch = pad_batch(EXAMPLES, pad_token_id=0)
+    assert torch.equal(batch["input_ids"], torch.tensor([[1, 5, 6, 2], [1, 9, 0, 0]]))
+    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    assert torch.equal(batch["loss_mask"], torch.tensor([[0, 0, 1, 1], [0, 1, 0, 0]]))
+    assert torch.equal(batch["ids"], torch.tensor([7, 3]))
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_pad_batch_left():
+    batch = pad_batch(EXAMPLES, pad_token_id=99, side="left")
+    assert torch.equal(batch["input_ids"], torch.tensor([[1, 5, 6, 2], [99, 99, 1, 9]]))
+    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]))
+    assert torch.equal(batch["loss_mask"], torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]))
+
+
+def test_pad_batch_bad_side():
+    with pytest.raises(ValueError, match="side"):
+        pad_batch(EXAMPLES, 0, side="middle")

@@ -1,0 +1,63 @@
+"""Resume restores model, optimizer, scheduler, RNG and data position exactly."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.train import sft
+from alignkit.train.loop import TrainingError, latest_checkpoint
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sftdata") / "sft.jsonl"
+    with path.open("w") as f:
+        for a in range(30):
+            f.write(json.dumps({"prompt": f"What is {a}+{a % 7}?", "completion": f" The answer is {a + a % 7}."}) + "\n")
+    return path
+
+
+def _cfg(model_dir, data, out, **kw):
+    base = dict(model=str(model_dir), data=str(data), output_dir=str(out), batch_size=2, grad_accum=2,
+                lr=1e-2, log_steps=1, max_length=64, seed=3)
+    return sft.SFTConfig(**{**base, **kw})
+
+
+def _losses(out):
+    return {h["step"]: h["train/loss"] for h in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in h}
+
+
+def _weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def test_resume_mid_run_equals_uninterrupted(tiny_model_dir, sft_file, tmp_path):
+    # 30 examples / (2 * 2) = 8 steps per epoch; 20 steps cross two epoch boundaries.
+    full = sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "full", max_steps=20, save_steps=7))
+    assert full.steps == 20
+    resumed = sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "resumed", max_steps=20,
+                           resume=str(tmp_path / "full/checkpoint-7")))
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(b) == list(range(8, 21))  # exactly the 13 remaining steps, none repeated
+    assert all(a[s] == b[s] for s in b)  # bitwise, step by step
+    wa, wb = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_at_epoch_boundary_runs_the_remaining_steps(tiny_model_dir, sft_file, tmp_path):
+    # 8 steps per epoch: a checkpoint at step 8 is exactly the end of epoch 1.
+    sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "run", epochs=2, save_steps=8))
+    (tmp_path / "run/checkpoint-16").rename(tmp_path / "later")  # keep only the epoch-boundary one
+    assert latest_checkpoint(tmp_path / "run").name == "checkpoint-8"
+    resumed = sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "run", epochs=2, save_steps=8, resume="auto"))
+    steps_after = [h["step"] for h in resumed.history if "train/loss" in h]
+    assert steps_after == list(range(9, 17))
+
+
+def test_resume_refuses_changed_batch_geometry(tiny_model_dir, sft_file, tmp_path):
+    sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "run", max_steps=4, save_steps=2))
+    with pytest.raises(TrainingError, match=r"batch_size: 2 -> 4"):
+        sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "run", max_steps=4, batch_size=4,
+                     resume=str(tmp_path / "run/checkpoint-2")))
