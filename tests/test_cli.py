@@ -51,3 +51,13 @@ def test_yaml_booleans_become_flags(tmp_path):
     cfg.write_text("packing: false\n")
     assert parse_config(PretrainConfig, ["--config", str(cfg)]).packing is False
     assert parse_config(PretrainConfig, ["--config", str(cfg), "--packing"]).packing is True
+
+
+def test_tensorboard_logging_writes_events(tiny_model_dir, tmp_path):
+    from alignkit.train import sft
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(f'{{"prompt": "What is {a}+1?", "completion": " {a + 1}"}}\n' for a in range(8)))
+    sft.run(sft.SFTConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "o"),
+                          max_steps=2, batch_size=4, log_steps=1, logging="tensorboard"))
+    assert list((tmp_path / "o").rglob("events.out.tfevents.*"))

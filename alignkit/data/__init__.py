@@ -2,7 +2,7 @@
 
 from alignkit.data.chat import render_prompt, split_prompt_completion
 from alignkit.data.formats import DataError, load_records
-from alignkit.data.tokenize import TruncationReport, pad_batch, tokenize_sft, tokenize_text
+from alignkit.data.tokenize import TruncationReport, pack_examples, pad_batch, tokenize_sft, tokenize_text
 
 __all__ = [
     "DataError",
@@ -12,5 +12,6 @@ __all__ = [
     "tokenize_sft",
     "tokenize_text",
     "pad_batch",
+    "pack_examples",
     "TruncationReport",
 ]

@@ -152,8 +152,41 @@ def tokenize_text(
     return examples, report
 
 
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """Pack tokenised examples into rows of at most `max_length` tokens (first fit, longest first).
+
+    Examples stay apart inside a row: `position_ids` restart at 0 for each, which
+    transformers turns into a block-diagonal causal mask when the model gets no
+    attention mask, so no token attends across examples; and each example's first
+    token gets loss 0, since nothing in its own block predicts it. Row `id` is the
+    row's index; `example_ids` lists what it holds. Examples longer than `max_length`
+    must have been truncated before.
+    """
+    rows: list[dict] = []
+    free: list[int] = []
+    for ex in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        n = len(ex["input_ids"])
+        if n > max_length:
+            raise ValueError(f"example {ex.get('id')} has {n} tokens, more than max_length={max_length}")
+        row = next((i for i, room in enumerate(free) if room >= n), None)
+        if row is None:
+            rows.append({"id": len(rows), "example_ids": [], "input_ids": [], "loss_mask": [], "position_ids": []})
+            free.append(max_length)
+            row = len(rows) - 1
+        r = rows[row]
+        r["example_ids"].append(ex.get("id"))
+        r["input_ids"] += ex["input_ids"]
+        r["loss_mask"] += [0] + list(ex.get("loss_mask", [1] * n))[1:]
+        r["position_ids"] += list(range(n))
+        free[row] -= n
+    return rows
+
+
 def pad_batch(examples: list[dict], pad_token_id: int, side: str = "right") -> dict[str, torch.Tensor]:
     """Pad examples to the longest one: {input_ids, attention_mask, loss_mask: (B, T), ids: (B,)}.
+
+    Packed rows (with `position_ids`) also get `position_ids` (B, T); their padding
+    counts 0, 1, 2, ... as a block of its own.
 
     Padded positions hold pad_token_id, attention 0 and loss 0. side: "right" (training)
     or "left" (generation: every prompt ends at the last column). An example without
@@ -174,4 +207,14 @@ def pad_batch(examples: list[dict], pad_token_id: int, side: str = "right") -> d
         attention_mask[row, columns] = 1
         loss_mask[row, columns] = torch.tensor(ex.get("loss_mask", [1] * n), dtype=torch.long)
     ids = torch.tensor([ex.get("id", row) for row, ex in enumerate(examples)], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, "ids": ids}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask, "ids": ids}
+    if "position_ids" in examples[0]:
+        if side != "right":
+            raise ValueError("packed rows are padded on the right")
+        position_ids = torch.arange(length).repeat(len(examples), 1)
+        for row, ex in enumerate(examples):
+            n = len(ex["position_ids"])
+            position_ids[row, :n] = torch.tensor(ex["position_ids"], dtype=torch.long)
+            position_ids[row, n:] = torch.arange(length - n)
+        batch["position_ids"] = position_ids
+    return batch

@@ -16,19 +16,21 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0):
+def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                     position_ids: torch.Tensor | None = None):
     """log pi(x_t | x_<t) for t = 1..T-1 of a padded batch, and the logits.
 
     Shapes: input_ids, attention_mask [B, T] -> logprobs [B, T-1] (aligned with
     input_ids[:, 1:]), logits [B, T-1, V]. Logits are divided by `temperature`, so a
     sampler and a learner using the same temperature agree on every log-prob.
+    Packed rows pass `position_ids` that restart at 0 for each example; the model then
+    gets no attention mask and builds a block-diagonal causal one from the positions.
     """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
+    if position_ids is None:
+        position_ids, mask = position_ids_from_mask(attention_mask), attention_mask
+    else:
+        mask = None
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     logits = out.logits[:, :-1]
     if temperature != 1.0:
         logits = logits / temperature

@@ -13,7 +13,8 @@ from alignkit.train.loop import TrainConfig, TrainResult
 
 def lm_step(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token loss on `loss_mask` tokens; metrics are sums over those tokens."""
-    logprobs, logits = forward_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    logprobs, logits = forward_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                        position_ids=batch.get("position_ids"))
     mask = batch["loss_mask"][:, 1:]
     loss_sum, metrics = sft_loss(logprobs, mask)
     correct = (logits.argmax(-1) == batch["input_ids"][:, 1:]) & mask.bool()

@@ -23,10 +23,12 @@ class SFTConfig(TrainConfig):
 
     lr: float = 2e-4
     """Peak learning rate (AdamW)."""
+    packing: bool = False
+    """Pack several examples into each row of max_length tokens (attention kept within each example)."""
 
 
 def run(cfg: SFTConfig) -> TrainResult:
-    from alignkit.data import pad_batch, tokenize_sft
+    from alignkit.data import pack_examples, pad_batch, tokenize_sft
     from alignkit.models.load import load_tokenizer
 
     if not cfg.model:
@@ -37,7 +39,11 @@ def run(cfg: SFTConfig) -> TrainResult:
     model = load_trainable_model(cfg, resume_from)
     examples, report = tokenize_sft(train_records, tokenizer, cfg.max_length)
     eval_examples, eval_report = tokenize_sft(eval_records, tokenizer, cfg.max_length)
-    print(f"sft: {len(examples)} examples; {report}", flush=True)
+    rows = f"{len(examples)} examples"
+    if cfg.packing:
+        examples = pack_examples(examples, cfg.max_length)
+        rows += f" packed into {len(examples)} rows of <= {cfg.max_length} tokens"
+    print(f"sft: {rows}; {report}", flush=True)
     result = train(
         cfg, model, tokenizer, examples, lm_step, lm_count,
         lambda b: pad_batch(b, tokenizer.pad_token_id), name="sft",

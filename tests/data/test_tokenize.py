@@ -132,3 +132,22 @@ def test_pad_batch_left():
 def test_pad_batch_bad_side():
     with pytest.raises(ValueError, match="side"):
         pad_batch(EXAMPLES, 0, side="middle")
+
+
+def test_pack_examples_by_hand():
+    from alignkit.data import pack_examples, pad_batch
+
+    examples = [
+        {"id": 0, "input_ids": [1, 5, 6], "loss_mask": [0, 1, 1]},
+        {"id": 1, "input_ids": [1, 7, 8, 9, 2], "loss_mask": [0, 0, 1, 1, 1]},
+        {"id": 2, "input_ids": [1, 4], "loss_mask": [1, 1]},
+    ]
+    rows = pack_examples(examples, max_length=7)
+    # longest first: [1] fills 5 of 7, then [0] (3) does not fit, [2] (2) does.
+    assert [r["example_ids"] for r in rows] == [[1, 2], [0]]
+    assert rows[0]["input_ids"] == [1, 7, 8, 9, 2, 1, 4]
+    assert rows[0]["position_ids"] == [0, 1, 2, 3, 4, 0, 1]
+    assert rows[0]["loss_mask"] == [0, 0, 1, 1, 1, 0, 1]  # an example's first token is never a target
+    batch = pad_batch(rows, pad_token_id=0)
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 0, 1, 2, 3]]
+    assert batch["loss_mask"][1].tolist() == [0, 1, 1, 0, 0, 0, 0]

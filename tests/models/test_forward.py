@@ -54,3 +54,20 @@ def test_tiny_model_dir_loads_in_plain_transformers(tiny_model_dir, tiny_tokeniz
     assert tok("What is 1+2?")["input_ids"][0] == tok.bos_token_id
     assert model.config.vocab_size == len(tiny_tokenizer)
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
+
+
+def test_packed_row_logprobs_equal_examples_alone(tiny_model_dir):
+    """Position ids restarting at 0 give a block-diagonal mask: nothing attends across examples."""
+    from alignkit.data import pack_examples, pad_batch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    examples = [{"id": i, "input_ids": r, "loss_mask": [1] * len(r)} for i, r in enumerate(ROWS)]
+    packed = pack_examples(examples, max_length=12)  # 7 + 5 in one row, 3 in another
+    assert [row["example_ids"] for row in packed] == [[0, 2], [1]]
+    batch = pad_batch(packed, 0)
+    with torch.no_grad():
+        lp, _ = forward_logprobs(model, batch["input_ids"], batch["attention_mask"], position_ids=batch["position_ids"])
+        for row, (start, i) in [(0, (0, 0)), (0, (7, 2)), (1, (0, 1))]:
+            alone, _ = forward_logprobs(model, torch.tensor([ROWS[i]]), torch.ones(1, len(ROWS[i]), dtype=torch.long))
+            n = len(ROWS[i]) - 1
+            torch.testing.assert_close(lp[row, start : start + n], alone[0], atol=1e-5, rtol=0)

@@ -61,3 +61,39 @@ def test_resume_refuses_changed_batch_geometry(tiny_model_dir, sft_file, tmp_pat
     with pytest.raises(TrainingError, match=r"batch_size: 2 -> 4"):
         sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "run", max_steps=4, batch_size=4,
                      resume=str(tmp_path / "run/checkpoint-2")))
+
+
+def test_resume_refuses_changed_data(tiny_model_dir, sft_file, tmp_path):
+    sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "run", max_steps=4, save_steps=2))
+    other = tmp_path / "other.jsonl"
+    other.write_text(sft_file.read_text().replace("answer", "result"))
+    with pytest.raises(TrainingError, match=r"data_fingerprint"):
+        sft.run(_cfg(tiny_model_dir, other, tmp_path / "run", max_steps=4, resume="auto"))
+
+
+def test_every_epoch_visits_each_example_once():
+    from alignkit.train.loop import step_indices
+
+    n, global_batch, steps_per_epoch = 30, 4, 8  # the last batch of an epoch holds 2
+    for epoch in range(3):
+        seen = [i for s in range(steps_per_epoch) for i in step_indices(epoch * steps_per_epoch + s, n, global_batch, steps_per_epoch, seed=3)]
+        assert sorted(seen) == list(range(n))  # 0 duplicated, 0 skipped
+    assert step_indices(0, n, 4, 8, seed=3) != step_indices(8, n, 4, 8, seed=3)  # reshuffled each epoch
+
+
+def test_lora_resume_equals_uninterrupted_and_saves_a_plain_model(tiny_model_dir, sft_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    full = _cfg(tiny_model_dir, sft_file, tmp_path / "full", max_steps=6, save_steps=3, lora_r=4)
+    sft.run(full)
+    sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "resumed", max_steps=6, lora_r=4,
+                 resume=str(tmp_path / "full/checkpoint-3")))
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(b) == [4, 5, 6] and all(a[s] == b[s] for s in b)
+    wa, wb = _weights(tmp_path / "full"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (tmp_path / "full/adapter/adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all("proj" in k for k in changed)  # LoRA touched the linear layers only
