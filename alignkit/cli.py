@@ -24,9 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"alignkit: unknown command '{argv[0]}'\n\n{USAGE}", file=sys.stderr)
         return 2
+    from transformers.utils import logging as hf_logging
+
     from alignkit.config import ConfigError
     from alignkit.data import DataError
     from alignkit.train.loop import TrainingError
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars; alignkit draws one bar per run
 
     try:
         importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])

@@ -47,7 +47,7 @@ def load_train_eval(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]
 def print_summary(name: str, result: TrainResult, notes: list[str]) -> None:
     """One screen at the end of a run: what was trained, how the loss moved, where it is."""
     train_logs = [h for h in result.history if "train/loss" in h]
-    lines = [f"== {name} finished: {result.steps} steps =="]
+    lines = [f"== {name} finished: {result.steps} steps on {result.device}, mixed precision {result.precision} =="]
     if train_logs:
         lines.append(f"train loss {train_logs[0]['train/loss']:.4f} (step {train_logs[0]['step']}) -> "
                      f"{train_logs[-1]['train/loss']:.4f} (step {train_logs[-1]['step']})")

@@ -107,6 +107,8 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     initial_eval_metrics: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
+    device: str = "cpu"
+    precision: str = "no"
 
 
 def make_accelerator(cfg: TrainConfig, project_name: str):
@@ -386,7 +388,8 @@ def train(
     if cfg.logging != "none":
         accelerator.init_trackers(name, config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
     metrics_file = out / "metrics.jsonl"
-    result = TrainResult(output_dir=out, steps=total_steps)
+    result = TrainResult(output_dir=out, steps=total_steps, device=str(accelerator.device),
+                         precision=accelerator.mixed_precision)
 
     def log(record: dict) -> None:
         result.history.append(record)

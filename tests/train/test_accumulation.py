@@ -21,7 +21,7 @@ def setup(tiny_model_dir):
         start = int(torch.randint(1, n, (1,), generator=g))  # response starts somewhere inside
         examples.append({"id": i, "input_ids": ids, "loss_mask": [0] * start + [1] * (n - start)})
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    return model, examples, Accelerator(cpu=True)
+    return model, examples, Accelerator()
 
 
 def _grads(model, examples, accelerator, batch_size):
