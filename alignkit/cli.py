@@ -8,6 +8,8 @@ import sys
 COMMANDS = {
     "pretrain": ("alignkit.train.pretrain", "causal LM pretraining on raw text, with packing"),
     "sft": ("alignkit.train.sft", "supervised fine-tuning, loss on responses only"),
+    "rm": ("alignkit.train.reward", "Bradley-Terry reward model on preference or ranking data"),
+    "dpo": ("alignkit.train.dpo", "direct preference optimisation (DPO, IPO, conservative DPO)"),
     "demo": ("alignkit.pipeline", "the built-in recipe end to end on a CPU"),
 }
 

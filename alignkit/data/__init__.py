@@ -2,7 +2,15 @@
 
 from alignkit.data.chat import render_prompt, split_prompt_completion
 from alignkit.data.formats import DataError, load_records
-from alignkit.data.tokenize import TruncationReport, pack_examples, pad_batch, tokenize_sft, tokenize_text
+from alignkit.data.tokenize import (
+    TruncationReport,
+    pack_examples,
+    pad_batch,
+    pad_groups,
+    tokenize_responses,
+    tokenize_sft,
+    tokenize_text,
+)
 
 __all__ = [
     "DataError",
@@ -13,5 +21,7 @@ __all__ = [
     "tokenize_text",
     "pad_batch",
     "pack_examples",
+    "pad_groups",
+    "tokenize_responses",
     "TruncationReport",
 ]

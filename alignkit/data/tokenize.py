@@ -121,6 +121,52 @@ def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int) -> tuple[
     return examples, report
 
 
+def tokenize_responses(records: list[dict], tokenizer: Any, max_length: int) -> tuple[list[dict], TruncationReport]:
+    """Preference records (`chosen`, `rejected`) or ranking records (`responses`, best first)
+    into examples holding the K tokenised responses to one prompt, best first.
+
+    Each response is tokenised exactly like an SFT completion (same template, EOS,
+    truncation). An example is `{"id", "sequences": [ids_1..ids_K], "loss_masks": [...],
+    "input_ids": ids_1 + ... + ids_K}`; the concatenation only serves the loop's length
+    bucketing and data fingerprint. The report counts responses.
+    """
+    flat, sizes = [], []
+    for record in records:
+        responses = record["responses"] if "responses" in record else [record["chosen"], record["rejected"]]
+        sizes.append(len(responses))
+        flat += [{"prompt": record["prompt"], "completion": r, "_where": record.get("_where", "<record>")} for r in responses]
+    sequences, report = tokenize_sft(flat, tokenizer, max_length)
+    report.kind = "response"
+    examples, start = [], 0
+    for i, k in enumerate(sizes):
+        group = sequences[start : start + k]
+        start += k
+        examples.append({
+            "id": i,
+            "sequences": [g["input_ids"] for g in group],
+            "loss_masks": [g["loss_mask"] for g in group],
+            "input_ids": [t for g in group for t in g["input_ids"]],
+        })
+    return examples, report
+
+
+def pad_groups(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad every response of every example as one batch, rows grouped by example.
+
+    Rows are ex0's responses (best first), then ex1's, ...; `group_sizes` [B] says how
+    many rows each example has, so a model runs ONE forward pass over chosen and
+    rejected (or all K ranked) responses. `ids` [B] are the example ids.
+    """
+    rows = [{"input_ids": s, "loss_mask": m} for ex in examples for s, m in zip(ex["sequences"], ex["loss_masks"])]
+    batch = pad_batch(rows, pad_token_id)
+    batch["ids"] = torch.tensor([ex["id"] for ex in examples], dtype=torch.long)
+    batch["group_sizes"] = torch.tensor([len(ex["sequences"]) for ex in examples], dtype=torch.long)
+    for key in ("ref_logps",):
+        if key in examples[0]:
+            batch[key] = torch.tensor([v for ex in examples for v in ex[key]], dtype=torch.float32)
+    return batch
+
+
 def tokenize_text(
     records: list[dict | str], tokenizer: Any, max_length: int, packing: bool = True
 ) -> tuple[list[dict], TruncationReport]:

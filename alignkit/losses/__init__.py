@@ -1,5 +1,19 @@
 """Pure loss functions: tensors in, `(loss, metrics)` out, formula in each docstring."""
 
+from alignkit.losses.bradley_terry import bradley_terry_loss, ranking_pairs
+from alignkit.losses.dpo import DPO_LOSSES, dpo_loss, dpo_sigmoid_loss, ipo_loss
+from alignkit.losses.kto import kto_default_weights, kto_loss, kto_reference_point
 from alignkit.losses.sft import sft_loss
 
-__all__ = ["sft_loss"]
+__all__ = [
+    "DPO_LOSSES",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "dpo_sigmoid_loss",
+    "ipo_loss",
+    "kto_default_weights",
+    "kto_loss",
+    "kto_reference_point",
+    "ranking_pairs",
+    "sft_loss",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.ops import token_logprobs
+from alignkit.ops import masked_sum, token_logprobs
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -35,3 +35,16 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     if temperature != 1.0:
         logits = logits / temperature
     return token_logprobs(logits, input_ids[:, 1:]), logits
+
+
+def sequence_logprobs(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y | x) = sum_t m_t log pi(x_t | x_<t) per row, and the token count sum_t m_t.
+
+    batch: input_ids, attention_mask, loss_mask [N, T] (m = loss_mask shifted to the
+    targets) -> ([N] float32, [N]). With one forward pass for all rows, chosen and
+    rejected responses share it.
+    """
+    logprobs, _ = forward_logprobs(model, batch["input_ids"], batch["attention_mask"], temperature,
+                                   position_ids=batch.get("position_ids"))
+    mask = batch["loss_mask"][:, 1:]
+    return masked_sum(logprobs, mask, dim=-1), mask.sum(-1)

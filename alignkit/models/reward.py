@@ -1,0 +1,68 @@
+"""Reward models: a transformers backbone with a scalar head, read at the last real token.
+
+    rm = RewardModel.load("runs/rm")
+    rm.score(["Question: What is 2+2?\\nAnswer:"], [" 4"])   # -> [1.73]
+
+A checkpoint is a plain `AutoModelForSequenceClassification` directory (num_labels=1).
+`reward_mean` / `reward_std` in its config.json, when present, normalise scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.models.forward import position_ids_from_mask
+
+
+def load_reward_backbone(path: str):
+    """`AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)`: a causal LM
+    checkpoint gets a fresh scalar head."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+
+
+def reward_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r = w^T h_last: the scalar head on the hidden state of each row's LAST REAL token.
+
+    Shapes: [N, T] -> [N] float32. The last real token comes from the attention mask,
+    not from `input_ids != pad_id`, so a tokenizer whose pad is its EOS still reads
+    the reward at the EOS that ends the response (left or right padding alike).
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = torch.where(attention_mask.bool(), positions, -1).argmax(-1)
+    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+
+
+class RewardModel:
+    """A trained reward model as a reward function `score(prompts, completions) -> list[float]`."""
+
+    def __init__(self, model, tokenizer, max_length: int = 1024, normalize: bool = True):
+        self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
+        cfg = model.config
+        self.mean = getattr(cfg, "reward_mean", 0.0) if normalize else 0.0
+        self.std = getattr(cfg, "reward_std", 1.0) if normalize else 1.0
+
+    @classmethod
+    def load(cls, path: str, **kw) -> RewardModel:
+        from alignkit.models.load import load_tokenizer
+
+        return cls(load_reward_backbone(path), load_tokenizer(path), **kw)
+
+    @torch.no_grad()
+    def score(self, prompts: list, completions: list, batch_size: int = 32, **fields) -> list[float]:
+        """Rewards of each (prompt, completion), tokenised exactly as in training."""
+        from alignkit.data import pad_batch, tokenize_sft
+
+        records = [{"prompt": p, "completion": c, "_where": f"<score>:{i}"} for i, (p, c) in enumerate(zip(prompts, completions))]
+        examples, _ = tokenize_sft(records, self.tokenizer, self.max_length)
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        for i in range(0, len(examples), batch_size):
+            batch = pad_batch(examples[i : i + batch_size], self.tokenizer.pad_token_id)
+            r = reward_forward(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            out += ((r - self.mean) / self.std).tolist()
+        return out

@@ -1,0 +1,121 @@
+"""Direct Preference Optimization (Rafailov et al. 2023), with IPO and conservative DPO.
+
+    alignkit dpo --model runs/demo/sft --data prefs.jsonl --beta 0.1 --max_steps 200
+    alignkit dpo --config dpo.yaml --loss_type ipo
+
+With h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)], the loss is
+-log sigmoid(beta h) (see alignkit/losses/dpo.py). Chosen and rejected responses go
+through ONE forward pass. The reference is `ref_model` (default: the starting `model`)
+or, with LoRA, the policy with its adapters disabled; `precompute_ref` computes its
+log-probs once before training and frees it, so only the policy stays in memory.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from alignkit.losses import dpo_loss
+from alignkit.models.forward import sequence_logprobs
+from alignkit.train.common import load_train_eval, print_summary
+from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Preference optimisation on prompt/chosen/rejected data, no reward model."""
+
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint to the reference (larger = closer to it)."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid = DPO; ipo = IPO on length-normalised log-probs (Azar et al. 2023)."""
+    label_smoothing: float = 0.0
+    """Assumed fraction of flipped labels: conservative DPO (sigmoid only)."""
+    ref_model: str = ""
+    """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
+    precompute_ref: bool = False
+    """Compute reference log-probs once before training, then free the reference model."""
+
+
+def reference_logprobs_fn(cfg: DPOConfig, device):
+    """A function (policy, batch) -> reference sequence log-probs [N], without gradient."""
+    if cfg.lora_r > 0 and not cfg.ref_model:
+        def with_adapters_disabled(policy, batch):
+            policy = getattr(policy, "module", policy)  # a DDP wrapper hides disable_adapter
+            with torch.no_grad(), policy.disable_adapter():
+                return sequence_logprobs(policy, batch)[0]
+        return with_adapters_disabled
+    from alignkit.models.load import load_causal_lm
+
+    ref = load_causal_lm(cfg.ref_model or cfg.model).to(device).eval().requires_grad_(False)
+
+    def frozen(policy, batch):
+        with torch.no_grad():
+            return sequence_logprobs(ref, batch)[0]
+    return frozen
+
+
+def precompute_reference(reference, policy, examples: list[dict], collate, batch_size: int, device) -> None:
+    """One pass that stores each example's reference log-probs in `ex["ref_logps"]`."""
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
+        values = reference(policy, batch).tolist()
+        for ex in chunk:
+            k = len(ex["sequences"])
+            ex["ref_logps"], values = values[:k], values[k:]
+
+
+def make_dpo_step(cfg: DPOConfig, reference):
+    def dpo_step(model, batch):
+        logps, n_tokens = sequence_logprobs(model, batch)
+        ref = batch["ref_logps"] if "ref_logps" in batch else reference(model, batch)
+        if cfg.loss_type == "ipo":
+            logps, ref = logps / n_tokens.clamp(min=1), ref / n_tokens.clamp(min=1)
+        losses, metrics = dpo_loss(cfg.loss_type, logps[0::2], logps[1::2], ref[0::2], ref[1::2],
+                                   cfg.beta, cfg.label_smoothing)
+        return losses.sum(), {k: v.sum() for k, v in metrics.items()}
+    return dpo_step
+
+
+def pair_count(batch) -> int:
+    return len(batch["ids"])
+
+
+def run(cfg: DPOConfig) -> TrainResult:
+    from alignkit.data import pad_groups, tokenize_responses
+    from alignkit.models.load import load_tokenizer
+
+    if not cfg.model:
+        raise ValueError("dpo: set `model` (a save_pretrained directory or a Hub id)")
+    train_records, eval_records = load_train_eval(cfg, "preference")
+    resume_from = resolve_resume(cfg)
+    tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
+    model = load_trainable_model(cfg, resume_from)
+    examples, report = tokenize_responses(train_records, tokenizer, cfg.max_length)
+    eval_examples, _ = tokenize_responses(eval_records, tokenizer, cfg.max_length)
+    collate = lambda b: pad_groups(b, tokenizer.pad_token_id)  # noqa: E731
+
+    accelerator = make_accelerator(cfg, "dpo")
+    reference = reference_logprobs_fn(cfg, accelerator.device)
+    if cfg.precompute_ref:
+        model.to(accelerator.device)
+        precompute_reference(reference, model, examples + eval_examples, collate, cfg.batch_size, accelerator.device)
+        reference = None  # drops the reference model: only the policy stays in memory
+    print(f"dpo: {len(examples)} pairs, beta {cfg.beta}, loss {cfg.loss_type}, reference "
+          f"{'precomputed' if cfg.precompute_ref else 'on the fly'}; {report}", flush=True)
+    result = train(cfg, model, tokenizer, examples, make_dpo_step(cfg, reference), pair_count, collate,
+                   name="dpo", eval_examples=eval_examples, resume_from=resume_from, accelerator=accelerator)
+    print_summary("dpo", result, [str(report)])
+    return result
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    from alignkit.config import parse_config
+
+    return run(parse_config(DPOConfig, sys.argv[1:] if argv is None else argv, prog="alignkit dpo"))

@@ -1,0 +1,91 @@
+"""DPO: precomputed vs on-the-fly reference, LoRA reference, and learning from preferences."""
+
+import copy
+import json
+import random
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from alignkit.data import pad_groups, tokenize_responses
+from alignkit.models.forward import sequence_logprobs
+from alignkit.models.load import apply_lora
+from alignkit.train import dpo
+
+PAIRS = [{"prompt": f"What is {a}+{b}?", "chosen": f" The answer is {a + b}.", "rejected": f" It is {a * b + 1} or so",
+          "_where": f"<t>:{a}"} for a, b in [(1, 2), (3, 4), (10, 7), (21, 5)]]
+
+
+def _perturbed(model_dir, seed=0):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, tiny_tokenizer):
+    examples, _ = tokenize_responses(PAIRS, tiny_tokenizer, 64)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    def reference(policy, batch):
+        with torch.no_grad():
+            return sequence_logprobs(ref, batch)[0]
+
+    cfg = dpo.DPOConfig(beta=0.3)
+    results = []
+    for precompute in (False, True):
+        policy = _perturbed(tiny_model_dir)
+        exs = copy.deepcopy(examples)
+        if precompute:
+            dpo.precompute_reference(reference, policy, exs, lambda b: pad_groups(b, 0), 3, "cpu")
+            assert all(len(ex["ref_logps"]) == 2 for ex in exs)
+        batch = pad_groups(exs, 0)
+        assert ("ref_logps" in batch) == precompute
+        loss, metrics = dpo.make_dpo_step(cfg, None if precompute else reference)(policy, batch)
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in policy.parameters()])))
+    (loss_fly, grad_fly), (loss_pre, grad_pre) = results
+    assert abs(float(loss_fly - loss_pre)) <= 1e-5
+    assert float((grad_fly - grad_pre).abs().max()) <= 1e-5 * max(1.0, float(grad_fly.abs().max()))
+
+
+def test_lora_reference_with_adapters_disabled_equals_frozen_base(tiny_model_dir, tiny_tokenizer):
+    examples, _ = tokenize_responses(PAIRS, tiny_tokenizer, 64)
+    batch = pad_groups(examples, 0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    policy = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=4)
+    with torch.no_grad():  # make the adapters do something, as after training
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    reference = dpo.reference_logprobs_fn(dpo.DPOConfig(lora_r=4, model=str(tiny_model_dir)), "cpu")
+    with torch.no_grad():
+        expected = sequence_logprobs(base, batch)[0]
+        with_adapters = sequence_logprobs(policy, batch)[0]
+    assert float((with_adapters - expected).abs().max()) > 1e-3  # the adapters matter...
+    torch.testing.assert_close(reference(policy, batch), expected, atol=1e-6, rtol=0)  # ...and are off here
+
+
+def _preference_file(path, n, seed):
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 49), rng.randint(0, 49)
+            f.write(json.dumps({"prompt": f"What is {a}+{b}?", "chosen": f" The answer is {a + b}.",
+                                "rejected": f" {a}{b} maybe"}) + "\n")
+    return path
+
+
+def test_dpo_learns_held_out_preferences(tiny_model_dir, tmp_path):
+    train_file = _preference_file(tmp_path / "train.jsonl", 64, 0)
+    eval_file = _preference_file(tmp_path / "eval.jsonl", 32, 1)
+    result = dpo.run(dpo.DPOConfig(model=str(tiny_model_dir), data=str(train_file), eval_data=str(eval_file),
+                                   output_dir=str(tmp_path / "o"), max_steps=30, batch_size=8, lr=3e-3, beta=0.1,
+                                   precompute_ref=True, log_steps=10))
+    before, after = result.initial_eval_metrics, result.eval_metrics
+    assert abs(before["loss"] - 0.6931) < 1e-3  # pi == pi_ref at the start: -log sigmoid(0)
+    assert after["rewards/accuracy"] >= 0.9
+    assert after["loss"] < before["loss"] - 0.3
+    assert after["rewards/margin"] > 1.0

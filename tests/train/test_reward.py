@@ -1,0 +1,61 @@
+"""Reward models: read at the last real token, all ranking pairs, learning, normalised scoring."""
+
+import json
+import random
+
+import torch
+
+from alignkit.data import pad_groups, tokenize_responses
+from alignkit.models.reward import RewardModel, load_reward_backbone, reward_forward
+from alignkit.train import reward
+
+
+def test_reward_read_at_last_real_token_under_any_padding(tiny_model_dir):
+    model = load_reward_backbone(str(tiny_model_dir)).eval()
+    rows = [[1, 40, 41, 42, 2], [1, 50, 2]]
+    with torch.no_grad():
+        alone = [float(reward_forward(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))) for r in rows]
+        # pad id 2 = EOS on purpose: a mask built from `input_ids != pad` would read the wrong token
+        right = reward_forward(model, torch.tensor([rows[0], rows[1] + [2, 2]]), torch.tensor([[1] * 5, [1] * 3 + [0, 0]]))
+        left = reward_forward(model, torch.tensor([rows[0], [2, 2] + rows[1]]), torch.tensor([[1] * 5, [0, 0] + [1] * 3]))
+    torch.testing.assert_close(right, torch.tensor(alone), atol=1e-5, rtol=0)
+    torch.testing.assert_close(left, torch.tensor(alone), atol=1e-5, rtol=0)
+
+
+def test_ranking_of_three_gives_three_pairs_in_one_batch(tiny_model_dir, tiny_tokenizer):
+    records = [{"prompt": "What is 1+2?", "responses": [" 3", " 4", " 5"], "_where": "<t>:1"},
+               {"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5", "_where": "<t>:2"}]
+    examples, _ = tokenize_responses(records, tiny_tokenizer, 32)
+    batch = reward.collate_pairs(examples, 0)
+    assert batch["better"].tolist() == [0, 0, 1, 3] and batch["worse"].tolist() == [1, 2, 2, 4]
+    model = load_reward_backbone(str(tiny_model_dir))
+    loss_sum, metrics = reward.rm_step(model, batch)
+    r = reward_forward(model, batch["input_ids"], batch["attention_mask"]).detach()
+    by_hand = sum(-torch.nn.functional.logsigmoid(r[i] - r[j]) for i, j in [(0, 1), (0, 2), (1, 2), (3, 4)])
+    assert abs(float(loss_sum.detach()) - float(by_hand)) < 1e-5 and reward.pair_count(batch) == 4
+
+
+def _prefs(path, n, seed):
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 49), rng.randint(0, 49)
+            good, bad = f" The answer is {a + b}.", f" {a}{b} maybe"
+            f.write(json.dumps({"prompt": f"What is {a}+{b}?", "chosen": good, "rejected": bad}) + "\n")
+    return path
+
+
+def test_reward_model_learns_and_scores_normalised(tiny_model_dir, tmp_path):
+    train_file, eval_file = _prefs(tmp_path / "t.jsonl", 64, 0), _prefs(tmp_path / "e.jsonl", 32, 1)
+    out = tmp_path / "rm"
+    result = reward.run(reward.RewardConfig(model=str(tiny_model_dir), data=str(train_file), eval_data=str(eval_file),
+                                            output_dir=str(out), max_steps=25, batch_size=8, lr=3e-3, log_steps=5))
+    assert result.eval_metrics["accuracy"] >= 0.95
+    assert result.eval_metrics["loss"] < result.initial_eval_metrics["loss"] - 0.3
+    rm = RewardModel.load(str(out))
+    prompts = [json.loads(line)["prompt"] for line in eval_file.read_text().splitlines()]
+    chosen = [json.loads(line)["chosen"] for line in eval_file.read_text().splitlines()]
+    rejected = [json.loads(line)["rejected"] for line in eval_file.read_text().splitlines()]
+    s_w, s_l = rm.score(prompts, chosen), rm.score(prompts, rejected)
+    assert sum(w > l for w, l in zip(s_w, s_l)) >= 0.95 * len(prompts)
+    assert abs(sum(s_w + s_l) / (2 * len(prompts))) < 0.05  # normalised over held-out responses
