@@ -10,6 +10,7 @@ COMMANDS = {
     "sft": ("alignkit.train.sft", "supervised fine-tuning, loss on responses only"),
     "rm": ("alignkit.train.reward", "Bradley-Terry reward model on preference or ranking data"),
     "dpo": ("alignkit.train.dpo", "direct preference optimisation (DPO, IPO, conservative DPO)"),
+    "kto": ("alignkit.train.kto", "Kahneman-Tversky optimisation on thumbs-up / thumbs-down data"),
     "demo": ("alignkit.pipeline", "the built-in recipe end to end on a CPU"),
 }
 

@@ -16,12 +16,11 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from alignkit.losses import dpo_loss
 from alignkit.models.forward import sequence_logprobs
 from alignkit.train.common import load_train_eval, print_summary
 from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
+from alignkit.train.reference import precompute_reference, reference_logprobs_fn
 
 
 @dataclass
@@ -40,35 +39,6 @@ class DPOConfig(TrainConfig):
     """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
     precompute_ref: bool = False
     """Compute reference log-probs once before training, then free the reference model."""
-
-
-def reference_logprobs_fn(cfg: DPOConfig, device):
-    """A function (policy, batch) -> reference sequence log-probs [N], without gradient."""
-    if cfg.lora_r > 0 and not cfg.ref_model:
-        def with_adapters_disabled(policy, batch):
-            policy = getattr(policy, "module", policy)  # a DDP wrapper hides disable_adapter
-            with torch.no_grad(), policy.disable_adapter():
-                return sequence_logprobs(policy, batch)[0]
-        return with_adapters_disabled
-    from alignkit.models.load import load_causal_lm
-
-    ref = load_causal_lm(cfg.ref_model or cfg.model).to(device).eval().requires_grad_(False)
-
-    def frozen(policy, batch):
-        with torch.no_grad():
-            return sequence_logprobs(ref, batch)[0]
-    return frozen
-
-
-def precompute_reference(reference, policy, examples: list[dict], collate, batch_size: int, device) -> None:
-    """One pass that stores each example's reference log-probs in `ex["ref_logps"]`."""
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
-        values = reference(policy, batch).tolist()
-        for ex in chunk:
-            k = len(ex["sequences"])
-            ex["ref_logps"], values = values[:k], values[k:]
 
 
 def make_dpo_step(cfg: DPOConfig, reference):
@@ -102,7 +72,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     collate = lambda b: pad_groups(b, tokenizer.pad_token_id)  # noqa: E731
 
     accelerator = make_accelerator(cfg, "dpo")
-    reference = reference_logprobs_fn(cfg, accelerator.device)
+    reference = reference_logprobs_fn(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device)
     if cfg.precompute_ref:
         model.to(accelerator.device)
         precompute_reference(reference, model, examples + eval_examples, collate, cfg.batch_size, accelerator.device)

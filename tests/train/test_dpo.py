@@ -11,6 +11,7 @@ from alignkit.data import pad_groups, tokenize_responses
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.load import apply_lora
 from alignkit.train import dpo
+from alignkit.train.reference import precompute_reference, reference_logprobs_fn
 
 PAIRS = [{"prompt": f"What is {a}+{b}?", "chosen": f" The answer is {a + b}.", "rejected": f" It is {a * b + 1} or so",
           "_where": f"<t>:{a}"} for a, b in [(1, 2), (3, 4), (10, 7), (21, 5)]]
@@ -39,7 +40,7 @@ def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, tiny_tokenizer)
         policy = _perturbed(tiny_model_dir)
         exs = copy.deepcopy(examples)
         if precompute:
-            dpo.precompute_reference(reference, policy, exs, lambda b: pad_groups(b, 0), 3, "cpu")
+            precompute_reference(reference, policy, exs, lambda b: pad_groups(b, 0), 3, "cpu")
             assert all(len(ex["ref_logps"]) == 2 for ex in exs)
         batch = pad_groups(exs, 0)
         assert ("ref_logps" in batch) == precompute
@@ -60,7 +61,7 @@ def test_lora_reference_with_adapters_disabled_equals_frozen_base(tiny_model_dir
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    reference = dpo.reference_logprobs_fn(dpo.DPOConfig(lora_r=4, model=str(tiny_model_dir)), "cpu")
+    reference = reference_logprobs_fn(str(tiny_model_dir), "", lora=True, device="cpu")
     with torch.no_grad():
         expected = sequence_logprobs(base, batch)[0]
         with_adapters = sequence_logprobs(policy, batch)[0]

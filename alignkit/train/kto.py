@@ -1,0 +1,136 @@
+"""Kahneman–Tversky Optimization (Ethayarajh et al. 2024) on thumbs-up / thumbs-down data.
+
+    alignkit kto --model runs/demo/sft --data feedback.jsonl --beta 0.1 --max_steps 200
+
+Data: `prompt`, `completion`, `label` (true = desirable). With r = log pi(y|x) -
+log pi_ref(y|x), desirable examples lose w_D (1 - sigmoid(beta (r - z_ref))) and
+undesirable ones w_U (1 - sigmoid(beta (z_ref - r))). The reference point z_ref =
+max(0, mean KL estimate) comes from MISMATCHED pairs: each example is paired once,
+by a seeded shuffle, with another example's completion under its own prompt, and
+the batch's mismatched pairs estimate KL(pi || pi_ref). Fixing the partner per
+example lets reference log-probs be precomputed like DPO's.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.losses import kto_default_weights, kto_loss, kto_reference_point
+from alignkit.models.forward import sequence_logprobs
+from alignkit.train.common import load_train_eval, print_summary
+from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
+from alignkit.train.reference import precompute_reference, reference_logprobs_fn
+
+
+@dataclass
+class KTOConfig(TrainConfig):
+    """Alignment from unpaired desirable / undesirable completions."""
+
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint to the reference."""
+    desirable_weight: float = 0.0
+    """w_D; 0 = balance the classes: w_D n_D = w_U n_U with the larger class at weight 1."""
+    undesirable_weight: float = 0.0
+    """w_U; 0 = balance the classes (see desirable_weight)."""
+    ref_model: str = ""
+    """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
+    precompute_ref: bool = False
+    """Compute reference log-probs once before training, then free the reference model."""
+
+
+def with_mismatched_pairs(examples: list[dict], labels: list[bool], max_length: int, seed: int) -> list[dict]:
+    """Each example as two rows: its own (prompt, completion) and (its prompt, a partner's completion).
+
+    The partner is fixed by a seeded derangement-like shuffle (never itself when n > 1);
+    the prompt of the mismatched row is left-truncated to fit `max_length`.
+    """
+    n = len(examples)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    partner = {order[i]: order[(i + 1) % n] for i in range(n)}
+    out = []
+    for i, ex in enumerate(examples):
+        cut = ex["loss_mask"].index(1) if 1 in ex["loss_mask"] else len(ex["loss_mask"])
+        prompt = ex["input_ids"][:cut]
+        other = examples[partner[i]]
+        other_cut = other["loss_mask"].index(1) if 1 in other["loss_mask"] else len(other["loss_mask"])
+        completion = other["input_ids"][other_cut:][:max_length]
+        prompt = prompt[: max(0, max_length - len(completion))] if len(prompt) + len(completion) > max_length else prompt
+        out.append({
+            "id": ex["id"],
+            "label": bool(labels[i]),
+            "sequences": [ex["input_ids"], prompt + completion],
+            "loss_masks": [ex["loss_mask"], [0] * len(prompt) + [1] * len(completion)],
+            "input_ids": ex["input_ids"] + prompt + completion,
+        })
+    return out
+
+
+def collate(examples: list[dict], pad_token_id: int) -> dict:
+    from alignkit.data import pad_groups
+
+    batch = pad_groups(examples, pad_token_id)
+    batch["labels"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
+    return batch
+
+
+def make_kto_step(beta: float, desirable_weight: float, undesirable_weight: float, reference):
+    def kto_step(model, batch):
+        logps, _ = sequence_logprobs(model, batch)  # rows: own, mismatched, own, mismatched, ...
+        ref = batch["ref_logps"] if "ref_logps" in batch else reference(model, batch)
+        z_ref = kto_reference_point(logps[1::2].detach(), ref[1::2])
+        losses, metrics = kto_loss(logps[0::2], ref[0::2], batch["labels"], z_ref, beta,
+                                   desirable_weight, undesirable_weight)
+        return losses.sum(), {k: v.sum() for k, v in metrics.items()}
+    return kto_step
+
+
+def example_count(batch) -> int:
+    return len(batch["ids"])
+
+
+def run(cfg: KTOConfig) -> TrainResult:
+    from alignkit.data import tokenize_sft
+    from alignkit.models.load import load_tokenizer
+
+    if not cfg.model:
+        raise ValueError("kto: set `model` (a save_pretrained directory or a Hub id)")
+    train_records, eval_records = load_train_eval(cfg, "unpaired")
+    resume_from = resolve_resume(cfg)
+    tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
+    model = load_trainable_model(cfg, resume_from)
+    tokens, report = tokenize_sft(train_records, tokenizer, cfg.max_length)
+    eval_tokens, _ = tokenize_sft(eval_records, tokenizer, cfg.max_length)
+    examples = with_mismatched_pairs(tokens, [r["label"] for r in train_records], cfg.max_length, cfg.seed)
+    eval_examples = with_mismatched_pairs(eval_tokens, [r["label"] for r in eval_records], cfg.max_length, cfg.seed)
+    n_good = sum(ex["label"] for ex in examples)
+    n_bad = len(examples) - n_good
+    w_d, w_u = cfg.desirable_weight, cfg.undesirable_weight
+    if w_d <= 0 or w_u <= 0:
+        auto_d, auto_u = kto_default_weights(n_good, n_bad)
+        w_d, w_u = w_d if w_d > 0 else auto_d, w_u if w_u > 0 else auto_u
+
+    batch_fn = lambda b: collate(b, tokenizer.pad_token_id)  # noqa: E731
+    accelerator = make_accelerator(cfg, "kto")
+    reference = reference_logprobs_fn(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device)
+    if cfg.precompute_ref:
+        model.to(accelerator.device)
+        precompute_reference(reference, model, examples + eval_examples, batch_fn, cfg.batch_size, accelerator.device)
+        reference = None
+    print(f"kto: {n_good} desirable, {n_bad} undesirable (weights {w_d:.3g} / {w_u:.3g}), beta {cfg.beta}; {report}", flush=True)
+    result = train(cfg, model, tokenizer, examples, make_kto_step(cfg.beta, w_d, w_u, reference), example_count,
+                   batch_fn, name="kto", eval_examples=eval_examples, resume_from=resume_from, accelerator=accelerator)
+    print_summary("kto", result, [str(report)])
+    return result
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    from alignkit.config import parse_config
+
+    return run(parse_config(KTOConfig, sys.argv[1:] if argv is None else argv, prog="alignkit kto"))
