@@ -90,3 +90,4 @@ def test_dpo_learns_held_out_preferences(tiny_model_dir, tmp_path):
     assert after["rewards/accuracy"] >= 0.9
     assert after["loss"] < before["loss"] - 0.3
     assert after["rewards/margin"] > 1.0
+    assert after["rewards/chosen"] > 0  # held-out chosen log-prob rose relative to the reference

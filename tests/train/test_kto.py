@@ -48,3 +48,34 @@ def test_kto_learns_from_imbalanced_thumbs(tiny_model_dir, tmp_path, capsys):
     assert abs(before["rewards/desirable"]) < 1e-6 and abs(before["rewards/undesirable"]) < 1e-6  # pi == pi_ref
     assert after["rewards/desirable"] > 0.1 and after["rewards/undesirable"] < -0.1
     assert after["loss"] < before["loss"] - 0.1
+
+
+def test_kto_on_split_preferences_ranks_held_out_pairs(tiny_model_dir, tmp_path):
+    """The preference set of the DPO test split into thumbs up (chosen) and down (rejected)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.data import pad_groups, tokenize_responses
+    from alignkit.models.forward import sequence_logprobs
+    from alignkit.models.load import load_tokenizer
+    from tests.train.test_dpo import _preference_file
+
+    pairs = [json.loads(line) for line in _preference_file(tmp_path / "p.jsonl", 64, 0).read_text().splitlines()]
+    with (tmp_path / "thumbs.jsonl").open("w") as f:
+        for p in pairs:
+            f.write(json.dumps({"prompt": p["prompt"], "completion": p["chosen"], "label": True}) + "\n")
+            f.write(json.dumps({"prompt": p["prompt"], "completion": p["rejected"], "label": False}) + "\n")
+    kto.run(kto.KTOConfig(model=str(tiny_model_dir), data=str(tmp_path / "thumbs.jsonl"), output_dir=str(tmp_path / "o"),
+                          max_steps=30, batch_size=8, lr=3e-3, beta=0.1, log_steps=10))
+    held_out = [json.loads(line) for line in _preference_file(tmp_path / "h.jsonl", 40, 1).read_text().splitlines()]
+    for r in held_out:
+        r["_where"] = "<held-out>"
+    tok_examples, _ = tokenize_responses(held_out, load_tokenizer(str(tiny_model_dir)), 64)
+    batch = pad_groups(tok_examples, 0)
+    with torch.no_grad():
+        policy = sequence_logprobs(AutoModelForCausalLM.from_pretrained(tmp_path / "o"), batch)[0]
+        ref = sequence_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch)[0]
+    reward = policy - ref
+    accuracy = float((reward[0::2] > reward[1::2]).float().mean())
+    assert accuracy >= 0.85
+

@@ -59,3 +59,31 @@ def test_reward_model_learns_and_scores_normalised(tiny_model_dir, tmp_path):
     s_w, s_l = rm.score(prompts, chosen), rm.score(prompts, rejected)
     assert sum(w > l for w, l in zip(s_w, s_l)) >= 0.95 * len(prompts)
     assert abs(sum(s_w + s_l) / (2 * len(prompts))) < 0.05  # normalised over held-out responses
+
+
+def _rankings(path, n, seed):
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 49), rng.randint(0, 49)
+            responses = [f" The answer is {a + b}.", f" The answer is {a + b + 1}, maybe.", f" {a} or {b}", f" {a}{b}{a}"]
+            order = list(range(4))
+            rng.shuffle(order)  # given with scores, in random order: the loader sorts best first
+            f.write(json.dumps({"prompt": f"What is {a}+{b}?", "responses": [responses[i] for i in order],
+                                "scores": [4 - i for i in order]}) + "\n")
+    return path
+
+
+def test_reward_model_on_rankings_of_four_puts_best_above_worst(tiny_model_dir, tmp_path):
+    train_file, eval_file = _rankings(tmp_path / "t.jsonl", 48, 0), _rankings(tmp_path / "e.jsonl", 30, 1)
+    out = tmp_path / "rm"
+    reward.run(reward.RewardConfig(model=str(tiny_model_dir), data=str(train_file), eval_data=str(eval_file),
+                                   data_kind="ranking", output_dir=str(out), max_steps=30, batch_size=4, lr=3e-3,
+                                   log_steps=10))
+    from alignkit.data import load_records
+
+    rm = RewardModel.load(str(out))
+    records = load_records(str(eval_file), "ranking")
+    best = rm.score([r["prompt"] for r in records], [r["responses"][0] for r in records])
+    worst = rm.score([r["prompt"] for r in records], [r["responses"][-1] for r in records])
+    assert sum(b > w for b, w in zip(best, worst)) >= 0.9 * len(records)
