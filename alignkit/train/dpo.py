@@ -75,7 +75,8 @@ def run(cfg: DPOConfig) -> TrainResult:
     reference = reference_logprobs_fn(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device)
     if cfg.precompute_ref:
         model.to(accelerator.device)
-        precompute_reference(reference, model, examples + eval_examples, collate, cfg.batch_size, accelerator.device)
+        for part in (examples, eval_examples):  # no gradients kept: 4x the training batch fits
+            precompute_reference(reference, model, part, collate, 4 * cfg.batch_size, accelerator.device)
         reference = None  # drops the reference model: only the policy stays in memory
     print(f"dpo: {len(examples)} pairs, beta {cfg.beta}, loss {cfg.loss_type}, reference "
           f"{'precomputed' if cfg.precompute_ref else 'on the fly'}; {report}", flush=True)

@@ -121,7 +121,8 @@ def run(cfg: KTOConfig) -> TrainResult:
     reference = reference_logprobs_fn(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device)
     if cfg.precompute_ref:
         model.to(accelerator.device)
-        precompute_reference(reference, model, examples + eval_examples, batch_fn, cfg.batch_size, accelerator.device)
+        for part in (examples, eval_examples):  # no gradients kept: 4x the training batch fits
+            precompute_reference(reference, model, part, batch_fn, 4 * cfg.batch_size, accelerator.device)
         reference = None
     print(f"kto: {n_good} desirable, {n_bad} undesirable (weights {w_d:.3g} / {w_u:.3g}), beta {cfg.beta}; {report}", flush=True)
     result = train(cfg, model, tokenizer, examples, make_kto_step(cfg.beta, w_d, w_u, reference), example_count,

@@ -107,6 +107,8 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     initial_eval_metrics: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
+    train_seconds: float = 0.0
+    """Wall time of the optimiser steps alone (no evaluation, no checkpoint writing)."""
     device: str = "cpu"
     precision: str = "no"
 
@@ -360,7 +362,9 @@ def train(
     }
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The fused kernel updates all parameters in one pass: ~5x faster than foreach on CPU.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in trainable)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     kwargs = {"min_lr_rate": cfg.min_lr_ratio} if cfg.lr_scheduler == "cosine_with_min_lr" else None
     scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
@@ -407,6 +411,7 @@ def train(
     window_steps, window_tokens, window_start = 0, 0.0, time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in range(start_step, total_steps):
+        step_start = time.perf_counter()
         indices = step_indices(step, len(examples), global_batch, steps_per_epoch, cfg.seed)
         groups = rank_micro_batches(indices, lengths, rank, world, cfg.batch_size)
         weights = [1.0] * len(groups)
@@ -435,6 +440,7 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        result.train_seconds += time.perf_counter() - step_start
 
         step_sums = accelerator.reduce(torch.tensor([step_count] + [sums[k] for k in sorted(sums)], dtype=torch.float64, device=accelerator.device), "sum") if world > 1 else None
         if step_sums is not None:

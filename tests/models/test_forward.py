@@ -71,3 +71,18 @@ def test_packed_row_logprobs_equal_examples_alone(tiny_model_dir):
             alone, _ = forward_logprobs(model, torch.tensor([ROWS[i]]), torch.ones(1, len(ROWS[i]), dtype=torch.long))
             n = len(ROWS[i]) - 1
             torch.testing.assert_close(lp[row, start : start + n], alone[0], atol=1e-5, rtol=0)
+
+
+def test_sequence_logprobs_on_response_columns_equal_full_sum(tiny_model_dir):
+    from alignkit.data import pad_batch
+    from alignkit.models.forward import sequence_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = [{"input_ids": r, "loss_mask": [0] * (len(r) // 2) + [1] * (len(r) - len(r) // 2)} for r in ROWS]
+    batch = pad_batch(rows, 0)
+    with torch.no_grad():
+        full, _ = forward_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        expected = (full * batch["loss_mask"][:, 1:]).sum(-1)
+        got, counts = sequence_logprobs(model, batch)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert counts.tolist() == [4, 2, 3]
