@@ -20,7 +20,7 @@ from alignkit.losses import dpo_loss
 from alignkit.models.forward import sequence_logprobs
 from alignkit.train.common import load_train_eval, print_summary
 from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
-from alignkit.train.reference import precompute_reference, reference_logprobs_fn
+from alignkit.train.reference import make_reference, precompute_reference, reference_sequence_logprobs
 
 
 @dataclass
@@ -44,7 +44,7 @@ class DPOConfig(TrainConfig):
 def make_dpo_step(cfg: DPOConfig, reference):
     def dpo_step(model, batch):
         logps, n_tokens = sequence_logprobs(model, batch)
-        ref = batch["ref_logps"] if "ref_logps" in batch else reference(model, batch)
+        ref = batch["ref_logps"] if "ref_logps" in batch else reference_sequence_logprobs(reference, model, batch)
         if cfg.loss_type == "ipo":
             logps, ref = logps / n_tokens.clamp(min=1), ref / n_tokens.clamp(min=1)
         losses, metrics = dpo_loss(cfg.loss_type, logps[0::2], logps[1::2], ref[0::2], ref[1::2],
@@ -72,7 +72,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     collate = lambda b: pad_groups(b, tokenizer.pad_token_id)  # noqa: E731
 
     accelerator = make_accelerator(cfg, "dpo")
-    reference = reference_logprobs_fn(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device)
+    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device)
     if cfg.precompute_ref:
         model.to(accelerator.device)
         for part in (examples, eval_examples):  # no gradients kept: 4x the training batch fits

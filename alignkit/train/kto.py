@@ -23,7 +23,7 @@ from alignkit.losses import kto_default_weights, kto_loss, kto_reference_point
 from alignkit.models.forward import sequence_logprobs
 from alignkit.train.common import load_train_eval, print_summary
 from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
-from alignkit.train.reference import precompute_reference, reference_logprobs_fn
+from alignkit.train.reference import make_reference, precompute_reference, reference_sequence_logprobs
 
 
 @dataclass
@@ -83,7 +83,7 @@ def collate(examples: list[dict], pad_token_id: int) -> dict:
 def make_kto_step(beta: float, desirable_weight: float, undesirable_weight: float, reference):
     def kto_step(model, batch):
         logps, _ = sequence_logprobs(model, batch)  # rows: own, mismatched, own, mismatched, ...
-        ref = batch["ref_logps"] if "ref_logps" in batch else reference(model, batch)
+        ref = batch["ref_logps"] if "ref_logps" in batch else reference_sequence_logprobs(reference, model, batch)
         z_ref = kto_reference_point(logps[1::2].detach(), ref[1::2])
         losses, metrics = kto_loss(logps[0::2], ref[0::2], batch["labels"], z_ref, beta,
                                    desirable_weight, undesirable_weight)
@@ -118,7 +118,7 @@ def run(cfg: KTOConfig) -> TrainResult:
 
     batch_fn = lambda b: collate(b, tokenizer.pad_token_id)  # noqa: E731
     accelerator = make_accelerator(cfg, "kto")
-    reference = reference_logprobs_fn(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device)
+    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device)
     if cfg.precompute_ref:
         model.to(accelerator.device)
         for part in (examples, eval_examples):  # no gradients kept: 4x the training batch fits

@@ -267,6 +267,22 @@ def _check_resume_meta(saved: dict, meta: dict, path: Path, allow: bool) -> None
         )
 
 
+def add_metrics(sums: dict[str, float], metrics: dict, weight: float = 1.0) -> None:
+    """Add a step function's metric sums into `sums`. A value is a tensor (a sum over the
+    batch's units, later divided by the unit count) or a (sum, count) pair for a metric
+    with units of its own, e.g. a per-completion reward in a per-token loss."""
+    for k, v in metrics.items():
+        if isinstance(v, tuple):
+            v, n = v
+            sums[k + "#n"] = sums.get(k + "#n", 0.0) + weight * float(n)
+        sums[k] = sums.get(k, 0.0) + weight * float(v.detach() if isinstance(v, torch.Tensor) else v)
+
+
+def metric_means(sums: dict[str, float], count: float) -> dict[str, float]:
+    """Means of `add_metrics` sums: by their own counts where given, else by `count`."""
+    return {k: v / max(sums.get(k + "#n", count), 1e-12) for k, v in sums.items() if "#" not in k and not k.startswith("_")}
+
+
 def accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator) -> tuple[dict[str, float], float, list[int]]:
     """Backward through the micro-batches of one optimiser step.
 
@@ -290,8 +306,7 @@ def accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator
             # Every micro-batch runs backward, even a non-finite one, so that all processes
             # meet in the same all-reduce; the caller drops a bad step.
             accelerator.backward(loss_sum * (w * world / max(step_count, 1.0)))
-        for k, v in {"loss": loss_sum, **metrics}.items():
-            sums[k] = sums.get(k, 0.0) + w * float(v.detach())
+        add_metrics(sums, {"loss": loss_sum, **metrics}, w)
         sums["_tokens"] += w * float(batch["attention_mask"].sum())
     return sums, step_count, bad_ids
 
@@ -307,13 +322,11 @@ def evaluate(model, examples, step_fn, count_fn, collate, batch_size, accelerato
             batch = _to_device(collate(mine[j : j + batch_size]), accelerator.device)
             loss_sum, metrics = step_fn(model, batch)
             count += float(count_fn(batch))
-            for k, v in {"loss": loss_sum, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            add_metrics(sums, {"loss": loss_sum, **metrics})
     model.train()
     keys = sorted(sums) or ["loss"]
     totals = accelerator.reduce(torch.tensor([count] + [sums.get(k, 0.0) for k in keys], device=accelerator.device, dtype=torch.float64), "sum")
-    n = float(totals[0])
-    return {k: float(v) / max(n, 1.0) for k, v in zip(keys, totals[1:].tolist())}
+    return metric_means(dict(zip(keys, totals[1:].tolist())), max(float(totals[0]), 1.0))
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -334,12 +347,16 @@ def train(
     resume_from: Path | None = None,
     accelerator=None,
     derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    prepare: Callable | None = None,
 ) -> TrainResult:
     """Run the optimiser steps of `cfg` and save the final model in `cfg.output_dir`.
 
     `model` must already hold the resumed weights when `resume_from` is given (see
     `load_trainable_model`); optimizer, scheduler, RNG and data position are restored here.
     `derived_metrics` adds metrics computed from logged means (e.g. perplexity = exp(loss)).
+    `prepare(model, batches, step) -> batches` runs before the gradient pass of each step:
+    online methods generate and score their completions there, so the unit count (e.g.
+    completion tokens) is known before any micro-batch is weighted.
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -418,6 +435,8 @@ def train(
         if not groups:  # a short last batch left this rank nothing: join the all-reduce with weight 0
             groups, weights = [indices[:1]], [0.0]
         batches = [_to_device(collate([examples[i] for i in g]), accelerator.device) for g in groups]
+        if prepare is not None:
+            batches = prepare(model, batches, step)
         sums, step_count, bad_ids = accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator)
         window_tokens += sums.pop("_tokens")
         if cfg.max_grad_norm > 0:
@@ -454,7 +473,7 @@ def train(
         done = step + 1
         if done % cfg.log_steps == 0 or done == total_steps:
             n = window.pop("_count")
-            means = {k: v / n for k, v in window.items() if not k.startswith("_")}
+            means = metric_means(window, n)
             elapsed = time.perf_counter() - window_start
             record = {"step": done, **{f"train/{k}": v for k, v in {**means, **derived_metrics(means)}.items()}}
             record["train/grad_norm"] = window["_grad_norm"] / window_steps

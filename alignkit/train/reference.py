@@ -6,30 +6,39 @@ with its adapters disabled, so no second copy is held.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from alignkit.models.forward import sequence_logprobs
 
 
-def reference_logprobs_fn(model: str, ref_model: str, lora: bool, device):
-    """A function (policy, batch) -> reference sequence log-probs [N], without gradient.
+def make_reference(model: str, ref_model: str, lora: bool, device) -> Callable:
+    """A function `reference(policy, fn)` that returns `fn(reference_model)` without gradient.
 
     `ref_model` if given, else with `lora` the policy with adapters disabled, else a
-    frozen copy of the starting `model`."""
+    frozen copy of the starting `model`. `fn` is any forward, e.g.
+    `lambda m: sequence_logprobs(m, batch)[0]`.
+    """
     if lora and not ref_model:
-        def with_adapters_disabled(policy, batch):
+        def with_adapters_disabled(policy, fn):
             policy = getattr(policy, "module", policy)  # a DDP wrapper hides disable_adapter
             with torch.no_grad(), policy.disable_adapter():
-                return sequence_logprobs(policy, batch)[0]
+                return fn(policy)
         return with_adapters_disabled
     from alignkit.models.load import load_causal_lm
 
     ref = load_causal_lm(ref_model or model).to(device).eval().requires_grad_(False)
 
-    def frozen(policy, batch):
+    def frozen(policy, fn):
         with torch.no_grad():
-            return sequence_logprobs(ref, batch)[0]
+            return fn(ref)
     return frozen
+
+
+def reference_sequence_logprobs(reference: Callable, policy, batch: dict) -> torch.Tensor:
+    """log pi_ref(y | x) per row of `batch` [N]."""
+    return reference(policy, lambda m: sequence_logprobs(m, batch)[0])
 
 
 def precompute_reference(reference, policy, examples: list[dict], collate, batch_size: int, device) -> None:
@@ -37,7 +46,7 @@ def precompute_reference(reference, policy, examples: list[dict], collate, batch
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
-        values = reference(policy, batch).tolist()
+        values = reference_sequence_logprobs(reference, policy, batch).tolist()
         for ex in chunk:
             k = len(ex["sequences"])
             ex["ref_logps"], values = values[:k], values[k:]

@@ -11,7 +11,7 @@ from alignkit.data import pad_groups, tokenize_responses
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.load import apply_lora
 from alignkit.train import dpo
-from alignkit.train.reference import precompute_reference, reference_logprobs_fn
+from alignkit.train.reference import make_reference, precompute_reference, reference_sequence_logprobs
 
 PAIRS = [{"prompt": f"What is {a}+{b}?", "chosen": f" The answer is {a + b}.", "rejected": f" It is {a * b + 1} or so",
           "_where": f"<t>:{a}"} for a, b in [(1, 2), (3, 4), (10, 7), (21, 5)]]
@@ -30,9 +30,9 @@ def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, tiny_tokenizer)
     examples, _ = tokenize_responses(PAIRS, tiny_tokenizer, 64)
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 
-    def reference(policy, batch):
+    def reference(policy, fn):  # what make_reference returns for a frozen reference model
         with torch.no_grad():
-            return sequence_logprobs(ref, batch)[0]
+            return fn(ref)
 
     cfg = dpo.DPOConfig(beta=0.3)
     results = []
@@ -61,12 +61,12 @@ def test_lora_reference_with_adapters_disabled_equals_frozen_base(tiny_model_dir
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    reference = reference_logprobs_fn(str(tiny_model_dir), "", lora=True, device="cpu")
+    reference = make_reference(str(tiny_model_dir), "", lora=True, device="cpu")
     with torch.no_grad():
         expected = sequence_logprobs(base, batch)[0]
         with_adapters = sequence_logprobs(policy, batch)[0]
     assert float((with_adapters - expected).abs().max()) > 1e-3  # the adapters matter...
-    torch.testing.assert_close(reference(policy, batch), expected, atol=1e-6, rtol=0)  # ...and are off here
+    torch.testing.assert_close(reference_sequence_logprobs(reference, policy, batch), expected, atol=1e-6, rtol=0)  # ...and are off here
 
 
 def _preference_file(path, n, seed):
