@@ -11,6 +11,8 @@ COMMANDS = {
     "rm": ("alignkit.train.reward", "Bradley-Terry reward model on preference or ranking data"),
     "dpo": ("alignkit.train.dpo", "direct preference optimisation (DPO, IPO, conservative DPO)"),
     "kto": ("alignkit.train.kto", "Kahneman-Tversky optimisation on thumbs-up / thumbs-down data"),
+    "grpo": ("alignkit.train.grpo", "GRPO: G samples per prompt, group-normalised advantages, KL to the reference"),
+    "rloo": ("alignkit.train.grpo:main_rloo", "REINFORCE with a leave-one-out baseline"),
     "demo": ("alignkit.pipeline", "the built-in recipe end to end on a CPU"),
 }
 
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # per-file load/save bars; alignkit draws one bar per run
 
     try:
-        importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+        module, _, function = COMMANDS[argv[0]][0].partition(":")
+        getattr(importlib.import_module(module), function or "main")(argv[1:])
     except (ConfigError, DataError, TrainingError) as e:
         print(f"alignkit {argv[0]}: error: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ from alignkit.data.tokenize import (
     pack_examples,
     pad_batch,
     pad_groups,
+    tokenize_prompts,
     tokenize_responses,
     tokenize_sft,
     tokenize_text,
@@ -23,5 +24,6 @@ __all__ = [
     "pack_examples",
     "pad_groups",
     "tokenize_responses",
+    "tokenize_prompts",
     "TruncationReport",
 ]

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from alignkit.data.chat import split_prompt_completion
+from alignkit.data.chat import render_prompt, split_prompt_completion
 
 
 @dataclass
@@ -118,6 +118,28 @@ def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int) -> tuple[
                 report.completion_truncated += 1
                 report.tokens_dropped += excess
         examples.append({"id": i, "input_ids": p + c, "loss_mask": [0] * len(p) + [1] * len(c)})
+    return examples, report
+
+
+def tokenize_prompts(records: list[dict], tokenizer: Any, max_length: int) -> tuple[list[dict], TruncationReport]:
+    """Prompt records (online RL) into `{"id", "input_ids", "prompt", "fields"}` examples.
+
+    `prompt` is the rendered prompt text; `fields` holds the record's other fields
+    (e.g. `answer`) for reward functions. Prompts longer than `max_length` lose their
+    oldest tokens (a leading BOS stays), counted in the report.
+    """
+    texts = [render_prompt(r["prompt"], tokenizer) for r in records]
+    report = TruncationReport(examples=len(records), kind="prompt")
+    bos = tokenizer.bos_token_id
+    examples = []
+    for i, (record, text, ids) in enumerate(zip(records, texts, _prompt_ids(tokenizer, texts))):
+        if len(ids) > max_length:
+            keep = 1 if bos is not None and ids[0] == bos else 0
+            report.prompt_truncated += 1
+            report.tokens_dropped += len(ids) - max_length
+            ids = ids[:keep] + ids[len(ids) - max_length + keep :]
+        extra = {k: v for k, v in record.items() if k not in ("prompt", "_where")}
+        examples.append({"id": i, "input_ids": ids, "prompt": text, "fields": extra})
     return examples, report
 
 

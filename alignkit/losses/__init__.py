@@ -3,6 +3,13 @@
 from alignkit.losses.bradley_terry import bradley_terry_loss, ranking_pairs
 from alignkit.losses.dpo import DPO_LOSSES, dpo_loss, dpo_sigmoid_loss, ipo_loss
 from alignkit.losses.kto import kto_default_weights, kto_loss, kto_reference_point
+from alignkit.losses.policy import (
+    AGGREGATION_LEVELS,
+    aggregate,
+    clipped_policy_loss,
+    clipped_value_loss,
+    kl_penalty_loss,
+)
 from alignkit.losses.sft import sft_loss
 
 __all__ = [
@@ -16,4 +23,9 @@ __all__ = [
     "kto_reference_point",
     "ranking_pairs",
     "sft_loss",
+    "AGGREGATION_LEVELS",
+    "aggregate",
+    "clipped_policy_loss",
+    "clipped_value_loss",
+    "kl_penalty_loss",
 ]

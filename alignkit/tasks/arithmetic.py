@@ -48,3 +48,8 @@ def score(completion: str, answer: int) -> dict[str, bool]:
     """follows_format: the completion is exactly ' <integer>'; correct: and the integer is the answer."""
     m = ANSWER_FORMAT.match(completion)
     return {"follows_format": m is not None, "correct": m is not None and int(m.group(1)) == answer}
+
+
+def exact_match(prompts: list, completions: list[str], answer: list, **_) -> list[float]:
+    """Verifiable reward: 1.0 when the completion is exactly ' <answer>', else 0.0."""
+    return [1.0 if score(c, int(a))["correct"] else 0.0 for c, a in zip(completions, answer)]

@@ -1,0 +1,158 @@
+"""Policy-gradient losses per token (PPO, GRPO, DAPO) and the one reduction they share.
+
+Every function here returns PER-TOKEN terms [B, T], 0 at masked-out positions;
+the trainer reduces them with `aggregate`, which returns a sum and a count
+separately so that gradient accumulation and data parallelism stay exact:
+
+    num, den = aggregate(loss, mask, level)      # per micro-batch
+    total_den = sum of den over the step's micro-batches (all-reduced over processes)
+    (num / total_den).backward()                 # times the process count under DDP,
+                                                 # which averages gradients
+
+Masked-out positions are never read (torch.where, not multiplication by the
+mask), so NaN or inf there cannot reach values or gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+AGGREGATION_LEVELS = ("token", "sequence")
+
+
+def _check(mask: Tensor, *xs: Tensor) -> Tensor:
+    for x in xs:
+        if x.shape != mask.shape or x.dim() != 2:
+            raise ValueError(f"expected [B, T] tensors of mask shape {tuple(mask.shape)}, got {tuple(x.shape)}")
+    return mask.bool()
+
+
+def aggregate(loss: Tensor, mask: Tensor, level: str) -> tuple[Tensor, Tensor]:
+    """Reduce per-token losses [B, T] to (numerator, denominator), two scalars.
+
+        "token":    num = sum_{b,t} m_bt l_bt                     den = sum_{b,t} m_bt
+        "sequence": num = sum_b (sum_t m_bt l_bt / sum_t m_bt)    den = #{b : sum_t m_bt > 0}
+
+    The loss is num / den. "token" weighs every token equally (DAPO, Dr. GRPO);
+    "sequence" takes each sequence's mean and weighs sequences equally (the GRPO
+    paper), so a token of a short sequence weighs more than one of a long
+    sequence (the length bias that Dr. GRPO removes). Rows with no masked-in
+    token count for nothing in either.
+
+    The SUM and the COUNT are returned separately so that the trainer divides
+    the numerators of all micro-batches (and processes) of an optimiser step by
+    their denominators' total: the result is then exactly the loss of the whole
+    batch at once, whatever the split. (Averaging per-micro-batch means is not:
+    it over-weighs tokens of micro-batches with fewer tokens.)
+
+    Shapes: loss, mask [B, T]. Returns num (differentiable, loss's dtype) and den
+    (a detached float tensor, at least float32). Raises ValueError for a level
+    not in AGGREGATION_LEVELS.
+    """
+    if level not in AGGREGATION_LEVELS:
+        raise ValueError(f"unknown aggregation level {level!r}; valid levels: {', '.join(AGGREGATION_LEVELS)}")
+    mask = _check(mask, loss)
+    count_dtype = torch.promote_types(loss.dtype, torch.float32)
+    row_sum = torch.where(mask, loss, 0).sum(dim=1)
+    row_count = mask.sum(dim=1)
+    if level == "token":
+        return row_sum.sum(), row_count.sum().to(count_dtype)
+    row_mean = row_sum / row_count.clamp(min=1).to(row_sum.dtype)
+    return row_mean.sum(), (row_count > 0).sum().to(count_dtype)
+
+
+def clipped_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017), per token, negated to a loss:
+
+        ratio = exp(logp - logp_old)
+        l_t   = max(-A ratio, -A clip(ratio, 1 - eps_low, 1 + eps_high))
+
+    eps_low = clip_eps; eps_high = clip_eps_high, or clip_eps when None (a
+    larger eps_high is DAPO's clip-higher, Yu et al. 2025, which leaves
+    low-probability tokens room to rise). The max is the pessimistic bound: the
+    clipped branch is taken only where it is the larger loss, i.e. where the
+    ratio has already moved past the clip range in the direction A favours,
+    and there the gradient is 0.
+
+    Shapes: logprobs, old_logprobs, mask [B, T]; advantages [B, T], or [B]
+    (one per sequence, as GRPO / RLOO give), broadcast over tokens. old_logprobs
+    and advantages are treated as constants. Returns per-token losses [B, T]
+    (0 at masked-out positions) and metrics, each detached float [B, T], 0 at
+    masked-out positions:
+
+        clipfrac    1.0 where the clipped branch is active (clipped term > unclipped)
+        ratio       pi / pi_old
+        approx_kl   0.5 (logp - logp_old)^2  (k2, an estimate of KL(pi_old || pi))
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(logprobs)
+    mask = _check(mask, logprobs, old_logprobs, advantages)
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    advantages = torch.where(mask, advantages.detach(), 0)
+    log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), 0)  # exp(garbage) could overflow
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high)
+    loss = torch.where(mask, torch.maximum(unclipped, clipped), 0)
+    metrics = {
+        "clipfrac": (mask & (clipped > unclipped)).float(),
+        "ratio": torch.where(mask, ratio.detach(), 0).float(),
+        "approx_kl": (0.5 * log_ratio.detach() ** 2).float(),
+    }
+    return loss, metrics
+
+
+def kl_penalty_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref), with r = logp_ref - logp:
+
+        kl_t = exp(r) - r - 1      (>= 0, unbiased; Schulman 2020)
+
+    GRPO adds beta * kl_t to clipped_policy_loss's per-token loss. Gradient flows
+    through logprobs only (ref_logprobs are constants).
+    Shapes: logprobs, ref_logprobs, mask [B, T]. Returns [B, T], 0 where masked out.
+    """
+    mask = _check(mask, logprobs, ref_logprobs)
+    r = torch.where(mask, ref_logprobs.detach() - logprobs, 0)
+    return torch.expm1(r) - r  # expm1: exact near r = 0, where most tokens sit; 0 where r = 0
+
+
+def clipped_value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    clip_eps: float = 0.2,
+    *,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped value loss, per token:
+
+        v_clip = clip(v, v_old - eps, v_old + eps)
+        l_t    = 0.5 max((v - R)^2, (v_clip - R)^2)
+
+    The value prediction may not gain from moving further than eps from the
+    value at rollout time (old_values, as in the PPO2 baselines).
+
+    Shapes: values, old_values, returns [B, T]; mask [B, T] or None (every token
+    counts). old_values and returns are constants. Returns per-token losses
+    [B, T] (0 where masked out) and metrics: vf_clipfrac, detached float [B, T],
+    1.0 where the clipped term is the larger (0 where masked out).
+    """
+    if mask is None:
+        mask = torch.ones_like(values, dtype=torch.bool)
+    mask = _check(mask, values, old_values, returns)
+    old_values = torch.where(mask, old_values.detach(), 0)
+    returns = torch.where(mask, returns.detach(), 0)
+    values = torch.where(mask, values, 0)
+    v_clip = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    unclipped = (values - returns) ** 2
+    clipped = (v_clip - returns) ** 2
+    loss = torch.where(mask, 0.5 * torch.maximum(unclipped, clipped), 0)
+    return loss, {"vf_clipfrac": (mask & (clipped > unclipped)).float()}

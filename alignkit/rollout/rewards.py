@@ -1,0 +1,86 @@
+"""Reward sources behind one interface: `f(prompts, completions, **fields) -> list[float]`.
+
+    reward: runs/rm                               # a reward-model checkpoint (alignkit rm)
+    reward: alignkit.tasks.arithmetic:exact_match  # a Python callable `module:function`
+    reward: [runs/rm, mypkg.rewards:length]        # several, summed with `reward_weights`
+
+Extra fields of a prompt record (e.g. `answer`) reach callables as keyword lists,
+one value per completion. A reward that is None, NaN or raises is an error naming
+the function and the prompt, unless the caller masks such completions instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+class RewardError(RuntimeError):
+    pass
+
+
+def load_reward_fn(spec: str) -> Callable:
+    """A reward function from a reward-model directory or a `module:function` name."""
+    if Path(spec).is_dir():
+        from alignkit.models.reward import RewardModel
+
+        model = RewardModel.load(spec)
+        return _named(lambda prompts, completions, **fields: model.score(prompts, completions), spec)
+    if ":" not in spec:
+        raise RewardError(f"reward '{spec}' is neither a reward-model directory nor a 'module:function' name")
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise RewardError(f"reward '{spec}': cannot import it ({e})") from None
+    if not callable(fn):
+        raise RewardError(f"reward '{spec}' is not callable")
+    return _named(fn, spec)
+
+
+def _named(fn: Callable, name: str) -> Callable:
+    def call(prompts, completions, **fields):
+        return fn(prompts, completions, **fields)
+    call.reward_name = name
+    return call
+
+
+def score(reward_fns: list[Callable], weights: list[float], prompts: list, completions: list[str],
+          fields: dict[str, list], on_error: str = "raise") -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """sum_k w_k f_k(prompt, completion) per completion, each completion scored once.
+
+    Returns (rewards [N] float32, valid [N] bool, per-function means). With
+    on_error="raise" a None / NaN / exception names the function and the prompt;
+    with "mask" that completion is marked invalid (reward 0) and training goes on.
+    """
+    n = len(completions)
+    total = torch.zeros(n, dtype=torch.float32)
+    valid = torch.ones(n, dtype=torch.bool)
+    means = {}
+    for fn, w in zip(reward_fns, weights):
+        name = getattr(fn, "reward_name", getattr(fn, "__name__", repr(fn)))
+        try:
+            values = list(fn(prompts, completions, **fields))
+        except Exception as e:  # noqa: BLE001 - a user's reward function may raise anything
+            if on_error == "raise":
+                raise RewardError(f"reward '{name}' raised {type(e).__name__}: {e} (first prompt: {prompts[0]!r})") from e
+            valid[:] = False
+            continue
+        if len(values) != n:
+            raise RewardError(f"reward '{name}' returned {len(values)} values for {n} completions")
+        for i, v in enumerate(values):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok:
+                if on_error == "raise":
+                    raise RewardError(f"reward '{name}' returned {v!r} for prompt {prompts[i]!r}, "
+                                      f"completion {completions[i]!r}; set reward_on_error=mask to skip such completions")
+                valid[i] = False
+            else:
+                total[i] += w * float(v)
+        good = [float(v) for v, ok in zip(values, valid.tolist()) if ok]
+        means[name] = sum(good) / max(len(good), 1)
+    return torch.where(valid, total, torch.zeros_like(total)), valid, means

@@ -1,0 +1,167 @@
+"""The built-in rollout engine for online RL: batched sampling with a KV cache.
+
+    from alignkit.models.forward import forward_logprobs
+    from alignkit.rollout.sampler import sample
+
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    g = torch.Generator().manual_seed(0)
+    rollout = sample(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=24,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     temperature=0.7, generator=g)
+    # the learner scores exactly what was sampled, at the same temperature:
+    new_lp, _ = forward_logprobs(policy, rollout.input_ids, rollout.attention_mask, temperature=0.7)
+    new_lp = new_lp[:, rollout.prompt_ids.shape[1] - 1 :]   # [N, C], aligned with rollout.logprobs
+
+Unlike `model.generate`, `sample` returns what an RL learner needs in one object: the
+sampled ids, a completion mask that includes the EOS that ended a row, the sampling
+log-probs and whether each row ended. vLLM is the other backend (later) behind the same
+`Rollout`, so a trainer does not care which one produced it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from alignkit.models.forward import position_ids_from_mask
+from alignkit.ops import token_logprobs
+
+
+@dataclass
+class Rollout:
+    """N prompts and their sampled completions.
+
+    prompt_ids, prompt_mask: [N, P] left-padded prompts.
+    completion_ids: [N, C], right-padded with pad_token_id after the end.
+    completion_mask: [N, C], 1 on sampled tokens including the EOS that ended the row, 0 after.
+    logprobs: [N, C] float32, log softmax(logits / temperature) at each sampled token, 0 where
+        completion_mask is 0 (temperature 1 for greedy sampling).
+    ended: [N] bool, True when the row emitted EOS within max_new_tokens; False when it was
+        cut off at the limit (that is not an ending: do not append an EOS to it).
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    completion_ids: Tensor
+    completion_mask: Tensor
+    logprobs: Tensor
+    ended: Tensor
+
+    @property
+    def input_ids(self) -> Tensor:
+        """Prompt and completion side by side: [N, P + C]."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """[N, P + C]: the prompt mask, then the completion mask (pads after the end are 0)."""
+        return torch.cat([self.prompt_mask.to(self.completion_mask.dtype), self.completion_mask], dim=1)
+
+
+def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set logits outside the top-k / top-p (nucleus) set to -inf: [N, V] -> [N, V].
+
+    top_k > 0 keeps the k largest; top_p < 1 keeps the smallest set of most likely tokens
+    whose probabilities sum to >= top_p. The most likely token is always kept.
+    """
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _cache_of(out):
+    return out.cache if "cache" in out else out.past_key_values
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_token_id: int | list[int],
+           pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> Rollout:
+    """Sample up to `max_new_tokens` tokens after each left-padded prompt, with a KV cache.
+
+    prompt_ids, prompt_mask: [N, P], left padded (the last column is a real token in every
+    row). One prefill forward over the prompts, then one forward per new token that feeds
+    only that token, its position and the cache. Rows stop independently at an EOS (any id
+    in `eos_token_id`); the loop stops when all have, so C <= max_new_tokens.
+
+    Tokens are drawn from softmax(logits / temperature), restricted by top_k / top_p;
+    temperature 0 is greedy (argmax). The returned log-probs are log softmax(logits /
+    temperature) of the UNTRUNCATED distribution (temperature 1 when greedy): that is what
+    the learner recomputes with `forward_logprobs(..., temperature)`, so sampler and learner
+    agree token for token. top-k / top-p only change which tokens are drawn; with them the
+    log-probs are not those of the (truncated) sampling distribution.
+    The same `generator` state gives the same rollout.
+    """
+    if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} "
+                         "must both be [N, P]")
+    if not bool(prompt_mask[:, -1].all()):
+        raise ValueError("prompts must be left padded: the last column of prompt_mask must be 1 in every row")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    device = prompt_ids.device
+    n, p = prompt_ids.shape
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                       dtype=torch.long, device=device)
+
+    completion_ids = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    completion_mask = torch.zeros((n, max_new_tokens), dtype=torch.long, device=device)
+    logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
+    ended = torch.zeros(n, dtype=torch.bool, device=device)
+    # The attention mask grows by one column per step; slicing a preallocated one avoids a copy.
+    attention_mask = torch.cat([prompt_mask.long(), torch.ones((n, max_new_tokens), dtype=torch.long, device=device)], 1)
+    position_ids = position_ids_from_mask(prompt_mask)
+
+    # transformers 5.24 renamed `past_key_values` to `cache`; accept both.
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                    use_cache=True, logits_to_keep=1)
+        cache, position = _cache_of(out), position_ids[:, -1:]
+        steps = 0
+        for t in range(max_new_tokens):
+            logits = out.logits[:, -1].float()
+            if temperature > 0:
+                logits = logits / temperature
+                probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                token = logits.argmax(dim=-1)
+            alive = ~ended
+            token = token.masked_fill(ended, pad_token_id)
+            completion_ids[:, t] = token
+            completion_mask[:, t] = alive.long()
+            logprobs[:, t] = token_logprobs(logits[:, None], token[:, None])[:, 0].masked_fill(ended, 0.0)
+            ended = ended | (alive & torch.isin(token, eos))
+            steps = t + 1
+            # One host sync per token: the price of stopping as soon as every row has ended.
+            if t == max_new_tokens - 1 or bool(ended.all()):
+                break
+            position = position + 1
+            out = model(input_ids=token[:, None], attention_mask=attention_mask[:, : p + t + 1],
+                        position_ids=position, use_cache=True, **{cache_kwarg: cache})
+            cache = _cache_of(out)
+    finally:
+        model.train(was_training)
+
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids[:, :steps],
+        completion_mask=completion_mask[:, :steps],
+        logprobs=logprobs[:, :steps],
+        ended=ended,
+    )

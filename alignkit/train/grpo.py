@@ -1,0 +1,257 @@
+"""GRPO (Shao et al. 2024) and RLOO: group-baseline policy gradient, no critic.
+
+    alignkit grpo --model runs/demo/sft --data prompts.jsonl \\
+        --reward alignkit.tasks.arithmetic:exact_match --num_generations 8 --max_steps 100
+    alignkit rloo --config rloo.yaml
+
+Each prompt is completed G = `num_generations` times by the policy; the rewards of a
+group give each completion its advantage: (r - mean) / std (GRPO; `scale_rewards
+false` is Dr. GRPO) or r - mean of the others (RLOO). The loss is the clipped
+surrogate with ratio pi / pi_old (one update per rollout, so pi_old is the policy
+that sampled) plus beta * k3 KL to the reference, aggregated per sequence or per
+token (`loss_level`). `batch_size` counts completions per micro-batch, as in TRL:
+prompts per micro-batch = batch_size / num_generations; a group is never split.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+from alignkit.losses import aggregate, clipped_policy_loss, kl_penalty_loss
+from alignkit.models.forward import forward_logprobs
+from alignkit.ops import advantage_estimator, masked_sum
+from alignkit.train.common import load_train_eval, print_summary
+from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
+from alignkit.train.reference import make_reference
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Online RL with group baselines: G completions per prompt, scored by `reward`."""
+
+    lr: float = 1e-5
+    """Peak learning rate (AdamW)."""
+    batch_size: int = 16
+    """Completions per micro-batch (prompts per micro-batch = batch_size / num_generations)."""
+    num_generations: int = 8
+    """G: completions sampled per prompt."""
+    max_new_tokens: int = 32
+    """Longest completion; one that reaches it without EOS did not end."""
+    max_length: int = 256
+    """Longest prompt in tokens (older prompt tokens are dropped, counted)."""
+    temperature: float = 1.0
+    """Sampling temperature; the learner recomputes log-probs at the same temperature."""
+    top_k: int = 0
+    """Sample from the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: all)."""
+    reward: list[str] = field(default_factory=list)
+    """Reward sources: reward-model directories and/or `module:function` callables."""
+    reward_weights: list[float] = field(default_factory=list)
+    """Weight of each reward source (default: 1 each)."""
+    reward_on_error: Literal["raise", "mask"] = "raise"
+    """A None/NaN/raising reward stops the run, or masks that completion (advantage 0)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the reward of completions that hit max_new_tokens without EOS."""
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    """grpo: (r - group mean) / group std; rloo: r - mean of the other completions."""
+    scale_rewards: bool = True
+    """Divide GRPO advantages by the group std (false: Dr. GRPO)."""
+    loss_level: Literal["sequence", "token"] = "sequence"
+    """Average the loss per sequence then over sequences (GRPO), or over all tokens (DAPO, Dr. GRPO)."""
+    beta: float = 0.04
+    """Coefficient of the k3 KL penalty to the reference (0: no reference model)."""
+    clip_eps: float = 0.2
+    """PPO clip range of the ratio pi / pi_old."""
+    ref_model: str = ""
+    """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
+    eval_fraction: float = 0.1
+    """Fraction of prompts held out for the greedy-reward evaluation when `eval_data` is empty."""
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024)."""
+
+    advantage: Literal["grpo", "rloo"] = "rloo"
+    """grpo: (r - group mean) / group std; rloo: r - mean of the other completions."""
+    beta: float = 0.0
+    """Coefficient of the k3 KL penalty to the reference (0: no reference model)."""
+
+
+def collate_prompts(examples: list[dict], pad_token_id: int) -> dict:
+    from alignkit.data import pad_batch
+
+    batch = pad_batch(examples, pad_token_id, side="left")
+    batch["prompts"] = [ex["prompt"] for ex in examples]
+    batch["fields"] = {k: [ex["fields"].get(k) for ex in examples] for k in examples[0]["fields"]}
+    return batch
+
+
+class Rollouts:
+    """Generates, scores and prepares the micro-batches of one step (the loop's `prepare`)."""
+
+    def __init__(self, cfg: GRPOConfig, tokenizer, reward_fns, reference, accelerator):
+        self.cfg, self.tokenizer, self.reward_fns, self.reference = cfg, tokenizer, reward_fns, reference
+        self.weights = cfg.reward_weights or [1.0] * len(reward_fns)
+        self.accelerator = accelerator
+        self.advantages = advantage_estimator(cfg.advantage)
+
+    def generate(self, model, batch: dict, seed: int, temperature: float):
+        from alignkit.rollout.sampler import sample
+
+        g = self.cfg.num_generations if temperature > 0 else 1
+        generator = torch.Generator(batch["input_ids"].device).manual_seed(seed)
+        return sample(
+            self.accelerator.unwrap_model(model), batch["input_ids"].repeat_interleave(g, 0),
+            batch["attention_mask"].repeat_interleave(g, 0), max_new_tokens=self.cfg.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            temperature=temperature, top_k=self.cfg.top_k, top_p=self.cfg.top_p, generator=generator,
+        )
+
+    def rewards(self, batch: dict, rollout, g: int):
+        from alignkit.rollout.rewards import score
+
+        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, self.tokenizer.pad_token_id)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        prompts = [p for p in batch["prompts"] for _ in range(g)]
+        fields = {k: [v for v in vs for _ in range(g)] for k, vs in batch["fields"].items()}
+        rewards, valid, per_source = score(self.reward_fns, self.weights, prompts, texts, fields, self.cfg.reward_on_error)
+        rewards = rewards - self.cfg.missing_eos_penalty * (~rollout.ended.cpu()).float()
+        return rewards.to(rollout.completion_ids.device), valid.to(rollout.completion_ids.device), per_source
+
+    def __call__(self, model, batches: list[dict], step: int) -> list[dict]:
+        cfg, g = self.cfg, self.cfg.num_generations
+        prepared = []
+        for j, batch in enumerate(batches):
+            # Sampling randomness is a function of (seed, step, process, micro-batch): a resumed
+            # run draws exactly the completions an uninterrupted one would.
+            seed = ((cfg.seed * 1_000_003 + step) * 1009 + self.accelerator.process_index) * 101 + j
+            rollout = self.generate(model, batch, seed, cfg.temperature)
+            rewards, valid, per_source = self.rewards(batch, rollout, g)
+            if cfg.advantage == "grpo":
+                adv = self.advantages(rewards, g, scale_by_std=cfg.scale_rewards, valid=valid)
+            else:
+                adv = self.advantages(rewards, g, valid=valid)
+            p = rollout.prompt_ids.shape[1]
+            columns = torch.arange(p - 1, p - 1 + rollout.completion_ids.shape[1], device=rollout.prompt_ids.device)
+            out = {
+                "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "columns": columns,
+                "completion_mask": rollout.completion_mask, "sampler_logprobs": rollout.logprobs,
+                "advantages": adv, "rewards": rewards, "valid": valid, "ended": rollout.ended,
+                "ids": batch["ids"], "reward_sources": per_source,
+            }
+            if cfg.beta > 0:
+                out["ref_logprobs"] = self.reference(model, lambda m: forward_logprobs(
+                    m, out["input_ids"], out["attention_mask"], cfg.temperature, columns=columns)[0])
+            prepared.append(out)
+        return prepared
+
+
+def make_policy_step(cfg: GRPOConfig):
+    def policy_step(model, batch):
+        mask = batch["completion_mask"]
+        logprobs, _ = forward_logprobs(model, batch["input_ids"], batch["attention_mask"], cfg.temperature,
+                                       columns=batch["columns"])
+        # One gradient step per rollout: pi_old is the policy that sampled, i.e. these very
+        # weights, so the ratio is exactly 1 here and clipping acts on the gradient only.
+        per_token, m = clipped_policy_loss(logprobs, logprobs.detach(), batch["advantages"], mask, cfg.clip_eps)
+        n_seq, n_tok = float(len(mask)), mask.sum()
+        metrics = {
+            "reward": (batch["rewards"].sum(), n_seq),
+            "reward_std_in_group": (batch["rewards"].view(-1, cfg.num_generations).std(-1).sum() if cfg.num_generations > 1 else torch.tensor(0.0), n_seq / cfg.num_generations),
+            "valid_fraction": (batch["valid"].float().sum(), n_seq),
+            "completion_length": (n_tok, n_seq),
+            "ended_with_eos": (batch["ended"].float().sum(), n_seq),
+            "clipfrac": (masked_sum(m["clipfrac"], mask), n_tok),
+            "sampler_logprob_gap": (masked_sum((logprobs.detach() - batch["sampler_logprobs"]).abs(), mask), n_tok),
+        }
+        if "ref_logprobs" in batch:
+            kl = kl_penalty_loss(logprobs, batch["ref_logprobs"], mask)
+            per_token = per_token + cfg.beta * kl
+            metrics["kl_per_token"] = (masked_sum(kl.detach(), mask), n_tok)
+            metrics["kl_per_completion"] = (masked_sum(kl.detach(), mask), n_seq)
+        for name, value in batch["reward_sources"].items():
+            metrics[f"reward/{name}"] = (torch.tensor(value * n_seq), n_seq)
+        loss_sum, _ = aggregate(per_token, mask, cfg.loss_level)
+        return loss_sum, metrics
+    return policy_step
+
+
+def unit_count(level: str):
+    def count(batch) -> float:
+        return float(batch["completion_mask"].sum()) if level == "token" else float(len(batch["completion_mask"]))
+    return count
+
+
+@torch.no_grad()
+def greedy_reward(rollouts: Rollouts, model, examples: list[dict], batch_size: int, device) -> dict[str, float]:
+    """Mean reward, length and EOS rate of greedy completions of `examples`."""
+    total, n, length, ended = 0.0, 0, 0.0, 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = collate_prompts(examples[i : i + batch_size], rollouts.tokenizer.pad_token_id)
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        rollout = rollouts.generate(model, batch, seed=0, temperature=0.0)
+        rewards, _, _ = rollouts.rewards(batch, rollout, 1)
+        total, n = total + float(rewards.sum()), n + len(rewards)
+        length += float(rollout.completion_mask.sum())
+        ended += float(rollout.ended.sum())
+    return {"reward": total / max(n, 1), "completion_length": length / max(n, 1), "ended_with_eos": ended / max(n, 1)}
+
+
+def run(cfg: GRPOConfig) -> TrainResult:
+    from alignkit.data import tokenize_prompts
+    from alignkit.models.load import load_tokenizer
+    from alignkit.rollout.rewards import load_reward_fn
+
+    name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
+    if not cfg.model:
+        raise ValueError(f"{name}: set `model` (a save_pretrained directory or a Hub id)")
+    if not cfg.reward:
+        raise ValueError(f"{name}: set `reward` (a reward-model directory or a module:function callable)")
+    if cfg.batch_size % cfg.num_generations:
+        raise ValueError(f"{name}: batch_size ({cfg.batch_size}) counts completions and must be a multiple "
+                         f"of num_generations ({cfg.num_generations})")
+    if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward):
+        raise ValueError(f"{name}: {len(cfg.reward_weights)} reward_weights for {len(cfg.reward)} rewards")
+    reward_fns = [load_reward_fn(spec) for spec in cfg.reward]
+    train_records, eval_records = load_train_eval(cfg, "prompts")
+    resume_from = resolve_resume(cfg)
+    tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
+    model = load_trainable_model(cfg, resume_from)
+    examples, report = tokenize_prompts(train_records, tokenizer, cfg.max_length)
+    eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length)
+
+    accelerator = make_accelerator(cfg, name)
+    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device) if cfg.beta > 0 else None
+    rollouts = Rollouts(cfg, tokenizer, reward_fns, reference, accelerator)
+    model.to(accelerator.device)
+    before = greedy_reward(rollouts, model, eval_examples, cfg.batch_size, accelerator.device) if eval_examples else {}
+    prompts_per_batch = cfg.batch_size // cfg.num_generations
+    print(f"{name}: {len(examples)} prompts x {cfg.num_generations} completions, {prompts_per_batch} prompts per "
+          f"micro-batch, beta {cfg.beta}, loss per {cfg.loss_level}; {report}", flush=True)
+    result = train(
+        replace(cfg, batch_size=prompts_per_batch), model, tokenizer, examples, make_policy_step(cfg),
+        unit_count(cfg.loss_level), lambda b: collate_prompts(b, tokenizer.pad_token_id), name=name,
+        resume_from=resume_from, accelerator=accelerator, prepare=rollouts,
+    )
+    if eval_examples:  # greedy completions of held-out prompts, before -> after
+        after = greedy_reward(rollouts, accelerator.unwrap_model(model), eval_examples, cfg.batch_size, accelerator.device)
+        result.initial_eval_metrics, result.eval_metrics = before, after
+    print_summary(name, result, [str(report)])
+    return result
+
+
+def main(argv: list[str] | None = None, config_class=GRPOConfig) -> TrainResult:
+    from alignkit.config import parse_config
+
+    name = "rloo" if config_class is RLOOConfig else "grpo"
+    return run(parse_config(config_class, sys.argv[1:] if argv is None else argv, prog=f"alignkit {name}"))
+
+
+def main_rloo(argv: list[str] | None = None) -> TrainResult:
+    return main(argv, RLOOConfig)

@@ -1,0 +1,51 @@
+import math
+
+import pytest
+
+from alignkit.rollout.rewards import RewardError, load_reward_fn, score
+
+
+def const(prompts, completions, **_):
+    return [1.0 for _ in completions]
+
+
+def length(prompts, completions, **_):
+    return [float(len(c)) for c in completions]
+
+
+def uses_answer(prompts, completions, answer, **_):
+    return [1.0 if c.strip() == str(a) else 0.0 for c, a in zip(completions, answer)]
+
+
+def flaky(prompts, completions, **_):
+    return [None if c == "bad" else (math.nan if c == "nan" else 1.0) for c in completions]
+
+
+def broken(prompts, completions, **_):
+    raise KeyError("missing")
+
+
+def test_weighted_sum_of_callables_with_fields():
+    fns = [load_reward_fn("tests.rollout.test_rewards:const"), load_reward_fn("tests.rollout.test_rewards:length"),
+           load_reward_fn("tests.rollout.test_rewards:uses_answer")]
+    rewards, valid, means = score(fns, [0.5, 2.0, 10.0], ["p1", "p2"], ["ab", " 7"], {"answer": [3, 7]})
+    # 0.5*1 + 2*2 + 10*0 = 4.5 ; 0.5*1 + 2*2 + 10*1 = 14.5
+    assert rewards.tolist() == [4.5, 14.5] and valid.all()
+    assert means["tests.rollout.test_rewards:length"] == 2.0
+
+
+def test_bad_values_raise_naming_function_and_prompt_or_are_masked():
+    fn = load_reward_fn("tests.rollout.test_rewards:flaky")
+    with pytest.raises(RewardError, match=r"flaky' returned None for prompt 'p2'"):
+        score([fn], [1.0], ["p1", "p2", "p3"], ["ok", "bad", "nan"], {})
+    rewards, valid, _ = score([fn], [1.0], ["p1", "p2", "p3"], ["ok", "bad", "nan"], {}, on_error="mask")
+    assert valid.tolist() == [True, False, False] and rewards.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_raising_function_and_bad_specs():
+    with pytest.raises(RewardError, match=r"broken' raised KeyError.*'p1'"):
+        score([load_reward_fn("tests.rollout.test_rewards:broken")], [1.0], ["p1"], ["x"], {})
+    with pytest.raises(RewardError, match="neither a reward-model directory"):
+        load_reward_fn("no_such_thing")
+    with pytest.raises(RewardError, match="cannot import"):
+        load_reward_fn("tests.rollout.test_rewards:nope")

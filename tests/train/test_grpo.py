@@ -1,0 +1,70 @@
+"""GRPO / RLOO end to end on a tiny model with a verifiable reward."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from alignkit.train import grpo
+
+DIGITS = set("0123456789")
+
+
+def digit_fraction(prompts, completions, **_):
+    """A reward a random model can climb: the share of digits in the completion."""
+    return [sum(ch in DIGITS for ch in c) / max(len(c), 1) for c in completions]
+
+
+def _prompts(path, n=48):
+    with path.open("w") as f:
+        for a in range(n):
+            f.write(json.dumps({"prompt": f"What is {a}+{a % 5}?", "answer": a + a % 5}) + "\n")
+    return path
+
+
+def _cfg(model_dir, data, out, **kw):
+    base = dict(model=str(model_dir), data=str(data), output_dir=str(out), reward=["tests.train.test_grpo:digit_fraction"],
+                num_generations=4, batch_size=16, max_new_tokens=8, lr=1e-2, beta=0.0, log_steps=1, seed=1,
+                eval_fraction=0.0)
+    return grpo.GRPOConfig(**{**base, **kw})
+
+
+def _history(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_first_update_is_on_policy(tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    grpo.run(_cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), out, max_steps=1, beta=0.04, temperature=0.8))
+    first = _history(out)[0]
+    assert first["train/sampler_logprob_gap"] < 1e-5  # sampler and learner agree on every token
+    assert first["train/clipfrac"] == 0.0
+    assert first["train/kl_per_token"] < 1e-6  # pi == pi_ref before the first update
+
+
+def test_grpo_climbs_the_reward(tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    grpo.run(_cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), out, max_steps=30))
+    rewards = [h["train/reward"] for h in _history(out) if "train/reward" in h]
+    early, late = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert late > early + 0.2, (early, late)
+
+
+def test_rloo_and_token_level_loss_also_learn(tiny_model_dir, tmp_path):
+    out = tmp_path / "o"
+    grpo.run(grpo.RLOOConfig(**{**_cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), out, max_steps=30).__dict__,
+                                "advantage": "rloo", "loss_level": "token"}))
+    rewards = [h["train/reward"] for h in _history(out) if "train/reward" in h]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2
+
+
+def test_grpo_resume_replays_the_same_samples(tiny_model_dir, tmp_path):
+    data = _prompts(tmp_path / "p.jsonl")
+    grpo.run(_cfg(tiny_model_dir, data, tmp_path / "full", max_steps=6, save_steps=3, beta=0.04))
+    grpo.run(_cfg(tiny_model_dir, data, tmp_path / "resumed", max_steps=6, beta=0.04,
+                  resume=str(tmp_path / "full/checkpoint-3")))
+    a = {h["step"]: h["train/loss"] for h in _history(tmp_path / "full") if "train/loss" in h}
+    b = {h["step"]: (h["train/loss"], h["train/reward"]) for h in _history(tmp_path / "resumed") if "train/loss" in h}
+    assert sorted(b) == [4, 5, 6] and all(a[s] == b[s][0] for s in b)
+    wa, wb = load_file(tmp_path / "full/model.safetensors"), load_file(tmp_path / "resumed/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
