@@ -72,7 +72,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     collate = lambda b: pad_groups(b, tokenizer.pad_token_id)  # noqa: E731
 
     accelerator = make_accelerator(cfg, "dpo")
-    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device)
+    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast)
     if cfg.precompute_ref:
         model.to(accelerator.device)
         for part in (examples, eval_examples):  # no gradients kept: 4x the training batch fits

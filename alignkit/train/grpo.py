@@ -227,7 +227,7 @@ def run(cfg: GRPOConfig) -> TrainResult:
     eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length)
 
     accelerator = make_accelerator(cfg, name)
-    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device) if cfg.beta > 0 else None
+    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast) if cfg.beta > 0 else None
     rollouts = Rollouts(cfg, tokenizer, reward_fns, reference, accelerator)
     model.to(accelerator.device)
     before = greedy_reward(rollouts, model, eval_examples, cfg.batch_size, accelerator.device) if eval_examples else {}

@@ -6,6 +6,7 @@ with its adapters disabled, so no second copy is held.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -13,17 +14,19 @@ import torch
 from alignkit.models.forward import sequence_logprobs
 
 
-def make_reference(model: str, ref_model: str, lora: bool, device) -> Callable:
+def make_reference(model: str, ref_model: str, lora: bool, device,
+                   autocast: Callable = contextlib.nullcontext) -> Callable:
     """A function `reference(policy, fn)` that returns `fn(reference_model)` without gradient.
 
     `ref_model` if given, else with `lora` the policy with adapters disabled, else a
     frozen copy of the starting `model`. `fn` is any forward, e.g.
-    `lambda m: sequence_logprobs(m, batch)[0]`.
+    `lambda m: sequence_logprobs(m, batch)[0]`. Pass the accelerator's `autocast` so
+    the reference runs at the policy's precision: at step 0, log pi - log pi_ref is 0.
     """
     if lora and not ref_model:
         def with_adapters_disabled(policy, fn):
             policy = getattr(policy, "module", policy)  # a DDP wrapper hides disable_adapter
-            with torch.no_grad(), policy.disable_adapter():
+            with torch.no_grad(), autocast(), policy.disable_adapter():
                 return fn(policy)
         return with_adapters_disabled
     from alignkit.models.load import load_causal_lm
@@ -31,7 +34,7 @@ def make_reference(model: str, ref_model: str, lora: bool, device) -> Callable:
     ref = load_causal_lm(ref_model or model).to(device).eval().requires_grad_(False)
 
     def frozen(policy, fn):
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             return fn(ref)
     return frozen
 

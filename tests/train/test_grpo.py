@@ -47,7 +47,7 @@ def test_grpo_climbs_the_reward(tiny_model_dir, tmp_path):
     grpo.run(_cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), out, max_steps=30))
     rewards = [h["train/reward"] for h in _history(out) if "train/reward" in h]
     early, late = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert late > early + 0.2, (early, late)
+    assert late > early + 0.15, (early, late)
 
 
 def test_rloo_and_token_level_loss_also_learn(tiny_model_dir, tmp_path):
@@ -55,7 +55,7 @@ def test_rloo_and_token_level_loss_also_learn(tiny_model_dir, tmp_path):
     grpo.run(grpo.RLOOConfig(**{**_cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), out, max_steps=30).__dict__,
                                 "advantage": "rloo", "loss_level": "token"}))
     rewards = [h["train/reward"] for h in _history(out) if "train/reward" in h]
-    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.15
 
 
 def test_grpo_resume_replays_the_same_samples(tiny_model_dir, tmp_path):
