@@ -11,8 +11,10 @@ COMMANDS = {
     "rm": ("alignkit.train.reward", "Bradley-Terry reward model on preference or ranking data"),
     "dpo": ("alignkit.train.dpo", "direct preference optimisation (DPO, IPO, conservative DPO)"),
     "kto": ("alignkit.train.kto", "Kahneman-Tversky optimisation on thumbs-up / thumbs-down data"),
+    "ppo": ("alignkit.train.ppo", "PPO with a critic and a per-token KL penalty to the reference"),
     "grpo": ("alignkit.train.grpo", "GRPO: G samples per prompt, group-normalised advantages, KL to the reference"),
     "rloo": ("alignkit.train.grpo:main_rloo", "REINFORCE with a leave-one-out baseline"),
+    "bon": ("alignkit.train.bon", "rejection sampling (iterative SFT): N samples, keep the best, fine-tune, repeat"),
     "demo": ("alignkit.pipeline", "the built-in recipe end to end on a CPU"),
 }
 

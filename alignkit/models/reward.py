@@ -18,8 +18,15 @@ def load_reward_backbone(path: str):
     """`AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)`: a causal LM
     checkpoint gets a fresh scalar head."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    # Loading a causal LM reports its missing `score` head at length; a fresh head is the point here.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def reward_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -66,3 +73,16 @@ class RewardModel:
             r = reward_forward(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
             out += ((r - self.mean) / self.std).tolist()
         return out
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """V(s_t) = w^T h_t at the given positions: the scalar head read at every state.
+
+    Shapes: [N, T] and columns [C] -> [N, C] float32. A value model is a reward-model
+    checkpoint (`AutoModelForSequenceClassification`, num_labels=1) whose head is
+    applied per position instead of at the last token.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    return model.score(hidden[:, columns]).squeeze(-1).float()

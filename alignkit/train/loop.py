@@ -113,6 +113,20 @@ class TrainResult:
     precision: str = "no"
 
 
+class MetricLog:
+    """Where a run's metric records go: `history`, metrics.jsonl (main process) and the trackers."""
+
+    def __init__(self, accelerator, path: Path, history: list[dict]):
+        self.accelerator, self.path, self.history = accelerator, path, history
+
+    def __call__(self, record: dict) -> None:
+        self.history.append(record)
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
 def make_accelerator(cfg: TrainConfig, project_name: str):
     """One Accelerator per run. Without CUDA but with WORLD_SIZE > 1 (torchrun on CPUs)
     accelerate must be told `cpu=True`, or every rank silently trains alone."""
@@ -189,9 +203,14 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 
 
 def load_trainable_model(cfg: TrainConfig, resume_from: Path | None):
-    """The model to train: from `cfg.model` (plus fresh LoRA adapters), or from a checkpoint."""
+    """The model to train: from `cfg.model` (plus fresh LoRA adapters), or from a checkpoint.
+
+    Seeded first: new weights (LoRA adapters, a fresh head) are the same in every run."""
+    from accelerate.utils import set_seed
+
     from alignkit.models.load import apply_lora, load_causal_lm
 
+    set_seed(cfg.seed)
     if cfg.lora_r > 0:
         model = load_causal_lm(cfg.model)
         if resume_from is not None:
@@ -408,16 +427,9 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
     if cfg.logging != "none":
         accelerator.init_trackers(name, config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
-    metrics_file = out / "metrics.jsonl"
     result = TrainResult(output_dir=out, steps=total_steps, device=str(accelerator.device),
                          precision=accelerator.mixed_precision)
-
-    def log(record: dict) -> None:
-        result.history.append(record)
-        if accelerator.is_main_process:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    log = MetricLog(accelerator, out / "metrics.jsonl", result.history)
 
     if eval_examples and start_step == 0:
         ev = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)

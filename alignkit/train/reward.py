@@ -88,6 +88,9 @@ def run(cfg: RewardConfig) -> TrainResult:
     resume_from = resolve_resume(cfg)
     source = str(resume_from) if resume_from else cfg.model
     tokenizer = load_tokenizer(source)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)  # the fresh scalar head starts the same in every run
     model = load_reward_backbone(source)
     model.config.pad_token_id = tokenizer.pad_token_id
     examples, report = tokenize_responses(train_records, tokenizer, cfg.max_length)

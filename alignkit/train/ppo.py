@@ -1,0 +1,230 @@
+"""PPO for RLHF (Ouyang et al. 2022; "The N implementation details of RLHF with PPO").
+
+    alignkit ppo --model runs/demo/sft --reward runs/rm --data prompts.jsonl --max_steps 100
+
+Four models: the policy, the frozen reference, the reward, and a value model (the
+critic, a reward-model-shaped checkpoint whose head reads every position; default:
+initialised from the reward model when `reward` is a model directory, else from the
+policy). Each step samples one completion per prompt, then with r_t = -beta (log pi -
+log pi_ref)_t plus the sequence reward on the last token: GAE(gamma, lambda)
+advantages (whitened), and `ppo_epochs` passes over minibatches of the clipped
+surrogate plus vf_coef times the clipped value loss. beta is fixed, or adapts
+toward `target_kl` (Ziegler et al. 2019). Dropout is off in every pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit.losses import aggregate, clipped_policy_loss, clipped_value_loss
+from alignkit.models.forward import forward_logprobs
+from alignkit.models.reward import token_values
+from alignkit.ops import adaptive_kl_beta, entropy_from_logits, gae, masked_mean, masked_sum, masked_var, masked_whiten
+from alignkit.train.common import load_train_eval
+from alignkit.train.loop import MetricLog, TrainConfig, make_accelerator, plan_steps, step_indices
+from alignkit.train.reference import make_reference
+
+
+@dataclass
+class PPOConfig(TrainConfig):
+    """Online RL with a learned critic and a per-token KL penalty."""
+
+    lr: float = 1e-5
+    """Peak learning rate (AdamW) for policy and value model."""
+    batch_size: int = 8
+    """Completions per PPO minibatch (one optimiser step each)."""
+    rollout_batch_size: int = 32
+    """Prompts sampled per PPO step (one completion each)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    max_new_tokens: int = 32
+    """Longest completion; one that reaches it without EOS did not end."""
+    max_length: int = 256
+    """Longest prompt in tokens (older prompt tokens are dropped, counted)."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are recomputed at the same temperature."""
+    reward: list[str] = field(default_factory=list)
+    """Reward sources: reward-model directories and/or `module:function` callables."""
+    reward_weights: list[float] = field(default_factory=list)
+    """Weight of each reward source (default: 1 each)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the reward of completions that hit max_new_tokens without EOS."""
+    value_model: str = ""
+    """Critic initialisation (empty: the first reward model, else the policy `model`)."""
+    beta: float = 0.05
+    """Initial KL coefficient of the per-token penalty -beta * (log pi - log pi_ref)."""
+    target_kl: float = 0.0
+    """KL per completion that the adaptive controller aims for (0: beta stays fixed)."""
+    kl_horizon: float = 10000.0
+    """Horizon of the adaptive KL controller, in completions."""
+    gamma: float = 1.0
+    """Discount over completion tokens."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_eps: float = 0.2
+    """Clip range of the ratio pi / pi_old."""
+    vf_clip: float = 0.2
+    """Clip range of the value prediction around its rollout-time value."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ref_model: str = ""
+    """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Holds the two trained models so one optimiser, one clip and one prepare cover both."""
+
+    def __init__(self, policy, value):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+
+def explained_variance(values, returns, mask) -> float:
+    """1 - Var[R - V] / Var[R] over the completion tokens: 1 is a perfect critic, 0 a constant one."""
+    var_r = masked_var(returns, mask, unbiased=False)
+    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_r.clamp(min=1e-8))
+
+
+def run(cfg: PPOConfig):
+    from tqdm.auto import tqdm
+
+    from alignkit.data import pad_batch, tokenize_prompts
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.models.reward import load_reward_backbone
+    from alignkit.rollout.rewards import load_reward_fn, score
+    from alignkit.rollout.sampler import sample
+    from alignkit.train.loop import save_model
+    from accelerate.utils import set_seed
+
+    if not cfg.model or not cfg.reward:
+        raise ValueError("ppo: set `model` and `reward` (a reward-model directory or a module:function callable)")
+    reward_fns = [load_reward_fn(spec) for spec in cfg.reward]
+    weights = cfg.reward_weights or [1.0] * len(reward_fns)
+    records, _ = load_train_eval(dataclasses.replace(cfg, eval_fraction=0.0), "prompts")
+    tokenizer = load_tokenizer(cfg.model)
+    examples, report = tokenize_prompts(records, tokenizer, cfg.max_length)
+    accelerator = make_accelerator(cfg, "ppo")
+    set_seed(cfg.seed)  # before any new weights (LoRA, the critic's head) are drawn
+
+    if cfg.lora_r > 0:
+        from alignkit.models.load import apply_lora
+        policy = apply_lora(load_causal_lm(cfg.model), cfg.lora_r, cfg.lora_alpha or None)
+    else:
+        policy = load_causal_lm(cfg.model)
+    critic_source = cfg.value_model or next((s for s in cfg.reward if Path(s).is_dir()), cfg.model)
+    critic = load_reward_backbone(critic_source)
+    critic.config.pad_token_id = tokenizer.pad_token_id
+    both = PolicyAndValue(policy, critic)
+    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast)
+    _, _, total_steps = plan_steps(len(examples), dataclasses.replace(cfg, batch_size=cfg.rollout_batch_size, grad_accum=1),
+                                   accelerator.num_processes)
+    optimizer = torch.optim.AdamW([p for p in both.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    both, optimizer = accelerator.prepare(both, optimizer)
+    model = accelerator.unwrap_model(both)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    log = MetricLog(accelerator, out / "metrics.jsonl", history)
+    beta = cfg.beta
+    steps_per_epoch = -(-len(examples) // cfg.rollout_batch_size)
+    print(f"ppo: {len(examples)} prompts, {cfg.rollout_batch_size} per step, {cfg.ppo_epochs} epochs of "
+          f"minibatches of {cfg.batch_size}; critic from {critic_source}; {report}", flush=True)
+
+    start = time.perf_counter()
+    bar = tqdm(range(total_steps), desc="ppo", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    for step in bar:
+        idx = step_indices(step, len(examples), cfg.rollout_batch_size, steps_per_epoch, cfg.seed)
+        idx = idx[accelerator.process_index :: accelerator.num_processes]
+        chunk = [examples[i] for i in idx]
+        prompts = pad_batch(chunk, tokenizer.pad_token_id, side="left")
+        device = accelerator.device
+        generator = torch.Generator(device).manual_seed((cfg.seed * 1_000_003 + step) * 1009 + accelerator.process_index)
+
+        # --- rollout: sample, score, and the no-grad passes (dropout off) ---
+        model.eval()
+        roll = sample(model.policy, prompts["input_ids"].to(device), prompts["attention_mask"].to(device),
+                      max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, generator=generator)
+        ids, attn, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
+        p = roll.prompt_ids.shape[1]
+        columns = torch.arange(p - 1, p - 1 + mask.shape[1], device=device)
+        texts = tokenizer.batch_decode(roll.completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+        fields = {k: [ex["fields"].get(k) for ex in chunk] for k in chunk[0]["fields"]}
+        scores, _, _ = score(reward_fns, weights, [ex["prompt"] for ex in chunk], texts, fields)
+        scores = (scores - cfg.missing_eos_penalty * (~roll.ended.cpu()).float()).to(device)
+        with torch.no_grad(), accelerator.autocast():
+            old_logprobs, logits = forward_logprobs(model.policy, ids, attn, cfg.temperature, columns=columns)
+            entropy = masked_mean(entropy_from_logits(logits), mask)
+            del logits
+            old_values = token_values(model.value, ids, attn, columns)
+        ref_logprobs = reference(model.policy, lambda m: forward_logprobs(m, ids, attn, cfg.temperature, columns=columns)[0])
+        kl = torch.where(mask.bool(), old_logprobs - ref_logprobs, 0.0)  # k1 per token: its sum is unbiased
+        rewards = -beta * kl
+        last = mask.sum(-1) - 1
+        rewards[torch.arange(len(last), device=device), last] += scores
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+
+        # --- update: ppo_epochs passes over shuffled minibatches ---
+        model.train()
+        stats: dict[str, float] = {}
+        n_updates = 0
+        order_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        for _ in range(cfg.ppo_epochs):
+            for mb in torch.randperm(len(idx), generator=order_gen).split(cfg.batch_size):
+                mb = mb.to(device)
+                m = mask[mb]
+                logprobs, _ = forward_logprobs(model.policy, ids[mb], attn[mb], cfg.temperature, columns=columns)
+                values = token_values(model.value, ids[mb], attn[mb], columns)
+                pg, pg_metrics = clipped_policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_eps)
+                vf, vf_metrics = clipped_value_loss(values, old_values[mb], returns[mb], cfg.vf_clip, mask=m)
+                loss_sum, count = aggregate(pg + cfg.vf_coef * vf, m, "token")
+                accelerator.backward(loss_sum / count)
+                if cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(both.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_tok = m.sum().clamp(min=1)
+                for k, v in {"policy_loss": masked_sum(pg.detach(), m) / n_tok, "value_loss": masked_sum(vf.detach(), m) / n_tok,
+                             "clipfrac": masked_sum(pg_metrics["clipfrac"], m) / n_tok,
+                             "approx_kl": masked_sum(pg_metrics["approx_kl"], m) / n_tok,
+                             "vf_clipfrac": masked_sum(vf_metrics["vf_clipfrac"], m) / n_tok}.items():
+                    stats[k] = stats.get(k, 0.0) + float(v)
+                n_updates += 1
+
+        kl_per_completion = float(kl.sum(-1).mean())
+        if cfg.target_kl > 0:
+            beta = adaptive_kl_beta(beta, kl_per_completion, cfg.target_kl, cfg.kl_horizon, len(idx))
+        record = {"step": step + 1, **{f"train/{k}": v / n_updates for k, v in stats.items()},
+                  "train/reward": float(scores.mean()), "train/reward_with_kl": float(scores.mean()) - beta * kl_per_completion,
+                  "train/kl_per_completion": kl_per_completion, "train/kl_per_token": float(masked_mean(kl, mask)),
+                  "train/entropy": float(entropy), "train/explained_variance": explained_variance(old_values, returns, mask),
+                  "train/completion_length": float(mask.sum(-1).float().mean()),
+                  "train/ended_with_eos": float(roll.ended.float().mean()), "train/beta": beta}
+        if (step + 1) % cfg.log_steps == 0 or step + 1 == total_steps:
+            log(record)
+        bar.set_postfix(reward=f"{record['train/reward']:.3f}", kl=f"{kl_per_completion:.2f}")
+
+    if accelerator.is_main_process:
+        save_model(model.policy, tokenizer, out, accelerator)
+        model.value.save_pretrained(out / "value")
+    rewards = [h["train/reward"] for h in history]
+    print(f"== ppo finished: {total_steps} steps in {time.perf_counter() - start:.0f} s ==\n"
+          f"reward {rewards[0]:.3f} (step {history[0]['step']}) -> {rewards[-1]:.3f} (step {history[-1]['step']}), "
+          f"KL per completion {history[-1]['train/kl_per_completion']:.3f}, beta {beta:.4f}\n{report}\n"
+          f"policy saved to {out}, critic to {out / 'value'}", flush=True)
+    return history
+
+
+def main(argv: list[str] | None = None):
+    from alignkit.config import parse_config
+
+    return run(parse_config(PPOConfig, sys.argv[1:] if argv is None else argv, prog="alignkit ppo"))
