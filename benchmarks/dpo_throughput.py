@@ -25,14 +25,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TRL_DIR = HERE / ".trl"
-TRL_VERSION = "1.16.0"
-
-
-def ensure_trl() -> None:
-    if not (TRL_DIR / "trl").exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(TRL_DIR),
-                        f"trl=={TRL_VERSION}"], check=True)
+sys.path.insert(0, str(HERE))
+from common import TRL_DIR, TRL_VERSION, ensure_trl  # noqa: E402
 
 
 def build_fixture(work: Path, n_pairs: int, seed: int = 0) -> None:

@@ -1,0 +1,221 @@
+"""GRPO completions/s per training step and peak memory, alignkit vs TRL, side by side.
+
+    .venv/bin/python benchmarks/grpo_step.py                 # prints a JSON report
+    .venv/bin/python benchmarks/grpo_step.py --steps 4 --repeats 1
+
+Both libraries get the same tiny Llama directory (hidden 128, 4 layers, vocab 1024,
+randomly initialised) and tokenizer, the same prompts, group size G = 8, completions of
+at most 64 tokens sampled at temperature 1.0 (no top-k / top-p), the same completions per
+step, learning rate (constant, no warm-up), beta (k3 KL to the frozen initial model),
+clip epsilon, gradient clipping, step count and the same Python reward, `digit_share`
+(the share of digit characters in the completion). Each runs in a fresh subprocess,
+alternating alignkit / TRL; TRL 1.16 is installed with `pip --target` into benchmarks/.trl,
+never into the project environment.
+
+One step is the same thing on both sides: generate `batch_size` completions
+(batch_size / G prompts), score them, one forward of the reference, ONE optimiser step,
+one pass over the batch. alignkit: `batch_size` completions per micro-batch, grad_accum 1.
+TRL: per_device_train_batch_size = batch_size, gradient_accumulation_steps = 1,
+steps_per_generation = 1 (so generation_batch_size = batch_size), num_iterations = 1 (so
+TRL skips its old-log-prob pass: pi_old = pi, as in alignkit). Loss: per-sequence mean,
+then mean over sequences (alignkit loss_level "sequence" = TRL loss_type "grpo"); rewards
+scaled by the group std on both sides. TRL's CPU training: use_cpu, fp32, no gradient
+checkpointing (its GRPO default is on).
+
+Timed: alignkit `TrainResult.train_seconds` (generation + scoring + reference + update of
+every step) vs TRL `trainer.train()` (the same, plus its dataloader set-up); `job_*` is from
+the start of the run, libraries already imported, to the saved model. Each side draws its
+own prompts for each step from the same prompt set (different orders). The reward function
+counts the completions it scores in each child, so the run fails unless both sides scored
+exactly steps x batch_size. Children run torch on `--threads` threads, 1 by default (on
+this shared 2-core machine 2 threads collapsed 45x under other people's load, see
+common.run_child). Rewards are logged every step; the report gives the mean training
+reward of the first and last `window` steps (quality parity: both should move alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, TRL_DIR, TRL_VERSION, build_tiny, ensure_trl, run_child  # noqa: E402
+
+REWARD_SPEC = "grpo_step:digit_share"  # importable: benchmarks/ is on sys.path in the child
+SCORED = {"calls": 0, "completions": 0}
+
+
+def digit_share(prompts, completions, **kwargs) -> list[float]:
+    """Share of the completion's characters that are digits (0 for an empty completion)."""
+    SCORED["calls"] += 1
+    SCORED["completions"] += len(completions)
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def build_fixture(work: Path, n_prompts: int, seed: int = 0) -> int:
+    rng = random.Random(seed)
+
+    def prompt():
+        terms = [str(rng.randint(0, 999)) for _ in range(rng.randint(2, 5))]
+        return f"Question: what is {' plus '.join(terms)}? Answer with digits.\nAnswer:"
+
+    prompts = [prompt() for _ in range(n_prompts)]
+    corpus = prompts + [f" The answer is {rng.randint(0, 4000)}." for _ in range(2000)]
+    _, params = build_tiny(work / "model", corpus, hidden_size=128, num_layers=4, num_heads=4)
+    with (work / "prompts.jsonl").open("w") as f:
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
+    return params
+
+
+def reward_curve(rewards: list[float], window: int) -> dict:
+    return {"first": statistics.fmean(rewards[:window]), "last": statistics.fmean(rewards[-window:])}
+
+
+def child_alignkit(work: Path, args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import importlib
+
+    import accelerate  # noqa: F401  # imported before the clock starts, as TRL's are in child_trl
+    from transformers import AutoModelForCausalLM, get_scheduler  # noqa: F401
+    from transformers.utils import logging as hf_logging
+
+    import alignkit.data  # noqa: F401
+    import alignkit.models.load  # noqa: F401
+    import alignkit.rollout.rewards  # noqa: F401
+    import alignkit.rollout.sampler  # noqa: F401
+    from alignkit.train import grpo
+
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    result = grpo.run(grpo.GRPOConfig(
+        model=str(work / "model"), data=str(work / "prompts.jsonl"), eval_fraction=0.0,
+        output_dir=str(work / "out-alignkit"), max_steps=args.steps, batch_size=args.batch_size, grad_accum=1,
+        num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, temperature=1.0,
+        reward=[REWARD_SPEC], lr=args.lr, beta=args.beta, clip_eps=0.2, loss_level="sequence", scale_rewards=True,
+        lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, log_steps=1, seed=0,
+    ))
+    job_s = time.perf_counter() - start
+    steps = [h for h in result.history if "train/reward" in h]
+    scored = importlib.import_module("grpo_step").SCORED  # the module alignkit imported the reward from
+    return {"job_s": job_s, "train_s": result.train_seconds, "scored": scored,
+            "rewards": [h["train/reward"] for h in steps],
+            "completion_length": [h["train/completion_length"] for h in steps]}
+
+
+def child_trl(work: Path, args) -> dict:
+    sys.path.insert(0, str(TRL_DIR))
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    from trl import GRPOConfig, GRPOTrainer
+
+    import grpo_step  # the same module object as for alignkit, so the counter is read the same way
+
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    data = load_dataset("json", data_files={"train": str(work / "prompts.jsonl")})["train"]
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    config = GRPOConfig(
+        output_dir=str(work / "out-trl"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
+        num_generations=args.num_generations, max_completion_length=args.max_new_tokens, temperature=1.0,
+        top_k=0, top_p=1.0, learning_rate=args.lr, beta=args.beta, epsilon=0.2, loss_type="grpo",
+        scale_rewards="group", lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
+        gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )
+    assert config.generation_batch_size == args.batch_size and config.steps_per_generation == 1
+    trainer = GRPOTrainer(model=model, reward_funcs=grpo_step.digit_share, args=config, train_dataset=data,
+                          processing_class=tokenizer)
+    train_start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - train_start
+    trainer.save_model(str(work / "out-trl"))
+    job_s = time.perf_counter() - start
+    steps = [h for h in trainer.state.log_history if "reward" in h]
+    return {"job_s": job_s, "train_s": train_s, "scored": grpo_step.SCORED,
+            "rewards": [h["reward"] for h in steps],
+            "completion_length": [h["completions/mean_length"] for h in steps],
+            "optimizer_steps": trainer.state.global_step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch_size", type=int, default=64, help="completions per optimiser step")
+    parser.add_argument("--num_generations", type=int, default=8)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--window", type=int, default=5, help="steps averaged for the first / last reward")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (0: torch's default)")
+    parser.add_argument("--child", choices=["alignkit", "trl"])
+    parser.add_argument("--work")
+    args = parser.parse_args()
+
+    if args.child:
+        import torch
+
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        out = (child_alignkit if args.child == "alignkit" else child_trl)(Path(args.work), args)
+        out["threads"] = torch.get_num_threads()
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(out))
+        return
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if args.batch_size % args.num_generations:
+        parser.error("batch_size counts completions and must be a multiple of num_generations")
+    ensure_trl()
+    completions = args.steps * args.batch_size
+    window = max(1, min(args.window, args.steps // 2))
+    report = {"benchmark": "grpo_step", "trl_version": TRL_VERSION, "steps": args.steps,
+              "completions_per_step": args.batch_size, "num_generations": args.num_generations,
+              "prompts_per_step": args.batch_size // args.num_generations, "max_new_tokens": args.max_new_tokens,
+              "lr": args.lr, "beta": args.beta, "temperature": 1.0, "reward": "digit_share", "reward_window": window}
+    with tempfile.TemporaryDirectory(prefix="alignkit-grpo-") as tmp:
+        work = Path(tmp)
+        report["params"] = build_fixture(work, n_prompts=max(completions // args.num_generations, 256))
+        runs = {"alignkit": [], "trl": []}
+        argv = ["--work", str(work), "--steps", str(args.steps), "--batch_size", str(args.batch_size),
+                "--num_generations", str(args.num_generations), "--max_new_tokens", str(args.max_new_tokens),
+                "--lr", str(args.lr), "--beta", str(args.beta), "--threads", str(args.threads)]
+        for _ in range(args.repeats):
+            for lib in runs:  # alternate, so drift in machine load hits both
+                runs[lib].append(run_child(__file__, ["--child", lib, *argv], lib, threads=args.threads))
+    for lib, rs in runs.items():
+        for r in rs:
+            if r["scored"]["completions"] != completions or len(r["rewards"]) != args.steps:
+                raise RuntimeError(f"{lib}: scored {r['scored']} over {len(r['rewards'])} logged steps; "
+                                   f"expected {completions} completions over {args.steps} steps")
+        train_s = statistics.median(r["train_s"] for r in rs)
+        report[lib] = {
+            "completions_per_s": round(completions / train_s, 2),
+            "train_s": [round(r["train_s"], 2) for r in rs],
+            "job_completions_per_s": round(completions / statistics.median(r["job_s"] for r in rs), 2),
+            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
+            "reward_calls": rs[-1]["scored"]["calls"],
+            "reward": {k: round(v, 4) for k, v in reward_curve(rs[-1]["rewards"], window).items()},
+            "completion_length": {k: round(v, 2) for k, v in reward_curve(rs[-1]["completion_length"], window).items()},
+        }
+    report["threads"] = runs["alignkit"][0]["threads"]
+    report["speedup"] = round(report["alignkit"]["completions_per_s"] / report["trl"]["completions_per_s"], 3)
+    report["memory_ratio"] = round(report["alignkit"]["peak_rss_mb"] / report["trl"]["peak_rss_mb"], 3)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
