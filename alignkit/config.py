@@ -43,7 +43,10 @@ def _yaml_args(cls, path: Path) -> list[str]:
             hint = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ConfigError(f"{path}:{line}: unknown key '{key}' for {cls.__name__}{hint}")
-        value = yaml.safe_load(yaml.serialize(value_node))
+        try:  # the safe loader: a !!python/... tag is an error and runs nothing
+            value = yaml.safe_load(yaml.serialize(value_node))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}:{line}: key '{key}': {str(e).splitlines()[0]}") from None
         if isinstance(value, dict):
             raise ConfigError(f"{path}:{line}: key '{key}': nested mappings are not supported")
         if isinstance(value, bool):  # booleans are flags: --packing / --no-packing

@@ -163,6 +163,7 @@ def tokenize_responses(records: list[dict], tokenizer: Any, max_length: int) -> 
     for i, k in enumerate(sizes):
         group = sequences[start : start + k]
         start += k
+        _share_prompt(group, tokenizer.bos_token_id, report)
         examples.append({
             "id": i,
             "sequences": [g["input_ids"] for g in group],
@@ -170,6 +171,22 @@ def tokenize_responses(records: list[dict], tokenizer: Any, max_length: int) -> 
             "input_ids": [t for g in group for t in g["input_ids"]],
         })
     return examples, report
+
+
+def _share_prompt(group: list[dict], bos: int | None, report: TruncationReport) -> None:
+    """Give every response of a prompt the same prompt ids: a longer response may have
+    left-truncated the prompt more, and the responses must differ only after the prompt."""
+    lengths = [g["loss_mask"].index(1) if 1 in g["loss_mask"] else len(g["loss_mask"]) for g in group]
+    shortest = min(lengths)
+    for g, n in zip(group, lengths):
+        if n == shortest:
+            continue
+        ids = g["input_ids"]
+        keep = 1 if bos is not None and ids and ids[0] == bos else 0
+        drop = n - shortest
+        g["input_ids"] = ids[:keep] + ids[keep + drop :]
+        g["loss_mask"] = g["loss_mask"][:keep] + g["loss_mask"][keep + drop :]
+        report.tokens_dropped += drop
 
 
 def pad_groups(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -239,6 +239,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_state(path: Path) -> dict:
+    """torch.load restricted to tensors and plain Python values: a pickle that would run
+    code is refused, never executed."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError and friends
+        raise TrainingError(f"{path}: refused to load: not a plain tensor checkpoint ({type(e).__name__})") from None
+
+
 def save_model(model, tokenizer, path: Path, accelerator) -> None:
     """A `save_pretrained` directory that loads into plain transformers. With LoRA:
     the merged model at `path` and the adapter alone in `path/adapter`."""
@@ -414,12 +423,12 @@ def train(
     if resume_from is not None:
         saved = json.loads((resume_from / "trainer_state.json").read_text())
         _check_resume_meta(saved, meta, resume_from, cfg.allow_resume_mismatch)
-        state = torch.load(resume_from / "training_state.pt", weights_only=True)
+        state = load_state(resume_from / "training_state.pt")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rng_file = resume_from / f"rng_state_{rank}.pt"
         if rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+            _set_rng_state(load_state(rng_file))
         start_step = saved["step"]
 
     out = Path(cfg.output_dir)

@@ -151,3 +151,14 @@ def test_pack_examples_by_hand():
     batch = pad_batch(rows, pad_token_id=0)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1], [0, 1, 2, 0, 1, 2, 3]]
     assert batch["loss_mask"][1].tolist() == [0, 1, 1, 0, 0, 0, 0]
+
+
+def test_chosen_and_rejected_share_the_prompt_ids_under_truncation(tiny_tokenizer):
+    from alignkit.data import tokenize_responses
+
+    record = {"prompt": "What is 12+7? " * 6, "chosen": " 19", "rejected": " The answer is 19, I think." * 2, "_where": "<t>:1"}
+    [example], report = tokenize_responses([record], tiny_tokenizer, max_length=40)
+    (c, r), (cm, rm) = example["sequences"], example["loss_masks"]
+    assert c[: cm.index(1)] == r[: rm.index(1)]  # identical prompt ids
+    assert c[0] == tiny_tokenizer.bos_token_id and c.count(tiny_tokenizer.bos_token_id) == 1
+    assert len(r) <= 40 and report.prompt_truncated >= 1

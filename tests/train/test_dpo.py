@@ -91,3 +91,24 @@ def test_dpo_learns_held_out_preferences(tiny_model_dir, tmp_path):
     assert after["loss"] < before["loss"] - 0.3
     assert after["rewards/margin"] > 1.0
     assert after["rewards/chosen"] > 0  # held-out chosen log-prob rose relative to the reference
+
+
+def test_dpo_resume_at_step_7_of_20_equals_uninterrupted(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    data = _preference_file(tmp_path / "train.jsonl", 24, 0)
+
+    def cfg(out, **kw):
+        return dpo.DPOConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(out), max_steps=20, batch_size=4,
+                             lr=3e-3, log_steps=1, seed=5, **kw)
+
+    dpo.run(cfg(tmp_path / "full", save_steps=7))
+    dpo.run(cfg(tmp_path / "resumed", resume=str(tmp_path / "full/checkpoint-7")))
+    losses = {}
+    for name in ("full", "resumed"):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    assert sorted(losses["resumed"]) == list(range(8, 21))
+    assert all(losses["full"][s] == losses["resumed"][s] for s in losses["resumed"])
+    wa, wb = load_file(tmp_path / "full/model.safetensors"), load_file(tmp_path / "resumed/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -18,8 +18,8 @@ def test_reward_read_at_last_real_token_under_any_padding(tiny_model_dir):
         # pad id 2 = EOS on purpose: a mask built from `input_ids != pad` would read the wrong token
         right = reward_forward(model, torch.tensor([rows[0], rows[1] + [2, 2]]), torch.tensor([[1] * 5, [1] * 3 + [0, 0]]))
         left = reward_forward(model, torch.tensor([rows[0], [2, 2] + rows[1]]), torch.tensor([[1] * 5, [0, 0] + [1] * 3]))
-    torch.testing.assert_close(right, torch.tensor(alone), atol=1e-5, rtol=0)
-    torch.testing.assert_close(left, torch.tensor(alone), atol=1e-5, rtol=0)
+    torch.testing.assert_close(right, torch.tensor(alone), atol=1e-6, rtol=0)
+    torch.testing.assert_close(left, torch.tensor(alone), atol=1e-6, rtol=0)
 
 
 def test_ranking_of_three_gives_three_pairs_in_one_batch(tiny_model_dir, tiny_tokenizer):
