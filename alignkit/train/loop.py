@@ -181,13 +181,49 @@ def rank_micro_batches(indices: list[int], lengths: list[int], rank: int, world:
     return [share[j : j + batch_size] for j in range(0, len(share), batch_size)]
 
 
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: size and sha256 of every file, written last; its presence marks a complete checkpoint."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(entries, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete, intact checkpoint (None when it is)."""
+    try:
+        entries = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "no readable manifest.json (the save did not finish)"
+    for name, want in entries.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != want["size"] or _sha256(path) != want["sha256"]:
+            return f"{name} is missing or differs from the manifest"
+    return None
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step in `output_dir` (incomplete ones end in .tmp)."""
+    """The intact checkpoint with the highest step in `output_dir` (a half-written one is passed over)."""
     root = Path(output_dir)
     if not root.is_dir():
         return None
-    done = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.suffix != ".tmp" and (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    for path in sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), reverse=True):
+        if checkpoint_problem(path) is None:
+            return path
+    return None
 
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
@@ -197,8 +233,9 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     if cfg.resume == "auto":
         return latest_checkpoint(cfg.output_dir)
     path = Path(cfg.resume)
-    if not (path / "trainer_state.json").exists():
-        raise TrainingError(f"resume: {path} is not a complete checkpoint (no trainer_state.json)")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise TrainingError(f"resume: {path} is not a complete checkpoint: {problem}")
     return path
 
 
@@ -264,9 +301,10 @@ def save_model(model, tokenizer, path: Path, accelerator) -> None:
 def save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, step, meta) -> Path:
     """checkpoint-{step}/: the model, optimizer, scheduler, per-rank RNG and trainer_state.json.
 
-    Written under a .tmp name and renamed, so a crash mid-save never leaves a
-    checkpoint that `resume=auto` would pick. Everything is tensors and plain
-    Python values, loaded back with `torch.load(weights_only=True)` (no pickled code).
+    Written under a .tmp name, sealed by a manifest of sizes and sha256 sums, then
+    renamed: a crash (even kill -9) mid-save never leaves a checkpoint that resume
+    accepts. Everything is tensors and plain Python values, loaded back with
+    `torch.load(weights_only=True)` (no pickled code).
     """
     final = Path(cfg.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     tmp = final.with_suffix(".tmp")
@@ -280,8 +318,15 @@ def save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, st
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        write_manifest(tmp)
+        if final.exists():  # re-saving a step: move the old one aside, never delete it in place
+            old = final.with_suffix(".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     accelerator.wait_for_everyone()
     return final
 
