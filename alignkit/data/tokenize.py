@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from alignkit.data.chat import render_prompt, split_prompt_completion
+from alignkit.data.formats import DataError
 
 
 @dataclass
@@ -78,12 +79,23 @@ def _prompt_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     return [next(without) if b else next(with_special) for b in has_bos]
 
 
-def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int) -> tuple[list[dict], TruncationReport]:
+def _too_long(record: dict, n: int, max_length: int) -> DataError:
+    return DataError(record.get("_where", "<record>"), "prompt",
+                     f"{n} tokens exceed max_length={max_length} (truncation: left would drop the oldest prompt tokens)")
+
+
+def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int,
+                 truncation: str = "left") -> tuple[list[dict], TruncationReport]:
     """Tokenize sft records (see `load_records(..., "sft")`) into examples with loss masks.
 
     Returns (examples, report); example i comes from records[i] and has `id` i,
     len(input_ids) <= max_length, loss_mask 0 on the prompt and 1 on the completion + EOS.
+    An over-long row loses its oldest prompt tokens, then its last completion tokens
+    (truncation="left", counted), or is a DataError naming it (truncation="error").
+    No row is ever dropped: BOS plus at least one completion token always fit.
     """
+    if truncation not in ("left", "error"):
+        raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     eos = _eos_id(tokenizer)
@@ -105,6 +117,8 @@ def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int) -> tuple[
         if not (c and c[-1] == eos) and not (tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token)):
             c = c + [eos]
         excess = len(p) + len(c) - max_length
+        if excess > 0 and truncation == "error":
+            raise _too_long(records[i], len(p) + len(c), max_length)
         if excess > 0:
             keep = 1 if (p and bos is not None and p[0] == bos) else 0  # the leading BOS stays
             drop = min(excess, len(p) - keep)
@@ -121,7 +135,8 @@ def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int) -> tuple[
     return examples, report
 
 
-def tokenize_prompts(records: list[dict], tokenizer: Any, max_length: int) -> tuple[list[dict], TruncationReport]:
+def tokenize_prompts(records: list[dict], tokenizer: Any, max_length: int,
+                     truncation: str = "left") -> tuple[list[dict], TruncationReport]:
     """Prompt records (online RL) into `{"id", "input_ids", "prompt", "fields"}` examples.
 
     `prompt` is the rendered prompt text; `fields` holds the record's other fields
@@ -134,6 +149,8 @@ def tokenize_prompts(records: list[dict], tokenizer: Any, max_length: int) -> tu
     examples = []
     for i, (record, text, ids) in enumerate(zip(records, texts, _prompt_ids(tokenizer, texts))):
         if len(ids) > max_length:
+            if truncation == "error":
+                raise _too_long(record, len(ids), max_length)
             keep = 1 if bos is not None and ids[0] == bos else 0
             report.prompt_truncated += 1
             report.tokens_dropped += len(ids) - max_length
@@ -143,7 +160,8 @@ def tokenize_prompts(records: list[dict], tokenizer: Any, max_length: int) -> tu
     return examples, report
 
 
-def tokenize_responses(records: list[dict], tokenizer: Any, max_length: int) -> tuple[list[dict], TruncationReport]:
+def tokenize_responses(records: list[dict], tokenizer: Any, max_length: int,
+                       truncation: str = "left") -> tuple[list[dict], TruncationReport]:
     """Preference records (`chosen`, `rejected`) or ranking records (`responses`, best first)
     into examples holding the K tokenised responses to one prompt, best first.
 
@@ -157,7 +175,7 @@ def tokenize_responses(records: list[dict], tokenizer: Any, max_length: int) -> 
         responses = record["responses"] if "responses" in record else [record["chosen"], record["rejected"]]
         sizes.append(len(responses))
         flat += [{"prompt": record["prompt"], "completion": r, "_where": record.get("_where", "<record>")} for r in responses]
-    sequences, report = tokenize_sft(flat, tokenizer, max_length)
+    sequences, report = tokenize_sft(flat, tokenizer, max_length, truncation)
     report.kind = "response"
     examples, start = [], 0
     for i, k in enumerate(sizes):

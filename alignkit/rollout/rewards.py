@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 import torch
@@ -33,6 +37,7 @@ def load_reward_fn(spec: str) -> Callable:
     if ":" not in spec:
         raise RewardError(f"reward '{spec}' is neither a reward-model directory nor a 'module:function' name")
     module_name, _, attr = spec.partition(":")
+    _current_directory_last()
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
@@ -42,6 +47,13 @@ def load_reward_fn(spec: str) -> Callable:
     return _named(fn, spec)
 
 
+def _current_directory_last() -> None:
+    """Reward modules may live in the current directory, but a file there must not shadow
+    an installed library: the directory goes to the END of sys.path (`python -m` puts it first)."""
+    cwd = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", cwd)] + [cwd]
+
+
 def _named(fn: Callable, name: str) -> Callable:
     def call(prompts, completions, **fields):
         return fn(prompts, completions, **fields)
@@ -49,8 +61,21 @@ def _named(fn: Callable, name: str) -> Callable:
     return call
 
 
+def _call(fn: Callable, timeout: float | None, *args, **kwargs):
+    if timeout is None:
+        return fn(*args, **kwargs)
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(fn, *args, **kwargs).result(timeout=timeout)
+    except FutureTimeout:
+        raise TimeoutError(f"no result within {timeout:g} s") from None
+    finally:
+        pool.shutdown(wait=False)  # a stuck call is abandoned, not waited for
+
+
 def score(reward_fns: list[Callable], weights: list[float], prompts: list, completions: list[str],
-          fields: dict[str, list], on_error: str = "raise") -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+          fields: dict[str, list], on_error: str = "raise",
+          timeout: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """sum_k w_k f_k(prompt, completion) per completion, each completion scored once.
 
     Returns (rewards [N] float32, valid [N] bool, per-function means). With
@@ -64,7 +89,7 @@ def score(reward_fns: list[Callable], weights: list[float], prompts: list, compl
     for fn, w in zip(reward_fns, weights):
         name = getattr(fn, "reward_name", getattr(fn, "__name__", repr(fn)))
         try:
-            values = list(fn(prompts, completions, **fields))
+            values = list(_call(fn, timeout, prompts, completions, **fields))
         except Exception as e:  # noqa: BLE001 - a user's reward function may raise anything
             if on_error == "raise":
                 raise RewardError(f"reward '{name}' raised {type(e).__name__}: {e} (first prompt: {prompts[0]!r})") from e

@@ -206,8 +206,8 @@ def run(cfg: BoNConfig) -> BoNResult:
     reward_fns, weights = as_reward_fns(cfg.reward, cfg.reward_weights)
     train_records, eval_records = load_train_eval(cfg, "prompts")
     tokenizer = load_tokenizer(cfg.model)
-    examples, report = tokenize_prompts(train_records, tokenizer, cfg.max_length)
-    eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length)
+    examples, report = tokenize_prompts(train_records, tokenizer, cfg.max_length, cfg.truncation)
+    eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length, cfg.truncation)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, "bon")
 

@@ -67,8 +67,8 @@ def run(cfg: DPOConfig) -> TrainResult:
     resume_from = resolve_resume(cfg)
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
     model = load_trainable_model(cfg, resume_from)
-    examples, report = tokenize_responses(train_records, tokenizer, cfg.max_length)
-    eval_examples, _ = tokenize_responses(eval_records, tokenizer, cfg.max_length)
+    examples, report = tokenize_responses(train_records, tokenizer, cfg.max_length, cfg.truncation)
+    eval_examples, _ = tokenize_responses(eval_records, tokenizer, cfg.max_length, cfg.truncation)
     collate = lambda b: pad_groups(b, tokenizer.pad_token_id)  # noqa: E731
 
     accelerator = make_accelerator(cfg, "dpo")

@@ -57,6 +57,8 @@ class GRPOConfig(TrainConfig):
     """A None/NaN/raising reward stops the run, or masks that completion (advantage 0)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the reward of completions that hit max_new_tokens without EOS."""
+    reward_timeout: float = 300.0
+    """Seconds a reward call may take before it counts as failed."""
     advantage: Literal["grpo", "rloo"] = "grpo"
     """grpo: (r - group mean) / group std; rloo: r - mean of the other completions."""
     scale_rewards: bool = True
@@ -120,7 +122,8 @@ class Rollouts:
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         prompts = [p for p in batch["prompts"] for _ in range(g)]
         fields = {k: [v for v in vs for _ in range(g)] for k, vs in batch["fields"].items()}
-        rewards, valid, per_source = score(self.reward_fns, self.weights, prompts, texts, fields, self.cfg.reward_on_error)
+        rewards, valid, per_source = score(self.reward_fns, self.weights, prompts, texts, fields, self.cfg.reward_on_error,
+                                             self.cfg.reward_timeout)
         rewards = rewards - self.cfg.missing_eos_penalty * (~rollout.ended.cpu()).float()
         return rewards.to(rollout.completion_ids.device), valid.to(rollout.completion_ids.device), per_source
 
@@ -223,8 +226,8 @@ def run(cfg: GRPOConfig) -> TrainResult:
     resume_from = resolve_resume(cfg)
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
     model = load_trainable_model(cfg, resume_from)
-    examples, report = tokenize_prompts(train_records, tokenizer, cfg.max_length)
-    eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length)
+    examples, report = tokenize_prompts(train_records, tokenizer, cfg.max_length, cfg.truncation)
+    eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length, cfg.truncation)
 
     accelerator = make_accelerator(cfg, name)
     reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast) if cfg.beta > 0 else None

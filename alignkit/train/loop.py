@@ -71,6 +71,8 @@ class TrainConfig:
     """Clip the global gradient norm to this (0: no clipping)."""
     max_length: int = 512
     """Longest sequence in tokens; longer examples are truncated and counted."""
+    truncation: Literal["left", "error"] = "left"
+    """An over-long row loses its oldest prompt tokens first (left), or stops the run naming it (error)."""
     seed: int = 0
     """Seed for data order, initialisation and sampling."""
     precision: Literal["auto", "no", "bf16", "fp16"] = "auto"

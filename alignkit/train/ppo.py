@@ -55,6 +55,8 @@ class PPOConfig(TrainConfig):
     """Weight of each reward source (default: 1 each)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the reward of completions that hit max_new_tokens without EOS."""
+    reward_timeout: float = 300.0
+    """Seconds a reward call may take before it counts as failed."""
     value_model: str = ""
     """Critic initialisation (empty: the first reward model, else the policy `model`)."""
     beta: float = 0.05
@@ -108,7 +110,7 @@ def run(cfg: PPOConfig):
     weights = cfg.reward_weights or [1.0] * len(reward_fns)
     records, _ = load_train_eval(dataclasses.replace(cfg, eval_fraction=0.0), "prompts")
     tokenizer = load_tokenizer(cfg.model)
-    examples, report = tokenize_prompts(records, tokenizer, cfg.max_length)
+    examples, report = tokenize_prompts(records, tokenizer, cfg.max_length, cfg.truncation)
     accelerator = make_accelerator(cfg, "ppo")
     set_seed(cfg.seed)  # before any new weights (LoRA, the critic's head) are drawn
 
@@ -158,7 +160,8 @@ def run(cfg: PPOConfig):
         texts = tokenizer.batch_decode(roll.completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
         fields = {k: [ex["fields"].get(k) for ex in chunk] for k in chunk[0]["fields"]}
-        scores, _, _ = score(reward_fns, weights, [ex["prompt"] for ex in chunk], texts, fields)
+        scores, _, _ = score(reward_fns, weights, [ex["prompt"] for ex in chunk], texts, fields,
+                             timeout=cfg.reward_timeout)
         scores = (scores - cfg.missing_eos_penalty * (~roll.ended.cpu()).float()).to(device)
         with torch.no_grad(), accelerator.autocast():
             old_logprobs, logits = forward_logprobs(model.policy, ids, attn, cfg.temperature, columns=columns)

@@ -93,8 +93,8 @@ def run(cfg: RewardConfig) -> TrainResult:
     set_seed(cfg.seed)  # the fresh scalar head starts the same in every run
     model = load_reward_backbone(source)
     model.config.pad_token_id = tokenizer.pad_token_id
-    examples, report = tokenize_responses(train_records, tokenizer, cfg.max_length)
-    eval_examples, _ = tokenize_responses(eval_records, tokenizer, cfg.max_length)
+    examples, report = tokenize_responses(train_records, tokenizer, cfg.max_length, cfg.truncation)
+    eval_examples, _ = tokenize_responses(eval_records, tokenizer, cfg.max_length, cfg.truncation)
     for ex, rec in zip(examples + eval_examples, train_records + eval_records):
         if "margin" in rec:
             ex["margin"] = float(rec["margin"])

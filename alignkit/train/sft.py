@@ -37,8 +37,8 @@ def run(cfg: SFTConfig) -> TrainResult:
     resume_from = resolve_resume(cfg)
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
     model = load_trainable_model(cfg, resume_from)
-    examples, report = tokenize_sft(train_records, tokenizer, cfg.max_length)
-    eval_examples, eval_report = tokenize_sft(eval_records, tokenizer, cfg.max_length)
+    examples, report = tokenize_sft(train_records, tokenizer, cfg.max_length, cfg.truncation)
+    eval_examples, eval_report = tokenize_sft(eval_records, tokenizer, cfg.max_length, cfg.truncation)
     rows = f"{len(examples)} examples"
     if cfg.packing:
         examples = pack_examples(examples, cfg.max_length)

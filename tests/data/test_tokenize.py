@@ -162,3 +162,25 @@ def test_chosen_and_rejected_share_the_prompt_ids_under_truncation(tiny_tokenize
     assert c[: cm.index(1)] == r[: rm.index(1)]  # identical prompt ids
     assert c[0] == tiny_tokenizer.bos_token_id and c.count(tiny_tokenizer.bos_token_id) == 1
     assert len(r) <= 40 and report.prompt_truncated >= 1
+
+
+def test_truncation_error_policy_names_the_row(tiny_tokenizer):
+    import pytest
+
+    from alignkit.data import DataError, tokenize_sft
+
+    records = [{"prompt": "What is 1+2?", "completion": " 3", "_where": "sft.jsonl:1"},
+               {"prompt": "What is 12+7? " * 10, "completion": " 19", "_where": "sft.jsonl:2"}]
+    with pytest.raises(DataError, match=r"sft.jsonl:2: field 'prompt': \d+ tokens exceed max_length=20"):
+        tokenize_sft(records, tiny_tokenizer, 20, truncation="error")
+    examples, report = tokenize_sft(records, tiny_tokenizer, 20, truncation="left")
+    assert report.prompt_truncated == 1 and len(examples[1]["input_ids"]) == 20
+
+
+def test_no_row_is_dropped_even_at_the_smallest_max_length(tiny_tokenizer):
+    from alignkit.data import tokenize_sft
+
+    records = [{"prompt": "What is 12+7?", "completion": " The answer is 19.", "_where": f"sft.jsonl:{i}"} for i in (1, 2)]
+    examples, report = tokenize_sft(records, tiny_tokenizer, 2)
+    assert [ex["loss_mask"] for ex in examples] == [[0, 1], [0, 1]]  # BOS + one completion token each
+    assert report.prompt_truncated == 2 and report.completion_truncated == 2

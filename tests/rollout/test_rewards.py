@@ -49,3 +49,33 @@ def test_raising_function_and_bad_specs():
         load_reward_fn("no_such_thing")
     with pytest.raises(RewardError, match="cannot import"):
         load_reward_fn("tests.rollout.test_rewards:nope")
+
+
+def slow(prompts, completions, **_):
+    import time
+
+    time.sleep(5)
+    return [1.0 for _ in completions]
+
+
+def test_a_reward_call_past_its_timeout_fails_naming_the_function():
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(RewardError, match=r"slow' raised TimeoutError: no result within 0.2 s"):
+        score([load_reward_fn("tests.rollout.test_rewards:slow")], [1.0], ["p1"], ["x"], {}, timeout=0.2)
+    assert time.perf_counter() - start < 2
+
+
+def test_a_file_in_the_current_directory_cannot_shadow_a_library(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "colorsys.py").write_text("raise RuntimeError('shadowed the standard library')\n")
+    (tmp_path / "my_rewards.py").write_text(
+        "import colorsys\n\ndef hue(prompts, completions, **_):\n    return [colorsys.rgb_to_hsv(1, 0, 0)[0] for _ in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [""] + sys.path)  # what `python -m alignkit` does
+    for name in ("colorsys", "my_rewards"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    fn = load_reward_fn("my_rewards:hue")  # the user's module still loads from the current directory...
+    assert fn(["p"], ["c"]) == [0.0]  # ...and `import colorsys` got the real library
