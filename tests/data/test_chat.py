@@ -64,3 +64,22 @@ def test_template_whose_prompt_is_not_a_prefix_raises(tiny_tokenizer):
 def test_mixed_prompt_completion_forms_raise(tiny_tokenizer):
     with pytest.raises(ValueError, match="both"):
         split_prompt_completion({"prompt": "Q", "completion": [CONVERSATION[2]]}, tiny_tokenizer)
+
+
+def test_rendering_k_turns_is_a_token_prefix_of_k_plus_1(tiny_tokenizer):
+    """Multi-turn data and generation see the same tokens for the shared history (plain template;
+    a chat template where this fails is refused by split_prompt_completion with a clear error)."""
+    from alignkit.data.chat import _render
+
+    conversation = [
+        {"role": "system", "content": "Answer with a number."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3+5?"},
+        {"role": "assistant", "content": "8"},
+    ]
+    for k in range(1, len(conversation)):
+        shorter = tiny_tokenizer(_render(conversation[:k], None, False), add_special_tokens=True)["input_ids"]
+        longer = tiny_tokenizer(_render(conversation[: k + 1], None, False), add_special_tokens=True)["input_ids"]
+        assert longer[: len(shorter)] == shorter, k
+        assert shorter.count(tiny_tokenizer.bos_token_id) == 1

@@ -184,3 +184,18 @@ def test_no_row_is_dropped_even_at_the_smallest_max_length(tiny_tokenizer):
     examples, report = tokenize_sft(records, tiny_tokenizer, 2)
     assert [ex["loss_mask"] for ex in examples] == [[0, 1], [0, 1]]  # BOS + one completion token each
     assert report.prompt_truncated == 2 and report.completion_truncated == 2
+
+
+def test_eos_stays_in_the_loss_when_pad_is_eos(tiny_tokenizer):
+    import copy
+
+    from alignkit.data import pad_batch, tokenize_sft
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token = tok.eos_token  # as load_tokenizer does for tokenizers without a pad token
+    [ex], _ = tokenize_sft([{"prompt": "What is 1+2?", "completion": " 3", "_where": "<t>:1"}], tok, 32)
+    assert ex["input_ids"][-1] == tok.eos_token_id and ex["loss_mask"][-1] == 1
+    batch = pad_batch([ex, {"id": 1, "input_ids": ex["input_ids"] + [5, 6], "loss_mask": ex["loss_mask"] + [1, 1]}],
+                      tok.pad_token_id)
+    assert batch["loss_mask"][0, len(ex["input_ids"]) - 1] == 1  # the EOS target survives padding with EOS
+    assert batch["loss_mask"][0, len(ex["input_ids"]):].sum() == 0  # the pads after it do not count

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -38,9 +39,11 @@ def _history(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_first_update_is_on_policy(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("batch_size,grad_accum", [(16, 1), (8, 2), (4, 4)])
+def test_first_update_is_on_policy(tiny_model_dir, tmp_path, batch_size, grad_accum):
     out = tmp_path / "o"
-    grpo.run(_cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), out, max_steps=1, beta=0.04, temperature=0.8))
+    grpo.run(_cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), out, max_steps=1, beta=0.04, temperature=0.8,
+                  batch_size=batch_size, grad_accum=grad_accum))
     first = _history(out)[0]
     assert first["train/sampler_logprob_gap"] < 1e-5  # sampler and learner agree on every token
     assert first["train/clipfrac"] == 0.0
