@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import torch
 
 from alignkit.models.tiny import build_tiny_llama, save_tiny, train_tokenizer
 
@@ -27,3 +28,12 @@ def tiny_model_dir(tiny_tokenizer, tmp_path_factory):
     """A ~0.1M-parameter Llama saved with `save_pretrained`, tokenizer beside it."""
     model = build_tiny_llama(tiny_tokenizer, hidden_size=32, num_layers=2, num_heads=4)
     return save_tiny(model, tiny_tokenizer, tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a busy 2-core machine: OpenMP threads cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,13 +12,7 @@ PROMPTS = [f"What is {a}+{a % 5}?" for a in range(16)]
 EOS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 32-wide model: on a busy 2-core machine, OpenMP threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

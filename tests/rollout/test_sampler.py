@@ -12,13 +12,7 @@ PAD, EOS = 0, 2
 PROMPTS = ["What is 1+2?", "What", "What is 41+7? The answer", "What is 3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """4 rows through a 32-wide model: on a busy 2-core machine, OpenMP threads cost 20x what they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

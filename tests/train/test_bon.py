@@ -17,13 +17,7 @@ EOS = 2
 REWARD = "tests.train.test_grpo:digit_fraction"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 32-wide model: on a busy 2-core machine, OpenMP threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(model_dir, data, out, **kw):
