@@ -29,8 +29,12 @@ Every record comes back as a plain dict with all its fields (extra fields kept) 
 `"_where"`, the location later stages put in their own error messages: `path:LINE`
 for JSONL (the record's line), JSON (the line where the object starts) and CSV (the line
 where the row starts; the header is line 1); `path:row N` for Parquet and datasets;
-`<list>:item N` for lists. All numbers are 1-based. Nothing is skipped silently: the
-first bad record raises `DataError`.
+`<list>:item N` for lists. All numbers are 1-based. Nothing is skipped silently: every
+row is checked, and if any are bad one `DataError` lists them all (the first 50), one
+`path:LINE: field 'name': problem` line each, under a line like
+`data/train.jsonl: 3 bad rows (of 120):`; `.errors` holds one `DataError` per bad row.
+A single bad row gives the same one-line error as before. Problems with the file as a
+whole (missing, empty, not UTF-8, not JSON at all) stop at once with a single error.
 """
 
 from __future__ import annotations
@@ -40,12 +44,14 @@ import io
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+MAX_LISTED = 50  # bad rows listed in one error's message; `.errors` keeps them all
 
 
 class DataError(ValueError):
@@ -53,12 +59,48 @@ class DataError(ValueError):
 
     `where` is `path:LINE`, `path:row N`, `<list>:item N` or a bare path for
     file-level problems (missing, empty, unreadable); `field` is None for those.
+    `errors` lists one `DataError` per bad row: `[self]` for a single problem; for
+    several (see `for_rows`), `where`/`field`/`message` are those of the first.
     """
 
     def __init__(self, where: str, field: str | None, message: str):
         self.where, self.field, self.message = where, field, message
+        self.errors: list[DataError] = [self]
         text = f"{where}: {message}" if field is None else f"{where}: field '{field}': {message}"
         super().__init__(text)
+
+    @classmethod
+    def for_rows(cls, name: str, errors: list[DataError], total: int) -> DataError:
+        """One error for the bad rows `errors` of the `total` rows read from `name`."""
+        errors = sorted(errors, key=lambda e: _position(e.where))  # stable: equal lines keep their order
+        if len(errors) == 1:
+            return errors[0]
+        first = errors[0]
+        combined = cls(first.where, first.field, first.message)
+        combined.errors = errors
+        lines = [f"{name}: {len(errors)} bad rows (of {total}):", *(str(e) for e in errors[:MAX_LISTED])]
+        if len(errors) > MAX_LISTED:
+            lines.append(f"... and {len(errors) - MAX_LISTED} more bad rows, not listed")
+        combined.args = ("\n".join(lines),)
+        return combined
+
+    def __reduce__(self):  # pickle (e.g. across processes) despite the 3-argument __init__
+        return type(self), (self.where, self.field, self.message), {**self.__dict__, "args": self.args}
+
+
+def _position(where: str) -> int:
+    """The line (or row, or item) number at the end of a `where`; 0 where there is none."""
+    match = re.search(r"(\d+)$", where)
+    return int(match.group(1)) if match else 0
+
+
+class _BadRow:
+    """What a reader yields in place of a row it could not read (the reading goes on)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: DataError):
+        self.error = error
 
 
 # ---------------------------------------------------------------- reading
@@ -68,6 +110,25 @@ def _type_name(value: Any) -> str:
     names = {type(None): "null", str: "str", bool: "bool", int: "int", float: "float",
              list: "list", dict: "object"}
     return names.get(type(value), type(value).__name__)
+
+
+def _preview(value: Any, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters, for error messages."""
+    try:
+        text = repr(value)
+    except Exception:  # an int too long for str(), a recursion, a broken __repr__
+        text = f"<{_type_name(value)}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _json_problem(error: Exception) -> str:
+    """What is wrong with a JSON text that `json.loads` rejected."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} (column {error.colno})"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    # Another ValueError: an integer with more digits than int() accepts (sys.set_int_max_str_digits).
+    return str(error).split(":")[0]
 
 
 def _decode_utf8(data: bytes, path: str) -> str:
@@ -87,10 +148,12 @@ def _read_jsonl(text: str, path: str) -> Iterator[tuple[str, Any]]:
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
-            yield f"{path}:{number}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}", "<json>", f"invalid JSON: {e.msg} (column {e.colno})") from None
+            value = json.loads(line)
+        except (ValueError, RecursionError) as e:  # a bad line is one bad row: read on
+            value = _BadRow(DataError(where, "<json>", f"invalid JSON: {_json_problem(e)}"))
+        yield where, value
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -105,7 +168,9 @@ def _read_json(text: str, path: str) -> Iterator[tuple[str, Any]]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}", "<json>", f"invalid JSON: {e.msg} (column {e.colno})") from None
+        raise DataError(f"{path}:{e.lineno}", "<json>", f"invalid JSON: {_json_problem(e)}") from None
+    except (ValueError, RecursionError) as e:  # no position for these
+        raise DataError(path, "<json>", f"invalid JSON: {_json_problem(e)}") from None
     decoder = json.JSONDecoder()
 
     def skip(pos: int) -> int:
@@ -144,21 +209,42 @@ def _read_json(text: str, path: str) -> Iterator[tuple[str, Any]]:
             pos = skip(pos + 1)
 
 
-def _read_csv(text: str, path: str) -> Iterator[tuple[str, Any]]:
+# csv's default cap on one cell (128 KiB) is below a long document; lifted while reading.
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
+def _parse_csv(text: str, path: str) -> list[tuple[int, Any]]:
+    """[(line where the row starts, row)]; a row the parser gives up on ends the list as a _BadRow."""
     reader = csv.reader(io.StringIO(text, newline=""))
-    header: list[str] | None = None
+    rows: list[tuple[int, Any]] = []
     end = 0  # line where the previous row ended; a row starts on the line after it
-    for row in reader:
-        start, end = end + 1, reader.line_num
-        if not row:  # a blank line
+    saved = csv.field_size_limit(_CSV_FIELD_LIMIT)  # a process-wide setting: put back below
+    try:
+        for row in reader:
+            rows.append((end + 1, row))
+            end = reader.line_num
+    except csv.Error as e:
+        error = DataError(f"{path}:{end + 1}", "<csv>", f"unreadable CSV, reading stopped here: {e}")
+        rows.append((end + 1, _BadRow(error)))
+    finally:
+        csv.field_size_limit(saved)
+    return rows
+
+
+def _read_csv(text: str, path: str) -> Iterator[tuple[str, Any]]:
+    header: list[str] | None = None
+    for start, row in _parse_csv(text, path):
+        where = f"{path}:{start}"
+        if isinstance(row, _BadRow):
+            yield where, row
+        elif not row:  # a blank line
             continue
-        if header is None:
+        elif header is None:
             header = row
-            continue
-        if len(row) != len(header):
-            raise DataError(f"{path}:{start}", "<csv>",
-                            f"row has {len(row)} fields, the header has {len(header)}")
-        yield f"{path}:{start}", dict(zip(header, row))
+        elif len(row) != len(header):
+            yield where, _BadRow(DataError(where, "<csv>", f"row has {len(row)} fields, the header has {len(header)}"))
+        else:
+            yield where, dict(zip(header, row))
 
 
 def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
@@ -249,7 +335,7 @@ def _check_messages(value: Any, where: str, field: str, *, is_completion: bool) 
             if key not in message:
                 raise DataError(where, f"{name}.{key}", "missing")
         if not isinstance(message["role"], str) or message["role"] not in ROLES:
-            raise DataError(where, f"{name}.role", f"expected one of {', '.join(ROLES)}, got {message['role']!r}")
+            raise DataError(where, f"{name}.role", f"expected one of {', '.join(ROLES)}, got {_preview(message['role'])}")
         if not isinstance(message["content"], str):
             raise DataError(where, f"{name}.content", f"expected a string, got {_type_name(message['content'])}")
     if is_completion:
@@ -329,7 +415,7 @@ def _check_ranking(record: dict, where: str) -> None:
     for i, score in enumerate(scores):
         if isinstance(score, bool) or not isinstance(score, (int, float)):
             raise DataError(where, f"scores[{i}]", f"expected a number, got {_type_name(score)}")
-        if not math.isfinite(score):
+        if isinstance(score, float) and not math.isfinite(score):  # isfinite() overflows on a huge int
             raise DataError(where, f"scores[{i}]", f"expected a finite number, got {score}")
     order = sorted(range(len(scores)), key=lambda i: -scores[i])  # sorted() is stable: ties keep input order
     record["responses"] = [responses[i] for i in order]
@@ -350,7 +436,7 @@ def _check_unpaired(record: dict, where: str) -> None:
     elif isinstance(label, str) and label.strip().lower() in _LABELS:  # CSV
         record["label"] = _LABELS[label.strip().lower()]
     else:
-        raise DataError(where, "label", f"expected a bool (true/false, 1/0), got {_type_name(label)} {label!r}")
+        raise DataError(where, "label", f"expected a bool (true/false, 1/0), got {_type_name(label)} {_preview(label)}")
 
 
 def _check_prompts(record: dict, where: str) -> None:
@@ -379,32 +465,45 @@ def _decode_csv_lists(record: dict, where: str, kind: str) -> None:
             continue
         try:
             record[field] = json.loads(cell)
-        except json.JSONDecodeError as e:
-            raise DataError(where, field, f"expected a JSON-encoded list in this CSV cell: {e.msg}") from None
+        except (ValueError, RecursionError) as e:
+            raise DataError(where, field, f"expected a JSON-encoded list in this CSV cell: {_json_problem(e)}") from None
 
 
 def load_records(source: Any, kind: str, *, split: str = "train") -> list[dict]:
     """Read and check every record of `source` as `kind`; see the module docstring.
 
-    Returns plain dicts (all fields, extras kept) with `"_where"` added. Raises
-    `DataError` naming file, line and field for the first bad record, and
-    `ValueError` for an unknown `kind`.
+    Returns plain dicts (all fields, extras kept) with `"_where"` added. Checks every
+    record, then raises one `DataError` naming file, line and field of each bad one
+    (`.errors` has them all); raises at once for a file that cannot be read at all;
+    raises `ValueError` for an unknown `kind`.
     """
     if kind not in CHECKS:
         raise ValueError(f"unknown data kind {kind!r}; valid kinds: {', '.join(CHECKS)}")
     check = CHECKS[kind]
     name, rows = _read(source, split)
     from_csv = isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv"
-    records = []
+    records: list[dict] = []
+    errors: list[DataError] = []
+    total = 0
     for where, raw in rows:
-        if not isinstance(raw, dict):
-            raise DataError(where, "<record>", f"expected an object with named fields, got {_type_name(raw)}")
-        record = dict(raw)
-        if from_csv:
-            _decode_csv_lists(record, where, kind)
-        check(record, where)
+        total += 1
+        if isinstance(raw, _BadRow):  # a row the reader could not read (a bad JSON line, ...)
+            errors.append(raw.error)
+            continue
+        try:
+            if not isinstance(raw, dict):
+                raise DataError(where, "<record>", f"expected an object with named fields, got {_type_name(raw)}")
+            record = dict(raw)
+            if from_csv:
+                _decode_csv_lists(record, where, kind)
+            check(record, where)
+        except DataError as e:
+            errors.append(e.with_traceback(None))  # a kept traceback would keep every frame alive
+            continue
         record["_where"] = where
         records.append(record)
+    if errors:
+        raise DataError.for_rows(name, errors, total)
     if not records:
         raise DataError(name, None, "no records")
     return records

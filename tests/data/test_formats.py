@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -218,3 +219,131 @@ def test_empty_file_names_file(tmp_path, name, content):
     path = write(tmp_path, name, content)
     message = assert_error(path, "text", str(path), None)
     assert "no records" in message
+
+
+# ------------------------------------------------------------------ every bad row in one error
+
+
+def test_all_bad_rows_listed_in_one_error(tmp_path):
+    lines = [
+        GOOD,
+        {"prompt": "Q"},  # 2: no completion
+        GOOD,
+        '{"prompt": "Q", "completion": ',  # 4: not JSON; the reading goes on
+        GOOD,
+        {"prompt": 3, "completion": "A"},  # 6: prompt not a string
+        GOOD,
+    ]
+    path = write(tmp_path, "train.jsonl", jsonl(*lines))
+    with pytest.raises(DataError) as info:
+        load_records(path, "sft")
+    error = info.value
+    head, *listed = str(error).split("\n")
+    assert head == f"{path}: 3 bad rows (of 7):"
+    assert listed == [
+        f"{path}:2: field 'completion': missing (a sft record needs 'prompt' and 'completion', or 'messages')",
+        f"{path}:4: field '<json>': invalid JSON: Expecting value (column 31)",
+        f"{path}:6: field 'prompt': expected a string or a list of messages, got int",
+    ]
+    assert [(e.where, e.field) for e in error.errors] == [
+        (f"{path}:2", "completion"), (f"{path}:4", "<json>"), (f"{path}:6", "prompt")]
+    assert (error.where, error.field, error.message) == (f"{path}:2", "completion", error.errors[0].message)
+
+
+def test_sixty_bad_rows_list_fifty_and_count_the_rest(tmp_path):
+    lines = [GOOD if n % 2 else {"prompt": "Q", "completion": ""} for n in range(120)]  # even indexes bad
+    path = write(tmp_path, "train.jsonl", jsonl(*lines))
+    with pytest.raises(DataError) as info:
+        load_records(path, "sft")
+    head, *listed = str(info.value).split("\n")
+    assert head == f"{path}: 60 bad rows (of 120):"
+    assert len(listed) == 51 and listed[-1] == "... and 10 more bad rows, not listed"
+    assert listed[:2] == [f"{path}:1: field 'completion': empty string", f"{path}:3: field 'completion': empty string"]
+    assert listed[49].startswith(f"{path}:99: ")
+    assert len(info.value.errors) == 60 and info.value.errors[-1].where == f"{path}:119"
+
+
+def test_bad_rows_listed_for_csv_json_and_lists(tmp_path):
+    content = "prompt,completion,label\nQ1,A1,true\nQ2,A2,maybe\nQ3,A3\nQ4,A4,0\n,A5,1\n"
+    message = str(pytest.raises(DataError, load_records, write(tmp_path, "k.csv", content), "unpaired").value)
+    assert message.split("\n") == [
+        f"{tmp_path / 'k.csv'}: 3 bad rows (of 5):",
+        f"{tmp_path / 'k.csv'}:3: field 'label': expected a bool (true/false, 1/0), got str 'maybe'",
+        f"{tmp_path / 'k.csv'}:4: field '<csv>': row has 2 fields, the header has 3",
+        f"{tmp_path / 'k.csv'}:6: field 'prompt': empty string",
+    ]
+    array = '[\n  {"text": "a"},\n  {"text": ""},\n  7\n]'
+    error = pytest.raises(DataError, load_records, write(tmp_path, "a.json", array), "text").value
+    assert [(e.where, e.field) for e in error.errors] == [
+        (f"{tmp_path / 'a.json'}:3", "text"), (f"{tmp_path / 'a.json'}:4", "<record>")]
+    error = pytest.raises(DataError, load_records, [{"text": 1}, {"text": "ok"}, {}], "text").value
+    assert str(error).split("\n")[0] == "<list>: 2 bad rows (of 3):"
+    assert [e.where for e in error.errors] == ["<list>:item 1", "<list>:item 3"]
+
+
+def test_single_bad_row_and_file_errors_stay_one_line(tmp_path):
+    error = pytest.raises(DataError, load_records, write(tmp_path, "t.jsonl", jsonl(GOOD, {"prompt": "Q"})), "sft").value
+    assert "\n" not in str(error) and error.errors == [error] and error.field == "completion"
+    # A JSON file that does not parse is one error, whatever else is wrong in it.
+    error = pytest.raises(DataError, load_records, write(tmp_path, "b.json", '[{"text": ""}, {"text": 1},'), "text").value
+    assert "\n" not in str(error) and error.errors == [error] and error.field == "<json>"
+
+
+def test_data_error_pickles(tmp_path):
+    import pickle
+
+    error = pytest.raises(DataError, load_records, [{"text": 1}, {}], "text").value
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error) and [str(e) for e in copy.errors] == [str(e) for e in error.errors]
+    assert (copy.where, copy.field, copy.message) == (error.where, error.field, error.message)
+
+
+# ------------------------------------------------------------------ crashes found by fuzzing (tests/data/test_fuzz.py)
+
+
+# Python limits int() to 4300 digits since 3.10.7/3.11 (sys.set_int_max_str_digits).
+int_digit_limit = pytest.mark.skipif(not hasattr(sys, "get_int_max_str_digits"), reason="no int digit limit")
+
+
+@pytest.mark.parametrize("name, content, where, field", [
+    # json.loads raises RecursionError for deep nesting, and ValueError (not JSONDecodeError) for
+    # an integer of more than 4300 digits: both came out of load_records as they were.
+    ("deep.jsonl", jsonl({"text": "a"}) + "[" * 100_000 + "\n", "deep.jsonl:2", "<json>"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "deep.json", "<json>"),
+    pytest.param("long.jsonl", '{"text": ' + "7" * 5000 + "}\n", "long.jsonl:1", "<json>", marks=int_digit_limit),
+    pytest.param("long.json", '[{"text": ' + "7" * 5000 + "}]", "long.json", "<json>", marks=int_digit_limit),
+])
+def test_json_too_deep_or_too_long_is_a_data_error(tmp_path, name, content, where, field):
+    message = assert_error(write(tmp_path, name, content), "text", where, field)
+    assert "nested too deeply" in message or "4300 digits" in message
+
+
+@int_digit_limit
+def test_csv_cells_too_deep_too_long_or_huge(tmp_path):
+    import csv
+
+    limit = csv.field_size_limit()
+    # A cell past csv's default 131072-character cap raised _csv.Error: it now loads.
+    long_text = "word " * 40_000
+    (record,) = load_records(write(tmp_path, "long.csv", f"text\n{long_text}\n"), "text")
+    assert record["text"] == long_text and csv.field_size_limit() == limit  # the global cap is put back
+    content = 'prompt,responses,scores\nQ,"' + "[" * 100_000 + '",\nQ,"[""a"", ""b""]","[1, ' + "7" * 5000 + ']"\n'
+    error = pytest.raises(DataError, load_records, write(tmp_path, "r.csv", content), "ranking").value
+    assert [(e.where, e.field) for e in error.errors] == [
+        (f"{tmp_path / 'r.csv'}:2", "responses"), (f"{tmp_path / 'r.csv'}:3", "scores")]
+
+
+def test_score_past_float_range_sorts(tmp_path):
+    # math.isfinite(10**400) raised OverflowError; an int is always finite.
+    record = {"prompt": "Q", "responses": ["a", "b", "c"], "scores": [1.5, 10**400, -(10**400)]}
+    (loaded,) = load_records(write(tmp_path, "r.jsonl", jsonl(record)), "ranking")
+    assert loaded["responses"] == ["b", "a", "c"]
+
+
+def test_error_messages_cut_long_values():
+    record = {"prompt": "Q", "completion": "A", "label": "x" * 10_000}
+    error = pytest.raises(DataError, load_records, [record], "unpaired").value
+    assert len(str(error)) < 200 and str(error).endswith("xxx...")
+    huge = 10**5000  # repr() raises ValueError past 4300 digits (where Python has that limit)
+    error = pytest.raises(DataError, load_records, [{"prompt": "Q", "completion": "A", "label": huge}], "unpaired").value
+    assert str(error).endswith("got int <int>" if hasattr(sys, "get_int_max_str_digits") else "...")
