@@ -5,7 +5,8 @@
 
 `model: tiny` builds a fresh BPE tokenizer (trained on the training text) and a
 small Llama sized by the `tiny_*` keys; any other value continues training an
-existing model directory or Hub id.
+existing model directory or Hub id. Packed blocks are not masked between
+documents (as in nanoGPT): an EOS separates them and the model learns to reset.
 """
 
 from __future__ import annotations
