@@ -185,8 +185,9 @@ def run(cfg: PPOConfig):
             for mb in torch.randperm(len(idx), generator=order_gen).split(cfg.batch_size):
                 mb = mb.to(device)
                 m = mask[mb]
-                logprobs, _ = forward_logprobs(model.policy, ids[mb], attn[mb], cfg.temperature, columns=columns)
-                values = token_values(model.value, ids[mb], attn[mb], columns)
+                with accelerator.autocast():  # the precision pi_old was computed at
+                    logprobs, _ = forward_logprobs(model.policy, ids[mb], attn[mb], cfg.temperature, columns=columns)
+                    values = token_values(model.value, ids[mb], attn[mb], columns)
                 pg, pg_metrics = clipped_policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_eps)
                 vf, vf_metrics = clipped_value_loss(values, old_values[mb], returns[mb], cfg.vf_clip, mask=m)
                 loss_sum, count = aggregate(pg + cfg.vf_coef * vf, m, "token")
@@ -196,6 +197,9 @@ def run(cfg: PPOConfig):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 n_tok = m.sum().clamp(min=1)
+                if n_updates == 0:  # before any update pi == pi_old: the ratio must be 1, nothing clipped
+                    first_ratio_dev = float(((pg_metrics["ratio"] - 1).abs() * m).max())
+                    first_clipfrac = float(masked_sum(pg_metrics["clipfrac"], m) / n_tok)
                 for k, v in {"policy_loss": masked_sum(pg.detach(), m) / n_tok, "value_loss": masked_sum(vf.detach(), m) / n_tok,
                              "clipfrac": masked_sum(pg_metrics["clipfrac"], m) / n_tok,
                              "approx_kl": masked_sum(pg_metrics["approx_kl"], m) / n_tok,
@@ -211,7 +215,8 @@ def run(cfg: PPOConfig):
                   "train/kl_per_completion": kl_per_completion, "train/kl_per_token": float(masked_mean(kl, mask)),
                   "train/entropy": float(entropy), "train/explained_variance": explained_variance(old_values, returns, mask),
                   "train/completion_length": float(mask.sum(-1).float().mean()),
-                  "train/ended_with_eos": float(roll.ended.float().mean()), "train/beta": beta}
+                  "train/ended_with_eos": float(roll.ended.float().mean()), "train/beta": beta,
+                  "train/first_minibatch_ratio_dev": first_ratio_dev, "train/first_minibatch_clipfrac": first_clipfrac}
         if (step + 1) % cfg.log_steps == 0 or step + 1 == total_steps:
             log(record)
         bar.set_postfix(reward=f"{record['train/reward']:.3f}", kl=f"{kl_per_completion:.2f}")

@@ -3,6 +3,8 @@
 import json
 import random
 
+import pytest
+
 from alignkit.models.reward import RewardModel
 from alignkit.rollout.sampler import sample
 from alignkit.train import ppo, reward
@@ -73,3 +75,15 @@ def test_ppo_with_zero_advantage_leaves_policy_loss_and_kl_at_zero():
     kl = kl_penalty_loss(logp, logp.detach(), mask)
     total, count = aggregate(loss + 0.1 * kl, mask, "token")
     assert float(total.detach()) == 0.0 and float(kl.abs().sum()) == 0.0 and float(metrics["clipfrac"].sum()) == 0.0
+
+
+@pytest.mark.parametrize("batch_size", [16, 4])
+def test_first_ppo_minibatch_is_on_policy(tiny_model_dir, tmp_path, batch_size):
+    """pi_old comes from a no-grad pass over the whole rollout; the first minibatch recomputes it
+    on a slice in train mode: the ratio is 1 within 1e-6 and nothing is clipped, whatever the split."""
+    history = ppo.run(ppo.PPOConfig(model=str(tiny_model_dir), data=str(_prompts(tmp_path / "p.jsonl")),
+                                    output_dir=str(tmp_path / "ppo"), reward=["tests.train.test_grpo:contains_seven"],
+                                    max_steps=2, rollout_batch_size=16, batch_size=batch_size, ppo_epochs=2,
+                                    max_new_tokens=8, lr=5e-3, log_steps=1, seed=1))
+    for h in history:
+        assert h["train/first_minibatch_ratio_dev"] < 1e-6 and h["train/first_minibatch_clipfrac"] == 0.0

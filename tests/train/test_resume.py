@@ -97,3 +97,15 @@ def test_lora_resume_equals_uninterrupted_and_saves_a_plain_model(tiny_model_dir
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     changed = [k for k in base if not torch.equal(base[k], merged[k])]
     assert changed and all("proj" in k for k in changed)  # LoRA touched the linear layers only
+
+
+def test_resume_refuses_a_changed_process_count(tiny_model_dir, sft_file, tmp_path):
+    from alignkit.train.loop import write_manifest
+
+    sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "run", max_steps=4, save_steps=2))
+    ckpt = tmp_path / "run/checkpoint-2"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    (ckpt / "trainer_state.json").write_text(json.dumps({**state, "world_size": 2}))  # saved by 2 processes
+    write_manifest(ckpt)
+    with pytest.raises(TrainingError, match=r"world_size: 2 -> 1"):
+        sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "run", max_steps=4, resume=str(ckpt)))
