@@ -60,7 +60,7 @@ def as_reward_fns(reward_fns, weights: list[float] | None) -> tuple[list[Callabl
 @torch.no_grad()
 def sample_and_score(model, tokenizer, examples: list[dict], n: int, reward_fns: list[Callable], weights: list[float],
                      *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     batch_size: int = 64, seed: int = 0) -> Samples:
+                     batch_size: int = 64, seed: int = 0, timeout: float | None = None) -> Samples:
     """Sample `n` completions of each prompt example (from `tokenize_prompts`) and score each once.
 
     `batch_size` counts completions per `sample` call: batch_size // n prompts (at least
@@ -91,7 +91,7 @@ def sample_and_score(model, tokenizer, examples: list[dict], n: int, reward_fns:
         prompts = [ex["prompt"] for ex in chunk for _ in range(n)]
         names = chunk[0].get("fields", {}).keys()
         fields = {k: [ex["fields"].get(k) for ex in chunk for _ in range(n)] for k in names}
-        rewards, _, _ = score(reward_fns, weights, prompts, texts, fields)
+        rewards, _, _ = score(reward_fns, weights, prompts, texts, fields, timeout=timeout)
         out.completion_ids += [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         out.texts += texts
         out.rewards += rewards.tolist()

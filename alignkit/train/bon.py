@@ -30,7 +30,6 @@ from typing import Literal
 from alignkit.rollout.best_of_n import Samples, sample_and_score
 from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary
 from alignkit.train.loop import (
-    TrainConfig,
     TrainingError,
     TrainResult,
     latest_checkpoint,
@@ -38,20 +37,17 @@ from alignkit.train.loop import (
     make_accelerator,
     train,
 )
+from alignkit.train.online import OnlineConfig
 
 ROUND_DONE = "round.json"
 
 
 @dataclass
-class BoNConfig(TrainConfig):
+class BoNConfig(OnlineConfig):
     """Rejection sampling: N samples per prompt, keep the best, fine-tune on them, repeat."""
 
     lr: float = 2e-4
     """Peak learning rate (AdamW) of each round's fine-tuning."""
-    reward: list[str] = field(default_factory=list)
-    """Reward sources: reward-model directories and/or `module:function` callables."""
-    reward_weights: list[float] = field(default_factory=list)
-    """Weight of each reward source (default: 1 each)."""
     num_samples: int = 16
     """N: completions sampled per prompt in each round."""
     rounds: int = 1
@@ -62,16 +58,6 @@ class BoNConfig(TrainConfig):
     """Lowest reward kept when keep=threshold."""
     require_eos: bool = True
     """Drop (and count) completions that reached max_new_tokens without EOS."""
-    max_new_tokens: int = 32
-    """Longest completion; one that reaches it without EOS did not end."""
-    max_length: int = 256
-    """Longest prompt in tokens (older prompt tokens are dropped, counted)."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    top_k: int = 0
-    """Sample from the k most likely tokens (0: all)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1: all)."""
     generation_batch_size: int = 64
     """Completions per sampling call (batch_size is the fine-tuning micro-batch)."""
     eval_fraction: float = 0.1
@@ -161,7 +147,7 @@ def _sample(cfg: BoNConfig, model, tokenizer, examples, reward_fns, weights, acc
         mine = sample_and_score(
             model, tokenizer, examples[rank::world], n, reward_fns, weights, max_new_tokens=cfg.max_new_tokens,
             temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
-            seed=seed * 1009 + rank,
+            seed=seed * 1009 + rank, timeout=cfg.reward_timeout,
         )
     if world == 1:
         return mine

@@ -16,7 +16,7 @@ prompts per micro-batch = batch_size / num_generations; a group is never split.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -25,12 +25,13 @@ from alignkit.losses import aggregate, clipped_policy_loss, kl_penalty_loss
 from alignkit.models.forward import forward_logprobs
 from alignkit.ops import advantage_estimator, masked_sum
 from alignkit.train.common import load_train_eval, print_summary
-from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
+from alignkit.train.loop import TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
+from alignkit.train.online import OnlineConfig
 from alignkit.train.reference import make_reference
 
 
 @dataclass
-class GRPOConfig(TrainConfig):
+class GRPOConfig(OnlineConfig):
     """Online RL with group baselines: G completions per prompt, scored by `reward`."""
 
     lr: float = 1e-5
@@ -39,26 +40,10 @@ class GRPOConfig(TrainConfig):
     """Completions per micro-batch (prompts per micro-batch = batch_size / num_generations)."""
     num_generations: int = 8
     """G: completions sampled per prompt."""
-    max_new_tokens: int = 32
-    """Longest completion; one that reaches it without EOS did not end."""
-    max_length: int = 256
-    """Longest prompt in tokens (older prompt tokens are dropped, counted)."""
-    temperature: float = 1.0
-    """Sampling temperature; the learner recomputes log-probs at the same temperature."""
-    top_k: int = 0
-    """Sample from the k most likely tokens (0: all)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1: all)."""
-    reward: list[str] = field(default_factory=list)
-    """Reward sources: reward-model directories and/or `module:function` callables."""
-    reward_weights: list[float] = field(default_factory=list)
-    """Weight of each reward source (default: 1 each)."""
     reward_on_error: Literal["raise", "mask"] = "raise"
     """A None/NaN/raising reward stops the run, or masks that completion (advantage 0)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the reward of completions that hit max_new_tokens without EOS."""
-    reward_timeout: float = 300.0
-    """Seconds a reward call may take before it counts as failed."""
     advantage: Literal["grpo", "rloo"] = "grpo"
     """grpo: (r - group mean) / group std; rloo: r - mean of the other completions."""
     scale_rewards: bool = True

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,12 +27,13 @@ from alignkit.models.forward import forward_logprobs
 from alignkit.models.reward import token_values
 from alignkit.ops import adaptive_kl_beta, entropy_from_logits, gae, masked_mean, masked_sum, masked_var, masked_whiten
 from alignkit.train.common import load_train_eval
-from alignkit.train.loop import MetricLog, TrainConfig, make_accelerator, plan_steps, step_indices
+from alignkit.train.loop import MetricLog, make_accelerator, plan_steps, step_indices
+from alignkit.train.online import OnlineConfig
 from alignkit.train.reference import make_reference
 
 
 @dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(OnlineConfig):
     """Online RL with a learned critic and a per-token KL penalty."""
 
     lr: float = 1e-5
@@ -43,20 +44,8 @@ class PPOConfig(TrainConfig):
     """Prompts sampled per PPO step (one completion each)."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
-    max_new_tokens: int = 32
-    """Longest completion; one that reaches it without EOS did not end."""
-    max_length: int = 256
-    """Longest prompt in tokens (older prompt tokens are dropped, counted)."""
-    temperature: float = 1.0
-    """Sampling temperature; log-probs are recomputed at the same temperature."""
-    reward: list[str] = field(default_factory=list)
-    """Reward sources: reward-model directories and/or `module:function` callables."""
-    reward_weights: list[float] = field(default_factory=list)
-    """Weight of each reward source (default: 1 each)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the reward of completions that hit max_new_tokens without EOS."""
-    reward_timeout: float = 300.0
-    """Seconds a reward call may take before it counts as failed."""
     value_model: str = ""
     """Critic initialisation (empty: the first reward model, else the policy `model`)."""
     beta: float = 0.05
@@ -153,7 +142,8 @@ def run(cfg: PPOConfig):
         model.eval()
         roll = sample(model.policy, prompts["input_ids"].to(device), prompts["attention_mask"].to(device),
                       max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, generator=generator)
+                      pad_token_id=tokenizer.pad_token_id, temperature=cfg.temperature, top_k=cfg.top_k,
+                      top_p=cfg.top_p, generator=generator)
         ids, attn, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
         p = roll.prompt_ids.shape[1]
         columns = torch.arange(p - 1, p - 1 + mask.shape[1], device=device)
