@@ -45,19 +45,26 @@ def _done(stage_dir: Path) -> bool:
 
 def evaluate_format(model_dir: Path, records: list[dict], max_new_tokens: int = 8) -> dict[str, float]:
     """Greedy completions of held-out arithmetic prompts: format-following, accuracy, EOS rate."""
+    from alignkit.data import pad_batch, tokenize_prompts
     from alignkit.models.load import load_causal_lm, load_tokenizer
-    from alignkit.rollout.generate import generate
+    from alignkit.rollout.sampler import sample
     from alignkit.tasks import arithmetic
 
     model, tokenizer = load_causal_lm(str(model_dir)), load_tokenizer(str(model_dir))
-    outs = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens)
-    scores = [arithmetic.score(o["text"], r["answer"]) for o, r in zip(outs, records)]
+    examples, _ = tokenize_prompts([{"prompt": r["prompt"]} for r in records], tokenizer, max_length=256)
+    batch = pad_batch(examples, tokenizer.pad_token_id, side="left")
+    rollout = sample(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=0.0)
+    ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    ended = rollout.ended.tolist()
+    scores = [arithmetic.score(t, r["answer"]) for t, r in zip(texts, records)]
     n = len(records)
     return {
-        "follows_format": sum(s["follows_format"] and o["ended"] for s, o in zip(scores, outs)) / n,
-        "correct": sum(s["correct"] and o["ended"] for s, o in zip(scores, outs)) / n,
-        "ends_with_eos": sum(o["ended"] for o in outs) / n,
-        "examples": [(r["prompt"], o["text"]) for r, o in zip(records[:3], outs[:3])],
+        "follows_format": sum(s["follows_format"] and e for s, e in zip(scores, ended)) / n,
+        "correct": sum(s["correct"] and e for s, e in zip(scores, ended)) / n,
+        "ends_with_eos": sum(ended) / n,
+        "examples": [(r["prompt"], t) for r, t in zip(records[:3], texts[:3])],
     }
 
 
