@@ -1,0 +1,242 @@
+"""Did alignment work? Every policy on the same held-out prompts, measured the same way.
+
+    alignkit eval --models base=runs/demo/base sft=runs/demo/sft ppo=runs/demo/ppo \\
+        --prompts heldout.jsonl --reward alignkit.tasks.sentiment:gold_reward \\
+        --proxy_reward runs/demo/rm --reference sft --text_data heldout_text.jsonl
+
+Per policy, from `samples_per_prompt` sampled completions of every prompt (one seed for all):
+
+    gold, proxy       mean gold reward (never trained on) and reward-model reward
+    kl                sampled KL(pi || pi_ref) = mean over completions of sum_t log pi(y_t|.) - log pi_ref(y_t|.)
+                      (nats per completion, the quantity the RLHF objective penalises; kl_per_token beside it)
+    win_rate          vs the reference policy's completion of the same prompt, judged by the gold
+                      reward: 1 for a win, 1/2 for a tie
+    length, ended     mean completion tokens; fraction that emitted EOS
+    distinct_1/2      distinct n-grams / all n-grams of the completions (mode collapse drives it to 0)
+    entropy           mean per-token entropy of the policy on its own completions (nats)
+    text_nll          per-token negative log-likelihood of held-out pretraining text (alignment tax)
+
+and an arena: every two policies battle on every prompt (the gold reward judges), giving
+an online Elo table and a Bradley-Terry leaderboard with bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate policies side by side on held-out prompts."""
+
+    models: list[str] = field(default_factory=list)
+    """Policies as `name=path` (or a path, named by its folder)."""
+    prompts: str = ""
+    """Prompt records (a file or Hub dataset with a `prompt` field; other fields go to the rewards)."""
+    reward: list[str] = field(default_factory=list)
+    """Gold reward(s): `module:function` or a reward-model directory; the arena's judge."""
+    proxy_reward: str = ""
+    """The reward model the policies were trained on (reported next to gold; empty = none)."""
+    reference: str = ""
+    """Name (from `models`) of the policy that KL and win rate are measured against; default: the first."""
+    text_data: str = ""
+    """Held-out text records for the alignment tax (empty = skip)."""
+    num_prompts: int = 0
+    """Use the first N prompts (0 = all)."""
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    batch_size: int = 64
+    """Completions per sampling / scoring batch."""
+    elo_k: float = 32.0
+    bootstrap_rounds: int = 200
+    """Resamples for the Bradley-Terry confidence intervals."""
+    samples_shown: int = 5
+    """Completions kept per policy in the output, for reading side by side."""
+    output: str = "eval.json"
+    seed: int = 0
+
+
+def distinct_n(sequences: list[list[int]], n: int) -> float:
+    """|set of n-grams| / |n-grams| over all sequences (0 when there are none)."""
+    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def win_rate(scores: list[float], against: list[float]) -> float:
+    """Mean over pairs of 1 (scores[i] > against[i]), 1/2 (tie) or 0."""
+    if len(scores) != len(against) or not scores:
+        raise ValueError(f"win_rate needs two equal, non-empty lists, got {len(scores)} and {len(against)}")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, against)) / len(scores)
+
+
+def _completion_batch(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad: int) -> dict:
+    """Prompt + completion rows, right padded, with the loss mask on the completion tokens."""
+    from alignkit.data import pad_batch
+
+    rows = [{"input_ids": p + c, "loss_mask": [0] * len(p) + [1] * len(c)} for p, c in zip(prompt_ids, completion_ids)]
+    return pad_batch(rows, pad)
+
+
+@torch.no_grad()
+def completion_logprobs(model, prompt_examples: list[dict], completion_ids: list[list[int]], n: int, pad: int,
+                        batch_size: int, temperature: float = 1.0) -> tuple[list[float], list[float]]:
+    """Per completion: sum_t log pi(y_t | x, y_<t) and sum_t H(pi(. | x, y_<t)), at `temperature`."""
+    from alignkit.models.forward import forward_logprobs
+    from alignkit.ops import entropy_from_logits
+
+    device = next(model.parameters()).device
+    logps, entropies = [], []
+    for start in range(0, len(completion_ids), batch_size):
+        chunk = completion_ids[start:start + batch_size]
+        prompt_ids = [prompt_examples[(start + i) // n]["input_ids"] for i in range(len(chunk))]  # prompt-major rows
+        batch = _completion_batch(prompt_ids, chunk, pad)
+        mask = batch["loss_mask"][:, 1:].to(device).bool()
+        lp, logits = forward_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                      temperature)
+        ent = entropy_from_logits(logits)
+        logps += torch.where(mask, lp, 0).sum(-1).tolist()
+        entropies += torch.where(mask, ent, 0).sum(-1).tolist()
+    return logps, entropies
+
+
+@torch.no_grad()
+def text_nll(model, tokenizer, records: list[dict], max_length: int = 256, batch_size: int = 32) -> float:
+    """Per-token negative log-likelihood of held-out text (documents cut at max_length tokens)."""
+    from alignkit.data import pad_batch, tokenize_text
+    from alignkit.models.forward import forward_logprobs
+
+    examples, _ = tokenize_text(records, tokenizer, max_length, packing=False)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = pad_batch(examples[start:start + batch_size], tokenizer.pad_token_id)
+        mask = batch["attention_mask"][:, 1:].to(device).bool()
+        lp, _ = forward_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        total -= torch.where(mask, lp, 0).sum().item()
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def _named_models(specs: list[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (Path(spec).name, spec)
+        if name in out:
+            raise ValueError(f"eval: two models are named {name!r}; name them explicitly as name=path")
+        out[name] = path
+    return out
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Sample, score and compare every policy in `cfg.models`; write and return the results."""
+    from tqdm.auto import tqdm
+
+    from alignkit.data import load_records, tokenize_prompts
+    from alignkit.evaluate import arena
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.rollout.best_of_n import as_reward_fns, sample_and_score
+    from alignkit.rollout.rewards import load_reward_fn
+
+    models = _named_models(cfg.models)
+    if len(models) < 1 or not cfg.prompts or not cfg.reward:
+        raise ValueError("eval: set `models`, `prompts` and `reward` (the gold reward)")
+    reference = cfg.reference or next(iter(models))
+    if reference not in models:
+        raise ValueError(f"eval: reference {reference!r} is not one of the models ({', '.join(models)})")
+    records = load_records(cfg.prompts, "prompts")
+    if cfg.num_prompts:
+        records = records[:cfg.num_prompts]
+    text_records = load_records(cfg.text_data, "text") if cfg.text_data else []
+    gold_fns, gold_weights = as_reward_fns(cfg.reward, None)
+    proxy_fn = load_reward_fn(cfg.proxy_reward) if cfg.proxy_reward else None
+    n = cfg.samples_per_prompt
+
+    ref_model = load_causal_lm(models[reference]).eval()
+    per_model, samples = {}, {}
+    for name, path in tqdm(models.items(), desc="eval", unit="policy"):
+        model = ref_model if name == reference else load_causal_lm(path).eval()
+        tokenizer = load_tokenizer(path)
+        prompt_examples, _ = tokenize_prompts(records, tokenizer, max_length=2**62)
+        s = sample_and_score(model, tokenizer, prompt_examples, n, gold_fns, gold_weights,
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                             batch_size=cfg.batch_size, seed=cfg.seed)
+        prompts = [r["prompt"] for r in records for _ in range(n)]
+        pad = tokenizer.pad_token_id
+        logp, entropy = completion_logprobs(model, prompt_examples, s.completion_ids, n, pad, cfg.batch_size,
+                                            cfg.temperature)
+        ref_logp, _ = completion_logprobs(ref_model, prompt_examples, s.completion_ids, n, pad, cfg.batch_size,
+                                          cfg.temperature)
+        lengths = [len(c) for c in s.completion_ids]
+        kl = [a - b for a, b in zip(logp, ref_logp)]
+        m = {
+            "gold": sum(s.rewards) / len(s.rewards),
+            "kl": sum(kl) / len(kl),
+            "kl_per_token": sum(kl) / max(sum(lengths), 1),
+            "length": sum(lengths) / len(lengths),
+            "ended": sum(s.ended) / len(s.ended),
+            "distinct_1": distinct_n(s.completion_ids, 1),
+            "distinct_2": distinct_n(s.completion_ids, 2),
+            "entropy": sum(entropy) / max(sum(lengths), 1),
+        }
+        if proxy_fn is not None:
+            proxy = proxy_fn(prompts, s.texts)
+            m["proxy"] = sum(proxy) / len(proxy)
+        if text_records:
+            m["text_nll"] = text_nll(model, tokenizer, text_records)
+        per_model[name] = m
+        samples[name] = {"gold": s.rewards, "texts": s.texts}
+        if model is not ref_model:
+            del model
+
+    for name in models:
+        per_model[name]["win_rate"] = win_rate(samples[name]["gold"], samples[reference]["gold"])
+    names = list(models)
+    battles = [(a, b, 1.0 if ga > gb else 0.5 if ga == gb else 0.0)
+               for i, a in enumerate(names) for b in names[i + 1:]
+               for ga, gb in zip(samples[a]["gold"], samples[b]["gold"])]
+    board = arena.leaderboard(battles, k=cfg.elo_k, rounds=cfg.bootstrap_rounds, seed=cfg.seed) if len(names) > 1 else []
+    shown = [{"prompt": prompts_i, **{name: samples[name]["texts"][i * n] for name in names},
+              **{f"{name}/gold": samples[name]["gold"][i * n] for name in names}}
+             for i, prompts_i in enumerate(r["prompt"] for r in records[:cfg.samples_shown])]
+    result = {"reference": reference, "prompts": len(records), "samples_per_prompt": n, "models": per_model,
+              "leaderboard": board, "samples": shown}
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(json.dumps(result, indent=1))
+    print(format_table(result), flush=True)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The per-policy numbers and the leaderboard as fixed-width text."""
+    cols = [("gold", "{:+.3f}"), ("proxy", "{:+.3f}"), ("kl", "{:.2f}"), ("win_rate", "{:.2f}"),
+            ("length", "{:.1f}"), ("ended", "{:.2f}"), ("distinct_2", "{:.2f}"), ("entropy", "{:.2f}"),
+            ("text_nll", "{:.3f}")]
+    models = result["models"]
+    cols = [(c, f) for c, f in cols if any(c in m for m in models.values())]
+    width = max(len(n) for n in models) + 2
+    lines = ["policy".ljust(width) + "".join(c.rjust(11) for c, _ in cols)]
+    for name, m in models.items():
+        lines.append(name.ljust(width) + "".join((f.format(m[c]) if c in m else "-").rjust(11) for c, f in cols))
+    lines.append(f"(kl: nats per completion to {result['reference']}; win_rate vs {result['reference']} by gold reward)")
+    if result["leaderboard"]:
+        lines.append("")
+        lines.append("rank".ljust(6) + "policy".ljust(width) + "BT rating (95% CI)".rjust(26) + "Elo".rjust(8) + "win".rjust(7))
+        for i, r in enumerate(result["leaderboard"], 1):
+            ci = f"{r['bt']:.0f} ({r['bt_low']:.0f}-{r['bt_high']:.0f})"
+            lines.append(f"{i:<6}" + r["model"].ljust(width) + ci.rjust(26) + f"{r['elo']:.0f}".rjust(8)
+                         + f"{r['win_rate']:.2f}".rjust(7))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from alignkit.config import parse_config
+
+    return evaluate(parse_config(EvalConfig, sys.argv[1:] if argv is None else argv, prog="alignkit eval"))
