@@ -1,130 +1,470 @@
-"""The recipe as stages with cached outputs: `alignkit demo`.
+"""The full recipe as stages with cached outputs: `alignkit demo`.
 
-    alignkit demo                 # pretrain a tiny Llama on a generated corpus, then SFT it
-    alignkit demo --quick         # the same, smaller (what the tests run)
+    alignkit demo                              # sentiment: every stage, then eval and the report
+    alignkit demo --quick                      # the same, smaller: ~3 minutes (what the tests run)
+    alignkit demo --task arithmetic --quick    # pretrain -> SFT -> rejection sampling, GRPO -> eval
+    alignkit demo --config recipe.yaml         # any key below, and per-stage overrides:
+                                               #   overrides: [ppo.beta=0.1, dpo.max_steps=80]
 
-Each stage writes its own folder under `output_dir` and is skipped when that folder
-already holds a saved model, so an interrupted demo resumes where it stopped.
+Stages of the sentiment task (tasks/sentiment.py), each from the SFT model:
+
+    data         corpus, demonstrations and prompts, written to data/
+    pretrain     a tiny Llama and its tokenizer, trained on reviews of both polarities  -> base/
+    sft          fine-tuned on positive demonstrations                                    -> sft/
+    preferences  SFT samples labelled by simulated annotators (Bradley-Terry draws on   -> preferences/: pairs,
+                 the gold reward; the models never see the gold reward itself)             rankings, thumbs
+    rm           a Bradley-Terry reward model on the preference pairs                     -> rm/
+    bon          rejection sampling: best of N by the reward model, fine-tuned on         -> bon/
+    ppo, grpo    online RL on the reward model, with a KL penalty to SFT                  -> ppo/, grpo/
+    dpo, kto     offline, on the same annotators' pairs / thumbs                          -> dpo/, kto/
+    frontier     DPO and PPO at more betas, for the reward-vs-KL frontier (not --quick)   -> dpo-beta*/, ppo-beta*/
+    eval         every policy on held-out prompts: gold/proxy reward, KL, win rate,       -> eval.json
+                 diversity, alignment tax, Elo and Bradley-Terry leaderboard
+    report       one self-contained HTML page with the plots                              -> report.html
+
+Each stage writes its own folder (or file) and marks it finished last; a finished stage
+is skipped, so an interrupted demo resumes at the stage it was in. `rm -r runs/demo`
+starts over.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import os
 import sys
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import yaml
+
+DONE = "stage.json"  # written last into a finished stage's folder: its summary
 
 
 @dataclass
 class DemoConfig:
-    """The built-in recipe on a generated task, end to end on a CPU."""
+    """The built-in recipe on a task with a gold reward, end to end on a CPU."""
 
-    task: Literal["arithmetic"] = "arithmetic"
-    """Built-in task."""
+    task: Literal["sentiment", "arithmetic"] = "sentiment"
+    """Built-in task: sentiment (VADER-scored review continuations) or arithmetic (exact match)."""
     output_dir: str = "runs/demo"
     """Run directory; each stage writes a subfolder."""
     quick: bool = False
-    """A smaller, faster run (what the tests use)."""
+    """A smaller, faster run (~3 minutes; what the tests use)."""
     seed: int = 0
-    """Seed for data, initialisation and training."""
+    """Seed for data, initialisation, sampling and training."""
+    stages: list[str] = field(default_factory=list)
+    """Run only these stages (their inputs must exist); empty = all of the task's stages."""
+    annotator_temperature: float = 0.1
+    """T of the simulated annotators: P(a preferred to b) = sigmoid((gold_a - gold_b) / T)."""
+    overrides: list[str] = field(default_factory=list)
+    """Per-stage config keys, as stage.key=value (e.g. ppo.beta=0.1, grpo.max_steps=40)."""
+    threads: int = 1
+    """torch CPU threads (0 = torch's default). Tiny models run fastest on one, and a busy machine hurts it least."""
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
+# Sizes of each task's run; `quick` halves most of them. Stage configs get the rest of their keys from here.
+PRESETS = {
+    ("sentiment", False): dict(
+        model=dict(tiny_vocab_size=1024, tiny_hidden_size=128, tiny_layers=4, tiny_heads=4),
+        pretrain_steps=1500, sft_demos=3000, sft_steps=400, pref_prompts=1024, pref_samples=8, rm_epochs=2.0, bon_prompts=512,
+        rl_prompts=1024, ppo_steps=60, grpo_steps=60, dpo_steps=0, kto_steps=0, eval_prompts=256, samples_per_prompt=2, max_new_tokens=24,
+        dpo_betas=[0.05, 0.5], ppo_betas=[0.02, 0.2]),
+    ("sentiment", True): dict(
+        model=dict(tiny_vocab_size=768, tiny_hidden_size=64, tiny_layers=2, tiny_heads=4),
+        pretrain_steps=300, sft_demos=1500, sft_steps=150, pref_prompts=384, pref_samples=8, rm_epochs=2.0, bon_prompts=512,
+        rl_prompts=512, ppo_steps=20, grpo_steps=20, dpo_steps=60, kto_steps=60, eval_prompts=256, samples_per_prompt=2, max_new_tokens=24,
+        dpo_betas=[], ppo_betas=[]),
+    ("arithmetic", False): dict(
+        model=dict(tiny_vocab_size=384, tiny_hidden_size=64, tiny_layers=2, tiny_heads=4),
+        max_operand=49, corpus=6000, pretrain_steps=600, sft_demos=2000, sft_steps=200, bon_prompts=512, rl_prompts=1024,
+        grpo_steps=60, eval_prompts=256, samples_per_prompt=1, max_new_tokens=8),
+    ("arithmetic", True): dict(
+        model=dict(tiny_vocab_size=384, tiny_hidden_size=64, tiny_layers=2, tiny_heads=4),
+        max_operand=19, corpus=3000, pretrain_steps=400, sft_demos=3000, sft_steps=500, bon_prompts=128, rl_prompts=512,
+        grpo_steps=40, eval_prompts=128, samples_per_prompt=1, max_new_tokens=8),
+}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    """Write records, then rename into place: a killed write never leaves a half file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
     return path
 
 
-def _done(stage_dir: Path) -> bool:
-    return (stage_dir / "config.json").exists() and any(stage_dir.glob("*.safetensors"))
+def parse_overrides(overrides: list[str]) -> dict[str, dict]:
+    """["ppo.beta=0.1", ...] -> {"ppo": {"beta": 0.1}}; values parsed as YAML scalars."""
+    out: dict[str, dict] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"demo: override {item!r} is not stage.key=value")
+        out.setdefault(stage, {})[name] = yaml.safe_load(value)
+    return out
 
 
-def evaluate_format(model_dir: Path, records: list[dict], max_new_tokens: int = 8) -> dict[str, float]:
-    """Greedy completions of held-out arithmetic prompts: format-following, accuracy, EOS rate."""
-    from alignkit.data import pad_batch, tokenize_prompts
-    from alignkit.models.load import load_causal_lm, load_tokenizer
-    from alignkit.rollout.sampler import sample
+def _coerce(value, annotation, name: str):
+    """A YAML scalar as the config field's type (YAML reads 3e-3 as a string, 1 as an int)."""
+    if annotation in (float, int) and not isinstance(value, bool):
+        try:
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"demo: override {name}: expected {annotation.__name__}, got {value!r}") from None
+    if annotation is str:
+        return str(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ValueError(f"demo: override {name}: expected true or false, got {value!r}")
+    return value
+
+
+class Recipe:
+    """Runs stages in order, skipping finished ones, and collects their summaries."""
+
+    def __init__(self, cfg: DemoConfig, stage_names: list[str], config_classes: dict[str, type]):
+        self.cfg, self.root = cfg, Path(cfg.output_dir)
+        self.stage_names = stage_names
+        self.summaries: dict[str, dict] = {}
+        self.overrides = parse_overrides(cfg.overrides)
+        # Checked before any stage runs: a typo fails now, not an hour in.
+        for stage, keys in self.overrides.items():
+            if stage not in config_classes:
+                raise ValueError(f"demo: override for unknown stage {stage!r}; stages with keys: "
+                                 f"{', '.join(config_classes)}")
+            types = typing.get_type_hints(config_classes[stage])
+            for key, value in keys.items():
+                if key not in types:
+                    hint = difflib.get_close_matches(key, types, n=1)
+                    raise ValueError(f"demo: override {stage}.{key}: {config_classes[stage].__name__} has no key "
+                                     f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+                keys[key] = _coerce(value, types[key], f"{stage}.{key}")
+
+    def config(self, stage: str, cls, **keys):
+        """A stage's config: the recipe's keys, then the user's overrides (a frontier stage such as
+        dpo-beta0.5 takes dpo's, except beta)."""
+        family, _, variant = stage.partition("-")
+        overrides = {k: v for k, v in self.overrides.get(family, {}).items() if not (variant and k == "beta")}
+        return cls(**{**keys, **overrides})
+
+    def run(self, number: int, stage: str, description: str, fn) -> None:
+        folder = self.root / stage
+        marker = folder / DONE
+        header = f"[{number}/{len(self.stage_names)}] {stage}"
+        if marker.exists():
+            print(f"{header}: finished earlier ({folder}), skipped", flush=True)
+            self.summaries[stage] = json.loads(marker.read_text())
+            return
+        if self.cfg.stages and stage.split("-")[0] not in self.cfg.stages:
+            return
+        print(f"\n{header}: {description}", flush=True)
+        start = time.perf_counter()
+        summary = fn(folder) or {}
+        summary["seconds"] = round(time.perf_counter() - start, 1)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(DONE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, marker)
+        self.summaries[stage] = summary
+
+
+def _last(history: list[dict], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return values[-1] if values else None
+
+
+def _first(history: list[dict], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return values[0] if values else None
+
+
+# ---------------------------------------------------------------- sentiment
+
+
+def sentiment_stages(cfg: DemoConfig) -> dict:
+    from alignkit.tasks import annotators, sentiment
+    from alignkit.train import bon, dpo, grpo, kto, ppo, pretrain, reward, sft
+
+    p = PRESETS[(cfg.task, cfg.quick)]
+    root, seed = Path(cfg.output_dir), cfg.seed
+    data, prefs = root / "data", root / "preferences"
+    gold = "alignkit.tasks.sentiment:gold_reward"
+    betas = {"dpo": [0.1] + list(p["dpo_betas"]), "ppo": [0.05] + list(p["ppo_betas"])}
+    names = ["data", "pretrain", "sft", "preferences", "rm", "bon", "ppo", "grpo", "dpo", "kto"]
+    names += [f"{m}-beta{b:g}" for m in ("dpo", "ppo") for b in betas[m][1:]] + ["eval", "report"]
+    from alignkit.evaluate.policies import EvalConfig
+
+    recipe = Recipe(cfg, names, {"pretrain": pretrain.PretrainConfig, "sft": sft.SFTConfig, "rm": reward.RewardConfig,
+                                 "bon": bon.BoNConfig, "ppo": ppo.PPOConfig, "grpo": grpo.GRPOConfig,
+                                 "dpo": dpo.DPOConfig, "kto": kto.KTOConfig, "eval": EvalConfig})
+    common = dict(seed=seed, log_steps=5)
+    gen = dict(max_new_tokens=p["max_new_tokens"], temperature=1.0)
+
+    def make_data(folder):
+        write_jsonl(data / "corpus.jsonl", sentiment.corpus())
+        write_jsonl(data / "heldout_text.jsonl", sentiment.corpus(held_out=True)[:150])
+        demos = sentiment.sft_data(p["sft_demos"] + 200, seed=seed + 1, max_words=12)
+        write_jsonl(data / "sft.jsonl", demos[:-200])
+        write_jsonl(data / "sft_eval.jsonl", demos[-200:])
+        write_jsonl(data / "prompts.jsonl", sentiment.prompts(p["rl_prompts"] + p["pref_prompts"], seed=seed + 2))
+        write_jsonl(data / "prompts_eval.jsonl", sentiment.prompts(p["eval_prompts"], seed=seed + 3, held_out=True))
+        write_jsonl(data / "prompts_bon.jsonl", sentiment.prompts(p["bon_prompts"], seed=seed + 4))
+        return {"snippets": len(sentiment.snippets()), "demonstrations": p["sft_demos"]}
+
+    def run_pretrain(folder):
+        r = pretrain.run(recipe.config("pretrain", pretrain.PretrainConfig,
+            data=str(data / "corpus.jsonl"), eval_data=str(data / "heldout_text.jsonl"), output_dir=str(folder),
+            max_steps=p["pretrain_steps"], batch_size=32, max_length=64, lr=3e-3, **p["model"], **common))
+        return {"heldout_perplexity": r.eval_metrics.get("perplexity"), "steps": r.steps}
+
+    def run_sft(folder):
+        r = sft.run(recipe.config("sft", sft.SFTConfig,
+            model=str(root / "pretrain"), data=str(data / "sft.jsonl"), eval_data=str(data / "sft_eval.jsonl"),
+            output_dir=str(folder), max_steps=p["sft_steps"], batch_size=32, max_length=128, lr=3e-3, **common))
+        return {"heldout_loss": r.eval_metrics.get("loss")}
+
+    def run_preferences(folder):
+        # k SFT samples of each prompt: k/2 preference pairs, one ranking of k, k thumbs.
+        from alignkit.data import load_records, tokenize_prompts
+        from alignkit.models.load import load_causal_lm, load_tokenizer
+        from alignkit.rollout.best_of_n import sample_and_score
+
+        model, tokenizer = load_causal_lm(str(root / "sft")).eval(), load_tokenizer(str(root / "sft"))
+        records = load_records(str(data / "prompts.jsonl"), "prompts")[p["rl_prompts"]:]
+        examples, _ = tokenize_prompts(records, tokenizer, max_length=64)
+        s = sample_and_score(model, tokenizer, examples, p["pref_samples"], [sentiment.gold_reward], [1.0],
+                             seed=seed, batch_size=256, **gen)
+        prompts = [r["prompt"] for r in records]
+        t = cfg.annotator_temperature
+        pairs, counts = annotators.preference_pairs(prompts, s.texts, s.rewards, t, seed=seed)
+        thumbs, threshold = annotators.thumbs(prompts, s.texts, s.rewards, t, seed=seed)
+        write_jsonl(folder / "preferences.jsonl", pairs)
+        write_jsonl(folder / "rankings.jsonl", annotators.rankings(prompts, s.texts, s.rewards, t, seed=seed))
+        write_jsonl(folder / "thumbs.jsonl", thumbs)
+        print(f"preferences: {counts['pairs']} pairs ({counts['ties_skipped']} gold ties and "
+              f"{counts['empty_skipped']} with an empty completion skipped, "
+              f"{counts['against_gold']} labels against the gold order at T={t}), {len(thumbs)} thumbs "
+              f"(up above gold {threshold:+.3f})", flush=True)
+        return {**counts, "thumbs": len(thumbs), "thumbs_threshold": threshold,
+                "sft_sample_gold": sum(s.rewards) / len(s.rewards)}
+
+    def run_rm(folder):
+        r = reward.run(recipe.config("rm", reward.RewardConfig,
+            model=str(root / "sft"), data=str(prefs / "rankings.jsonl"), data_kind="ranking", eval_fraction=0.1,
+            output_dir=str(folder), epochs=p["rm_epochs"], batch_size=8, max_length=64, lr=1e-3, **common))
+        return {"heldout_accuracy": r.eval_metrics.get("accuracy")}
+
+    prompts_rl = str(data / "prompts.jsonl")
+    rm_path = str(root / "rm")
+    # The gold reward rides along with weight 0: logged next to the proxy, never optimised.
+    watched = dict(reward=[rm_path, gold], reward_weights=[1.0, 0.0])
+
+    def run_bon(folder):
+        r = bon.run(recipe.config("bon", bon.BoNConfig,
+            model=str(root / "sft"), data=str(data / "prompts_bon.jsonl"), output_dir=str(folder), reward=[rm_path],
+            num_samples=16, epochs=2.0, batch_size=16, max_length=64, lr=2e-3, eval_fraction=0.0,
+            **gen, **common))
+        return {"kept": sum(x.kept for x in r.rounds) if r.rounds else None}
+
+    def run_ppo(beta):
+        def fn(folder):
+            history = ppo.run(recipe.config("ppo", ppo.PPOConfig,
+                model=str(root / "sft"), data=prompts_rl, output_dir=str(folder), max_steps=p["ppo_steps"],
+                rollout_batch_size=32, batch_size=16, ppo_epochs=2, lr=5e-4, beta=beta, max_length=64,
+                **watched, **gen, **common))
+            return {"beta": beta, "reward_first": _first(history, "train/reward"),
+                    "reward_last": _last(history, "train/reward"), "kl_last": _last(history, "train/kl_per_completion")}
+        return fn
+
+    def run_grpo(folder):
+        r = grpo.run(recipe.config("grpo", grpo.GRPOConfig,
+            model=str(root / "sft"), data=prompts_rl, output_dir=str(folder), max_steps=p["grpo_steps"],
+            batch_size=64, num_generations=8, lr=5e-4, beta=0.04, eval_fraction=0.0, max_length=64,
+            **watched, **gen, **common))
+        return {"reward_first": _first(r.history, "train/reward"), "reward_last": _last(r.history, "train/reward")}
+
+    def run_dpo(beta):
+        def fn(folder):
+            r = dpo.run(recipe.config("dpo", dpo.DPOConfig,
+                model=str(root / "sft"), data=str(prefs / "preferences.jsonl"), eval_fraction=0.1,
+                output_dir=str(folder), max_steps=p["dpo_steps"], epochs=2.0, batch_size=16, max_length=64, lr=5e-4,
+                beta=beta, **common))
+            return {"beta": beta, "heldout_accuracy": r.eval_metrics.get("rewards/accuracy")}
+        return fn
+
+    def run_kto(folder):
+        r = kto.run(recipe.config("kto", kto.KTOConfig,
+            model=str(root / "sft"), data=str(prefs / "thumbs.jsonl"), eval_fraction=0.1, output_dir=str(folder),
+            max_steps=p["kto_steps"], epochs=1.0, batch_size=16, max_length=64, lr=5e-4, **common))
+        return {"heldout_loss": r.eval_metrics.get("loss")}
+
+    def policies() -> list[str]:
+        found = ["base=" + str(root / "pretrain"), "sft=" + str(root / "sft")]
+        for name in ["bon", "ppo", "grpo", "dpo", "kto"] + names[10:-2]:
+            if (root / name / DONE).exists():
+                found.append(f"{name}={root / name}")
+        return found
+
+    def run_eval(folder):
+        from alignkit.evaluate.policies import evaluate
+
+        result = evaluate(recipe.config("eval", EvalConfig,
+            models=policies(), prompts=str(data / "prompts_eval.jsonl"), reward=[gold], proxy_reward=rm_path,
+            reference="sft", text_data=str(data / "heldout_text.jsonl"), samples_per_prompt=p["samples_per_prompt"],
+            max_new_tokens=p["max_new_tokens"], seed=seed, output=str(folder / "eval.json")))
+        return {"leaderboard": [r["model"] for r in result["leaderboard"]]}
+
+    stages = [
+        ("data", "real movie-review snippets: corpus, positive demonstrations, prompts", make_data),
+        ("pretrain", "a tiny Llama on reviews of both polarities", run_pretrain),
+        ("sft", "fine-tune on positive demonstrations", run_sft),
+        ("preferences", "SFT samples labelled by simulated annotators", run_preferences),
+        ("rm", "Bradley-Terry reward model on the annotators' rankings (all pairs of each)", run_rm),
+        ("bon", "rejection sampling: best of 16 by the reward model, fine-tuned on", run_bon),
+        ("ppo", "PPO on the reward model, KL penalty to SFT (beta 0.05)", run_ppo(0.05)),
+        ("grpo", "GRPO on the reward model, 8 samples per prompt", run_grpo),
+        ("dpo", "DPO on the annotators' pairs (beta 0.1)", run_dpo(0.1)),
+        ("kto", "KTO on the annotators' thumbs", run_kto),
+    ]
+    stages += [(f"dpo-beta{b:g}", f"DPO at beta {b} (frontier)", run_dpo(b)) for b in betas["dpo"][1:]]
+    stages += [(f"ppo-beta{b:g}", f"PPO at beta {b} (frontier)", run_ppo(b)) for b in betas["ppo"][1:]]
+    stages += [("eval", "every policy on held-out prompts, and the arena", run_eval),
+               ("report", "the HTML report", lambda folder: make_report(root))]
+    return {"recipe": recipe, "stages": stages}
+
+
+def make_report(root: Path) -> dict:
+    from alignkit.evaluate.report import write_report
+
+    path = write_report(root)
+    return {"path": str(path)}
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def arithmetic_stages(cfg: DemoConfig) -> dict:
     from alignkit.tasks import arithmetic
+    from alignkit.train import bon, grpo, pretrain, sft
 
-    model, tokenizer = load_causal_lm(str(model_dir)), load_tokenizer(str(model_dir))
-    examples, _ = tokenize_prompts([{"prompt": r["prompt"]} for r in records], tokenizer, max_length=256)
-    batch = pad_batch(examples, tokenizer.pad_token_id, side="left")
-    rollout = sample(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, temperature=0.0)
-    ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    ended = rollout.ended.tolist()
-    scores = [arithmetic.score(t, r["answer"]) for t, r in zip(texts, records)]
-    n = len(records)
-    return {
-        "follows_format": sum(s["follows_format"] and e for s, e in zip(scores, ended)) / n,
-        "correct": sum(s["correct"] and e for s, e in zip(scores, ended)) / n,
-        "ends_with_eos": sum(ended) / n,
-        "examples": [(r["prompt"], t) for r, t in zip(records[:3], texts[:3])],
-    }
+    p = PRESETS[(cfg.task, cfg.quick)]
+    root, seed = Path(cfg.output_dir), cfg.seed
+    data = root / "data"
+    gold = "alignkit.tasks.arithmetic:exact_match"
+    names = ["data", "pretrain", "sft", "bon", "grpo", "eval", "report"]
+    from alignkit.evaluate.policies import EvalConfig
+
+    recipe = Recipe(cfg, names, {"pretrain": pretrain.PretrainConfig, "sft": sft.SFTConfig, "bon": bon.BoNConfig,
+                                 "grpo": grpo.GRPOConfig, "eval": EvalConfig})
+    common = dict(seed=seed, log_steps=5)
+
+    def make_data(folder):
+        write_jsonl(data / "corpus.jsonl", arithmetic.corpus(p["corpus"], seed=seed, max_operand=p["max_operand"]))
+        records = arithmetic.sft_data(p["sft_demos"] + 100 + p["rl_prompts"] + p["eval_prompts"], seed=seed + 1,
+                                      max_operand=p["max_operand"])
+        demos, rest = records[:p["sft_demos"] + 100], records[p["sft_demos"] + 100:]
+        write_jsonl(data / "sft.jsonl", demos[:-100])
+        write_jsonl(data / "sft_eval.jsonl", demos[-100:])
+        write_jsonl(data / "prompts.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]} for r in rest[:p["rl_prompts"]]])
+        write_jsonl(data / "prompts_bon.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]} for r in rest[:p["bon_prompts"]]])
+        write_jsonl(data / "prompts_eval.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]} for r in rest[p["rl_prompts"]:]])
+        write_jsonl(data / "heldout_text.jsonl", arithmetic.corpus(200, seed=seed + 9, max_operand=p["max_operand"]))
+        return {"demonstrations": p["sft_demos"]}
+
+    def run_pretrain(folder):
+        r = pretrain.run(recipe.config("pretrain", pretrain.PretrainConfig,
+            data=str(data / "corpus.jsonl"), eval_data=str(data / "heldout_text.jsonl"), output_dir=str(folder),
+            max_steps=p["pretrain_steps"], batch_size=16, max_length=64, lr=3e-3, **p["model"], **common))
+        return {"heldout_perplexity": r.eval_metrics.get("perplexity")}
+
+    def run_sft(folder):
+        r = sft.run(recipe.config("sft", sft.SFTConfig,
+            model=str(root / "pretrain"), data=str(data / "sft.jsonl"), eval_data=str(data / "sft_eval.jsonl"),
+            output_dir=str(folder), max_steps=p["sft_steps"], batch_size=16, max_length=64, lr=2e-3, **common))
+        return {"heldout_loss": r.eval_metrics.get("loss")}
+
+    gen = dict(max_new_tokens=p["max_new_tokens"], temperature=1.0)
+
+    def run_bon(folder):
+        r = bon.run(recipe.config("bon", bon.BoNConfig,
+            model=str(root / "sft"), data=str(data / "prompts_bon.jsonl"), output_dir=str(folder), reward=[gold],
+            num_samples=8, epochs=1.0, batch_size=16, max_length=64, lr=5e-4, eval_fraction=0.0, **gen, **common))
+        return {"kept": sum(x.kept for x in r.rounds) if r.rounds else None}
+
+    def run_grpo(folder):
+        r = grpo.run(recipe.config("grpo", grpo.GRPOConfig,
+            model=str(root / "sft"), data=str(data / "prompts.jsonl"), output_dir=str(folder), reward=[gold],
+            max_steps=p["grpo_steps"], batch_size=64, num_generations=8, lr=5e-4, beta=0.0, eval_fraction=0.0,
+            max_length=64, **gen, **common))
+        return {"reward_first": _first(r.history, "train/reward"), "reward_last": _last(r.history, "train/reward")}
+
+    def run_eval(folder):
+        from alignkit.evaluate.policies import evaluate
+
+        models = [f"{m}={root / m}" for m in ("pretrain", "sft", "bon", "grpo") if (root / m / DONE).exists()]
+        models[0] = models[0].replace("pretrain=", "base=")
+        result = evaluate(recipe.config("eval", EvalConfig,
+            models=models, prompts=str(data / "prompts_eval.jsonl"), reward=[gold], reference="sft",
+            text_data=str(data / "heldout_text.jsonl"), samples_per_prompt=p["samples_per_prompt"],
+            max_new_tokens=p["max_new_tokens"], temperature=1.0, seed=seed, output=str(folder / "eval.json")))
+        return {"leaderboard": [r["model"] for r in result["leaderboard"]]}
+
+    stages = [
+        ("data", "generated sums: corpus in prose, question/answer demonstrations, prompts", make_data),
+        ("pretrain", "a tiny Llama on sums stated in prose", run_pretrain),
+        ("sft", "fine-tune on the question/answer format", run_sft),
+        ("bon", "rejection sampling: best of 8 by exact match, fine-tuned on", run_bon),
+        ("grpo", "GRPO on exact match, 8 samples per prompt", run_grpo),
+        ("eval", "every policy on held-out questions (gold = exact match)", run_eval),
+        ("report", "the HTML report", lambda folder: make_report(root)),
+    ]
+    return {"recipe": recipe, "stages": stages}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from alignkit.tasks import arithmetic
-    from alignkit.train import pretrain, sft
+    import torch
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
+    plan = (sentiment_stages if cfg.task == "sentiment" else arithmetic_stages)(cfg)
+    recipe: Recipe = plan["recipe"]
+    unknown = set(cfg.stages) - {s.split("-")[0] for s in recipe.stage_names}
+    if unknown:
+        raise ValueError(f"demo: unknown stage(s) {sorted(unknown)}; stages: {', '.join(recipe.stage_names)}")
+    for i, (name, description, fn) in enumerate(plan["stages"], 1):
+        recipe.run(i, name, description, fn)
+    seconds = time.perf_counter() - start
+    summary = {"task": cfg.task, "quick": cfg.quick, "seconds": round(seconds, 1), "stages": recipe.summaries}
     root = Path(cfg.output_dir)
-    n_corpus, n_sft, pre_steps, sft_steps = (1500, 400, 150, 60) if cfg.quick else (6000, 2000, 600, 200)
-    corpus = _write_jsonl(root / "data/corpus.jsonl", arithmetic.corpus(n_corpus, seed=cfg.seed))
-    sft_records = arithmetic.sft_data(n_sft + 100, seed=cfg.seed + 1)
-    sft_train = _write_jsonl(root / "data/sft.jsonl", sft_records[:n_sft])
-    sft_eval = _write_jsonl(root / "data/sft_eval.jsonl", sft_records[n_sft:])
-    summary: dict = {}
-
-    base = root / "base"
-    if _done(base):
-        print(f"[1/3] pretrain: {base} exists, skipped")
-    else:
-        print("[1/3] pretrain a tiny Llama on the generated corpus")
-        result = pretrain.run(pretrain.PretrainConfig(
-            data=str(corpus), output_dir=str(base), max_steps=pre_steps, batch_size=16, max_length=64,
-            lr=3e-3, tiny_vocab_size=384, tiny_hidden_size=64, tiny_layers=2, tiny_heads=4,
-            log_steps=25, seed=cfg.seed,
-        ))
-        first = next(h for h in result.history if "train/loss" in h)
-        summary["pretrain"] = {"first_train_loss": first["train/loss"], **result.eval_metrics}
-
-    tuned = root / "sft"
-    if _done(tuned):
-        print(f"[2/3] sft: {tuned} exists, skipped")
-    else:
-        print("[2/3] supervised fine-tuning on question/answer pairs")
-        result = sft.run(sft.SFTConfig(
-            model=str(base), data=str(sft_train), eval_data=str(sft_eval), output_dir=str(tuned),
-            max_steps=sft_steps, batch_size=16, max_length=64, lr=2e-3, log_steps=20, seed=cfg.seed,
-        ))
-        summary["sft"] = dict(result.eval_metrics)
-
-    print("[3/3] greedy completions of held-out prompts, base vs SFT")
-    held_out = sft_records[n_sft:]
-    summary["base_format"] = evaluate_format(base, held_out)
-    summary["sft_format"] = evaluate_format(tuned, held_out)
-    summary["seconds"] = time.perf_counter() - start
-
-    lines = ["", "== demo summary ==", f"run directory: {root}"]
-    if "pretrain" in summary:
-        p = summary["pretrain"]
-        lines.append(f"pretrain: train loss {p['first_train_loss']:.3f} at first log -> held-out loss {p['loss']:.3f} (perplexity {p['perplexity']:.2f})")
-    if "sft" in summary:
-        lines.append(f"sft: held-out response loss {summary['sft']['loss']:.3f}, token accuracy {summary['sft']['accuracy']:.3f}")
-    for name in ("base", "sft"):
-        s = summary[f"{name}_format"]
-        lines.append(f"{name:>4}: follows the answer format {s['follows_format']:.0%}, correct {s['correct']:.0%}, ends with EOS {s['ends_with_eos']:.0%}")
-    prompt, completion = summary["sft_format"]["examples"][0]
-    lines.append(f"example: {prompt!r} -> {completion!r}")
-    lines.append(f"checkpoints: {base} (base), {tuned} (sft); took {summary['seconds']:.0f} s")
-    print("\n".join(lines), flush=True)
+    eval_path = root / "eval" / "eval.json"
+    if eval_path.exists():
+        summary["eval"] = json.loads(eval_path.read_text())
+    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(format_summary(summary, root), flush=True)
     return summary
+
+
+def format_summary(summary: dict, root: Path) -> str:
+    from alignkit.evaluate.policies import format_table
+
+    lines = ["", f"== demo summary: task {summary['task']}{' (quick)' if summary['quick'] else ''}, "
+                 f"{summary['seconds']:.0f} s this run ==", f"run directory: {root}"]
+    stage_line = ", ".join(f"{name} {s.get('seconds', 0):.0f}s" for name, s in summary["stages"].items())
+    lines.append(f"stage times (when run): {stage_line}")
+    if "eval" in summary:
+        lines.append("")
+        lines.append(format_table(summary["eval"]))
+    if (root / "report" / "report.html").exists():
+        lines.append(f"\nreport: {root / 'report' / 'report.html'}   numbers: {root / 'summary.json'}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -13,7 +13,8 @@ often on close pairs. The three kinds of label the offline methods read:
     thumbs    {"prompt", "completion", "label"}     up with probability sigmoid((g - threshold) / T)
 
 A pair whose gold rewards tie (|g_a - g_b| <= min_gap) carries no preference: the label
-would be a coin flip, so it is skipped and counted rather than kept.
+would be a coin flip, so it is skipped and counted rather than kept. An empty completion
+(the sampler emitted EOS at once) cannot be a data row; it is skipped and counted too.
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ def preference_pairs(prompts: list[str], completions: list[str], gold: list[floa
     the annotators' noise, which the reward model has to average out).
     """
     rng = random.Random(seed)
-    records, ties, against = [], 0, 0
+    records, ties, against, empty = [], 0, 0, 0
     for prompt, texts, g in _groups(prompts, completions, gold):
         for a in range(0, len(texts) - 1, 2):
             b = a + 1
+            if not texts[a].strip() or not texts[b].strip():
+                empty += 1
+                continue
             if abs(g[a] - g[b]) <= min_gap:
                 ties += 1
                 continue
@@ -62,12 +66,12 @@ def preference_pairs(prompts: list[str], completions: list[str], gold: list[floa
             chosen, rejected = (a, b) if first else (b, a)
             against += g[chosen] < g[rejected]
             records.append({"prompt": prompt, "chosen": texts[chosen], "rejected": texts[rejected]})
-    return records, {"pairs": len(records), "ties_skipped": ties, "against_gold": against}
+    return records, {"pairs": len(records), "ties_skipped": ties, "empty_skipped": empty, "against_gold": against}
 
 
 def rankings(prompts: list[str], completions: list[str], gold: list[float], temperature: float = 0.1,
              seed: int = 0) -> list[dict]:
-    """Rank all completions of each prompt, best first, by a Plackett-Luce draw.
+    """Rank the non-empty completions of each prompt, best first, by a Plackett-Luce draw.
 
     Sorting by g/T + Gumbel(0, 1) noise draws the order from Plackett-Luce with weights
     exp(g/T): the first place goes to i with probability exp(g_i/T) / sum_j exp(g_j/T),
@@ -80,14 +84,15 @@ def rankings(prompts: list[str], completions: list[str], gold: list[float], temp
             keys = list(g)
         else:
             keys = [gi / temperature - math.log(-math.log(rng.random() or 1e-300)) for gi in g]
-        order = sorted(range(len(texts)), key=lambda i: -keys[i])
-        out.append({"prompt": prompt, "responses": [texts[i] for i in order]})
+        order = [i for i in sorted(range(len(texts)), key=lambda i: -keys[i]) if texts[i].strip()]
+        if len(order) >= 2:
+            out.append({"prompt": prompt, "responses": [texts[i] for i in order]})
     return out
 
 
 def thumbs(prompts: list[str], completions: list[str], gold: list[float], temperature: float = 0.1,
            threshold: float | None = None, seed: int = 0) -> tuple[list[dict], float]:
-    """Thumbs up (label True) with probability sigmoid((g - threshold) / T), one completion at a time.
+    """Thumbs up (label True) with probability sigmoid((g - threshold) / T), one non-empty completion at a time.
 
     `threshold` defaults to the median gold reward of the completions shown, so about half
     get a thumbs up: an annotator judges against what they typically see. Returns the
@@ -101,6 +106,8 @@ def thumbs(prompts: list[str], completions: list[str], gold: list[float], temper
     out = []
     for prompt, texts, g in _groups(prompts, completions, gold):
         for text, gi in zip(texts, g):
+            if not text.strip():
+                continue
             up = gi > threshold if temperature <= 0 else rng.random() < sigmoid((gi - threshold) / temperature)
             out.append({"prompt": prompt, "completion": text, "label": bool(up)})
     return out, threshold

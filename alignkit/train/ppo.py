@@ -150,7 +150,7 @@ def run(cfg: PPOConfig):
         texts = tokenizer.batch_decode(roll.completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
         fields = {k: [ex["fields"].get(k) for ex in chunk] for k in chunk[0]["fields"]}
-        scores, _, _ = score(reward_fns, weights, [ex["prompt"] for ex in chunk], texts, fields,
+        scores, _, per_source = score(reward_fns, weights, [ex["prompt"] for ex in chunk], texts, fields,
                              timeout=cfg.reward_timeout)
         scores = (scores - cfg.missing_eos_penalty * (~roll.ended.cpu()).float()).to(device)
         with torch.no_grad(), accelerator.autocast():
@@ -206,7 +206,9 @@ def run(cfg: PPOConfig):
                   "train/entropy": float(entropy), "train/explained_variance": explained_variance(old_values, returns, mask),
                   "train/completion_length": float(mask.sum(-1).float().mean()),
                   "train/ended_with_eos": float(roll.ended.float().mean()), "train/beta": beta,
-                  "train/first_minibatch_ratio_dev": first_ratio_dev, "train/first_minibatch_clipfrac": first_clipfrac}
+                  "train/first_minibatch_ratio_dev": first_ratio_dev, "train/first_minibatch_clipfrac": first_clipfrac,
+                  # each reward source's mean; one with weight 0 is watched, not optimised (e.g. a gold reward)
+                  **{f"train/reward/{k}": v for k, v in per_source.items()}}
         if (step + 1) % cfg.log_steps == 0 or step + 1 == total_steps:
             log(record)
         bar.set_postfix(reward=f"{record['train/reward']:.3f}", kl=f"{kl_per_completion:.2f}")

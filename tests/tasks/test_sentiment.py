@@ -50,7 +50,9 @@ def test_preference_pairs_skip_ties_and_count_disagreements():
     gold = [0.9, 0.1, 0.5, 0.5, -0.2, 0.3]
     records, counts = annotators.preference_pairs(prompts, completions, gold, temperature=0.0)
     assert records == [{"prompt": "p1", "chosen": "a", "rejected": "b"}, {"prompt": "p3", "chosen": "f", "rejected": "e"}]
-    assert counts == {"pairs": 2, "ties_skipped": 1, "against_gold": 0}
+    assert counts == {"pairs": 2, "ties_skipped": 1, "empty_skipped": 0, "against_gold": 0}
+    _, counts = annotators.preference_pairs(["p"], ["a", ""], [0.5, 0.0])
+    assert counts["empty_skipped"] == 1 and counts["pairs"] == 0
     with pytest.raises(ValueError, match="same number of completions"):
         annotators.preference_pairs(prompts, completions[:5], gold[:5])
 

@@ -1,0 +1,66 @@
+"""End to end: `alignkit demo --quick` on both built-in tasks, and resuming after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignkit.pipeline import DemoConfig, run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_until(output_dir: Path, marker: str, timeout: float = 600) -> list[str]:
+    """Start the quick sentiment demo in a subprocess and kill it once `marker` is printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit", "demo", "--quick", "--output_dir", str(output_dir)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, start_new_session=True)
+    lines, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line or time.monotonic() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert any(marker in line for line in lines), "".join(lines[-30:])
+    return lines
+
+
+def test_sentiment_demo_aligns_and_resumes_after_a_kill(tmp_path, capsys):
+    out = tmp_path / "demo"
+    # Killed in the middle of rejection sampling (its training bar has started).
+    _run_until(out, "] bon: rejection sampling")
+    assert (out / "rm" / "stage.json").exists() and not (out / "bon" / "stage.json").exists()
+    rm_stamp = (out / "rm" / "stage.json").stat().st_mtime_ns
+
+    summary = run_demo(DemoConfig(output_dir=str(out), quick=True))
+    printed = capsys.readouterr().out
+    for stage in ("data", "pretrain", "sft", "preferences", "rm"):
+        assert f"{stage}: finished earlier" in printed, stage
+    assert (out / "rm" / "stage.json").stat().st_mtime_ns == rm_stamp  # not redone
+
+    models = summary["eval"]["models"]
+    gold = {name: m["gold"] for name, m in models.items()}
+    assert gold["sft"] > gold["base"] + 0.05, gold
+    for name in ("bon", "ppo", "grpo", "dpo"):
+        assert gold[name] > gold["sft"] + 0.05, (name, gold)
+    for name, m in models.items():
+        assert abs(m["kl"]) < 1e4 and m["kl"] == m["kl"], (name, m["kl"])  # finite and reported
+    board = [r["model"] for r in summary["eval"]["leaderboard"]]
+    best_aligned = max(("bon", "ppo", "grpo", "dpo", "kto"), key=gold.get)
+    assert board.index("sft") > board.index(best_aligned), board
+    report = (out / "report" / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 3 and "Samples side by side" in report
+    assert json.loads((out / "summary.json").read_text())["eval"]["reference"] == "sft"
+
+
+def test_demo_rejects_unknown_stages_and_overrides(tmp_path):
+    with pytest.raises(ValueError, match="unknown stage"):
+        run_demo(DemoConfig(output_dir=str(tmp_path), stages=["pretrian"]))
+    with pytest.raises(ValueError, match="did you mean 'beta'"):
+        run_demo(DemoConfig(output_dir=str(tmp_path), overrides=["ppo.betta=0.1"], stages=["ppo"]))
