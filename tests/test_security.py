@@ -53,3 +53,20 @@ def test_remote_code_is_never_trusted_implicitly(monkeypatch, tiny_model_dir):
     load_causal_lm(str(tiny_model_dir))
     load_tokenizer(str(tiny_model_dir))
     assert seen == [False, False]
+
+
+def test_hub_datasets_load_without_remote_code(monkeypatch):
+    # datasets >= 4 runs no loading scripts at all; alignkit never asks it to trust remote code either.
+    import datasets
+
+    from alignkit.data import load_records
+
+    seen = []
+
+    def spy(name, *args, **kwargs):
+        seen.append((name, kwargs))
+        return datasets.Dataset.from_list([{"text": "a review"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    assert [r["text"] for r in load_records("someone/reviews", "text")] == ["a review"]
+    assert seen == [("someone/reviews", {"split": "train"})]
