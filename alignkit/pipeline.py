@@ -70,8 +70,8 @@ class DemoConfig:
 # Sizes of each task's run; `quick` halves most of them. Stage configs get the rest of their keys from here.
 PRESETS = {
     ("sentiment", False): dict(
-        model=dict(tiny_vocab_size=1024, tiny_hidden_size=128, tiny_layers=4, tiny_heads=4),
-        pretrain_steps=1500, sft_demos=3000, sft_steps=400, pref_prompts=1024, pref_samples=8, rm_epochs=2.0, bon_prompts=512,
+        model=dict(tiny_vocab_size=1024, tiny_hidden_size=96, tiny_layers=3, tiny_heads=4),
+        pretrain_steps=800, sft_demos=2800, sft_steps=300, pref_prompts=1024, pref_samples=8, rm_epochs=2.0, bon_prompts=512,
         rl_prompts=1024, ppo_steps=60, grpo_steps=60, dpo_steps=0, kto_steps=0, eval_prompts=256, samples_per_prompt=2, max_new_tokens=24,
         dpo_betas=[0.05, 0.5], ppo_betas=[0.02, 0.2]),
     ("sentiment", True): dict(
@@ -395,7 +395,8 @@ def arithmetic_stages(cfg: DemoConfig) -> dict:
     def run_bon(folder):
         r = bon.run(recipe.config("bon", bon.BoNConfig,
             model=str(root / "sft"), data=str(data / "prompts_bon.jsonl"), output_dir=str(folder), reward=[gold],
-            num_samples=8, epochs=1.0, batch_size=16, max_length=64, lr=5e-4, eval_fraction=0.0, **gen, **common))
+            # exact match ties at 0 when no sample is right: "best" would then keep a wrong answer
+            keep="threshold", threshold=1.0, num_samples=8, epochs=1.0, batch_size=16, max_length=64, lr=5e-4, eval_fraction=0.0, **gen, **common))
         return {"kept": sum(x.kept for x in r.rounds) if r.rounds else None}
 
     def run_grpo(folder):
@@ -420,7 +421,7 @@ def arithmetic_stages(cfg: DemoConfig) -> dict:
         ("data", "generated sums: corpus in prose, question/answer demonstrations, prompts", make_data),
         ("pretrain", "a tiny Llama on sums stated in prose", run_pretrain),
         ("sft", "fine-tune on the question/answer format", run_sft),
-        ("bon", "rejection sampling: best of 8 by exact match, fine-tuned on", run_bon),
+        ("bon", "rejection sampling: the correct ones of 8 samples, fine-tuned on", run_bon),
         ("grpo", "GRPO on exact match, 8 samples per prompt", run_grpo),
         ("eval", "every policy on held-out questions (gold = exact match)", run_eval),
         ("report", "the HTML report", lambda folder: make_report(root)),
