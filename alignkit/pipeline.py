@@ -72,7 +72,7 @@ PRESETS = {
     ("sentiment", False): dict(
         model=dict(tiny_vocab_size=1024, tiny_hidden_size=96, tiny_layers=3, tiny_heads=4),
         pretrain_steps=800, sft_demos=2800, sft_steps=300, pref_prompts=1024, pref_samples=8, rm_epochs=2.0, bon_prompts=512,
-        rl_prompts=1024, ppo_steps=60, grpo_steps=60, dpo_steps=0, kto_steps=0, eval_prompts=256, samples_per_prompt=2, max_new_tokens=24,
+        rl_prompts=1024, ppo_steps=60, grpo_steps=60, dpo_steps=200, kto_steps=200, eval_prompts=256, samples_per_prompt=2, max_new_tokens=24,
         dpo_betas=[0.05, 0.5], ppo_betas=[0.02, 0.2]),
     ("sentiment", True): dict(
         model=dict(tiny_vocab_size=768, tiny_hidden_size=64, tiny_layers=2, tiny_heads=4),
