@@ -5,7 +5,10 @@
 
 Both libraries get the same tiny Llama directory and tokenizer, the same preference
 pairs, batch size, max length, learning rate, beta and step count, each run in a
-fresh subprocess, alternating alignkit / TRL. TRL is installed with `pip --target`
+fresh subprocess, alternating alignkit / TRL, on `--threads` torch threads (1 by default:
+on this shared 2-core machine 2 threads collapsed ~10x under other people's load, as in
+grpo_step.py). Both libraries' figures count the optimiser steps plus, with a precomputed
+reference, the reference pass over the training pairs. TRL is installed with `pip --target`
 into benchmarks/.trl (its other requirements are already alignkit's), never into
 the project environment. Figures to quote are the ratios from one invocation.
 """
@@ -76,10 +79,10 @@ def child_alignkit(work: Path, args) -> dict:
         log_steps=args.steps, lr_scheduler="constant", warmup_ratio=0.0,
     ))
     job_s = time.perf_counter() - start
-    # Like TRL's trainer.train(): the optimiser steps plus the reference pass over the training pairs.
+    # The optimiser steps plus the reference pass over the training pairs, for both libraries.
     train_s = result.train_seconds + (precompute_s[0] if precompute_s else 0.0)
-    return {"job_s": job_s, "train_s": train_s, "eval_accuracy": result.eval_metrics["rewards/accuracy"],
-            "eval_loss": result.eval_metrics["loss"]}
+    return {"job_s": job_s, "train_s": train_s, "reference_pass_s": sum(precompute_s[:1]),
+            "eval_accuracy": result.eval_metrics["rewards/accuracy"], "eval_loss": result.eval_metrics["loss"]}
 
 
 def child_trl(work: Path, args) -> dict:
@@ -90,8 +93,23 @@ def child_trl(work: Path, args) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     hf_logging.disable_progress_bar()
+    # TRL 1.16 runs its reference pass inside DPOTrainer(...), not in train(): time the pass over
+    # the training pairs and add it to train_s, as for alignkit. A fresh datasets cache per child
+    # keeps TRL from reading the log-probs an earlier child cached on disk (alignkit caches none).
+    precompute_s = []
+    trl_precompute = DPOTrainer._precompute_ref_logps
+
+    def timed_precompute(self, dataset, name, *a, **k):
+        start = time.perf_counter()
+        out = trl_precompute(self, dataset, name, *a, **k)
+        if name == "train":
+            precompute_s.append(time.perf_counter() - start)
+        return out
+
+    DPOTrainer._precompute_ref_logps = timed_precompute
     start = time.perf_counter()
-    data = load_dataset("json", data_files={"train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl")})
+    data = load_dataset("json", data_files={"train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl")},
+                        cache_dir=tempfile.mkdtemp(dir=work, prefix="hf-cache-"))
     model = AutoModelForCausalLM.from_pretrained(work / "model")
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     config = DPOConfig(
@@ -105,19 +123,22 @@ def child_trl(work: Path, args) -> dict:
                          processing_class=tokenizer)
     train_start = time.perf_counter()
     trainer.train()
-    train_s = time.perf_counter() - train_start
+    train_s = time.perf_counter() - train_start + (precompute_s[0] if precompute_s else 0.0)
     metrics = trainer.evaluate()
     trainer.save_model(str(work / f"out-trl-{args.precompute}"))
     job_s = time.perf_counter() - start
-    return {"job_s": job_s, "train_s": train_s, "eval_accuracy": metrics["eval_rewards/accuracies"],
-            "eval_loss": metrics["eval_loss"]}
+    return {"job_s": job_s, "train_s": train_s, "reference_pass_s": sum(precompute_s[:1]),
+            "eval_accuracy": metrics["eval_rewards/accuracies"], "eval_loss": metrics["eval_loss"]}
 
 
 def run_child(lib: str, work: Path, args, precompute: int) -> dict:
     cmd = [sys.executable, __file__, "--child", lib, "--work", str(work), "--precompute", str(precompute),
            "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--max_length", str(args.max_length),
-           "--lr", str(args.lr)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+           "--lr", str(args.lr), "--threads", str(args.threads)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads > 0:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{lib} run failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -133,9 +154,14 @@ def main() -> None:
     parser.add_argument("--child", choices=["alignkit", "trl"])
     parser.add_argument("--work")
     parser.add_argument("--precompute", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (0: torch's default)")
     args = parser.parse_args()
 
     if args.child:
+        import torch
+
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
         out = (child_alignkit if args.child == "alignkit" else child_trl)(Path(args.work), args)
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(out))
@@ -144,7 +170,7 @@ def main() -> None:
     ensure_trl()
     pairs = args.steps * args.batch_size
     report = {"benchmark": "dpo_throughput", "trl_version": TRL_VERSION, "pairs": pairs, "steps": args.steps,
-              "batch_size": args.batch_size, "max_length": args.max_length, "cases": {}}
+              "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads, "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         build_fixture(work, n_pairs=max(pairs, 256))
@@ -159,6 +185,7 @@ def main() -> None:
                 case[lib] = {
                     "pairs_per_s": pairs / train_s,
                     "job_pairs_per_s": pairs / statistics.median(r["job_s"] for r in rs),
+                    "reference_pass_s": statistics.median(r["reference_pass_s"] for r in rs),
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
                     "eval_accuracy": rs[-1]["eval_accuracy"],
                     "eval_loss": rs[-1]["eval_loss"],

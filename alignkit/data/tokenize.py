@@ -224,6 +224,59 @@ def pad_groups(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
     return batch
 
 
+def pad_shared_prompt(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One row per example, [prompt | response 1 | ... | response K]: the prompt is stored once.
+
+    Prompts are left-padded to the longest and response j right-padded to the longest
+    response j, so each block starts at the same column in every row. A response's
+    `position_ids` continue its prompt's (p, p+1, ...), as if it followed the prompt alone;
+    `segment_ids` [B, T] (-1 pad, 0 prompt, j response j) give the attention mask (see
+    `alignkit.models.forward.shared_prompt_mask`); `sources` [B, T] is the column whose
+    logits predict each column's token: c - 1, except at a response's first token, which
+    the last prompt column predicts. With an empty prompt nothing predicts that token, so
+    its loss mask is 0, as in the row of `pad_groups`. `attention_mask` is 1 on real tokens;
+    `ids`, `group_sizes` and `ref_logps` are as in `pad_groups`, whose rows this replaces.
+    The responses of an example must share their prompt ids (`tokenize_responses` ensures it).
+    """
+    prompts, responses = [], []
+    for ex in examples:
+        starts = [m.index(1) if 1 in m else len(m) for m in ex["loss_masks"]]
+        prompt = ex["sequences"][0][: starts[0]]
+        if any(s[:n] != prompt for s, n in zip(ex["sequences"], starts)):
+            raise ValueError(f"example {ex.get('id')}: its responses do not share one prompt")
+        prompts.append(prompt)
+        responses.append([(s[n:], m[n:]) for s, m, n in zip(ex["sequences"], ex["loss_masks"], starts)])
+    width_p = max(map(len, prompts))
+    widths = [max(len(r[j][0]) for r in responses if j < len(r)) for j in range(max(map(len, responses)))]
+    starts = [width_p + sum(widths[:j]) for j in range(len(widths))]
+    rows = {k: [] for k in ("input_ids", "attention_mask", "loss_mask", "position_ids", "segment_ids")}
+    for prompt, group in zip(prompts, responses):
+        p, gap = len(prompt), width_p - len(prompt)
+        row = {"input_ids": [pad_token_id] * gap + prompt, "attention_mask": [0] * gap + [1] * p,
+               "loss_mask": [0] * width_p, "position_ids": [0] * gap + list(range(p)),
+               "segment_ids": [-1] * gap + [0] * p}
+        for j, width in enumerate(widths):
+            ids, mask = group[j] if j < len(group) else ([], [])
+            n, pad = len(ids), width - len(ids)
+            mask = ([0] + mask[1:]) if p == 0 and n else mask
+            row["input_ids"] += ids + [pad_token_id] * pad
+            row["attention_mask"] += [1] * n + [0] * pad
+            row["loss_mask"] += mask + [0] * pad
+            row["position_ids"] += list(range(p, p + n)) + [0] * pad
+            row["segment_ids"] += [j + 1] * n + [-1] * pad
+        for k, v in row.items():
+            rows[k].append(v)
+    batch = {k: torch.tensor(v, dtype=torch.long) for k, v in rows.items()}
+    sources = torch.arange(width_p + sum(widths)) - 1
+    sources[starts] = width_p - 1
+    batch["sources"] = sources.repeat(len(examples), 1)
+    batch["ids"] = torch.tensor([ex["id"] for ex in examples], dtype=torch.long)
+    batch["group_sizes"] = torch.tensor([len(ex["sequences"]) for ex in examples], dtype=torch.long)
+    if "ref_logps" in examples[0]:
+        batch["ref_logps"] = torch.tensor([v for ex in examples for v in ex["ref_logps"]], dtype=torch.float32)
+    return batch
+
+
 def tokenize_text(
     records: list[dict | str], tokenizer: Any, max_length: int, packing: bool = True
 ) -> tuple[list[dict], TruncationReport]:

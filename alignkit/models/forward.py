@@ -51,9 +51,88 @@ def sequence_logprobs(model, batch: dict, temperature: float = 1.0) -> tuple[tor
     targets) -> ([N] float32, [N]). With one forward pass for all rows, chosen and
     rejected responses share it. The output head runs only on columns where some row
     has a response token (prompts are mostly skipped: less compute, smaller logits).
+    A batch from `pad_shared_prompt` (it has `segment_ids`) goes to `shared_prompt_logprobs`.
     """
+    if "segment_ids" in batch:
+        return shared_prompt_logprobs(model, batch, temperature)
     mask = batch["loss_mask"][:, 1:]
     columns = mask.any(0).nonzero().squeeze(-1)
     logprobs, _ = forward_logprobs(model, batch["input_ids"], batch["attention_mask"], temperature,
                                    position_ids=batch.get("position_ids"), columns=columns)
     return masked_sum(logprobs, mask[:, columns], dim=-1), mask.sum(-1)
+
+
+def shared_prompt_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """allowed[b, 0, q, k] = (k <= q and s_k >= 0 and (s_k == 0 or s_k == s_q)) or k == q,
+    for query column q and key column k of row b, with s = segment_ids[b].
+
+    segment_ids [B, T]: -1 pad, 0 prompt, j >= 1 response j -> bool [B, 1, T, T]. The
+    prompt is causal; a response sees the whole prompt and its own earlier tokens, never
+    another response. A pad sees only itself: a query that sees nothing would give NaN.
+    """
+    q, k = segment_ids[:, :, None], segment_ids[:, None, :]
+    width = segment_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    return (allowed | torch.eye(width, dtype=torch.bool, device=segment_ids.device))[:, None]
+
+
+def _model_mask(allowed: torch.Tensor, model) -> torch.Tensor:
+    """A 4-D mask in the form the model's attention adds or applies as is.
+
+    transformers hands a 4-D mask to the attention function untouched: sdpa takes the
+    boolean (True = attend), eager ADDS the mask to the scores, so it gets 0 / dtype-min.
+    """
+    config = getattr(model, "module", model).config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        dtype = next(getattr(model, "module", model).parameters()).dtype
+        blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+        return blocked.masked_fill(allowed, 0.0)
+    raise ValueError(f"a shared-prompt batch needs a custom 4-D attention mask, which '{impl}' attention "
+                     "does not take: use sdpa or eager attention, or set share_prompt=false")
+
+
+def _picked_logprobs(logits: torch.Tensor, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits[b, index_bt])[labels_bt]: logits [B, K, V], index, labels [B, N] -> [B, N] float32.
+
+    The log-normaliser is computed once per kept column, although one column may predict
+    several targets (the last prompt token predicts the first token of every response).
+    Low-precision logits are upcast one row at a time, as in `token_logprobs`.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        lse = torch.stack([torch.logsumexp(row.float(), -1) for row in logits])
+    else:
+        lse = torch.logsumexp(logits, -1)
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    return logits[rows, index, labels].float() - lse.gather(1, index)
+
+
+def shared_prompt_logprobs(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logprobs` of a batch laid out by `pad_shared_prompt`: one row per prompt.
+
+    Row b is [prompt | response 1 | ... | response K] with `segment_ids`, `position_ids`
+    (every response continues the prompt's positions) and `sources` [B, T]: the column whose
+    logits predict each column's token, c - 1 except at a response's first token, which
+    the last prompt token predicts. The prompt goes through the model once, not K times.
+    log pi(y_bj | x_b) = sum_{c in response j} m_bc log softmax(z_{b, src_bc})[x_bc]. The head
+    runs only on the source columns some target needs. Returns ([R], [R]) with one entry per
+    response, example by example (best first), as for `pad_groups` rows: R = sum(group_sizes).
+    """
+    ids, mask, segments = batch["input_ids"], batch["loss_mask"].bool(), batch["segment_ids"]
+    targets = mask.any(0).nonzero().squeeze(-1)  # columns holding some row's response token
+    mask, segments = mask[:, targets], segments[:, targets]
+    sources = batch["sources"][:, targets].clamp(min=0)  # -1 (nothing predicts it) only where mask is 0
+    keep = sources[mask].unique()  # sorted: the columns whose logits are needed
+    out = model(input_ids=ids, attention_mask=_model_mask(shared_prompt_mask(batch["segment_ids"]), model),
+                position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep)
+    logits = out.logits if temperature == 1.0 else out.logits / temperature
+    index = torch.searchsorted(keep, sources).clamp(max=len(keep) - 1)  # out of range only where mask is 0
+    logprobs = _picked_logprobs(logits, index, ids[:, targets])  # [B, N]
+    responses = torch.arange(1, int(batch["group_sizes"].max()) + 1, device=ids.device)
+    in_response = mask[:, :, None] & (segments[:, :, None] == responses)  # [B, N, K]
+    sums = masked_sum(logprobs[:, :, None].expand(in_response.shape), in_response, dim=1)  # [B, K]
+    present = responses[None, :] <= batch["group_sizes"][:, None]
+    return sums[present], in_response.sum(1)[present]

@@ -5,9 +5,11 @@
 
 With h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)], the loss is
 -log sigmoid(beta h) (see alignkit/losses/dpo.py). Chosen and rejected responses go
-through ONE forward pass. The reference is `ref_model` (default: the starting `model`)
-or, with LoRA, the policy with its adapters disabled; `precompute_ref` computes its
-log-probs once before training and frees it, so only the policy stays in memory.
+through ONE forward pass, by default as one row per pair, [prompt | chosen | rejected],
+with a mask that hides chosen from rejected: the prompt is computed once (`share_prompt`;
+the reference uses the same layout). The reference is `ref_model` (default: the starting
+`model`) or, with LoRA, the policy with its adapters disabled; `precompute_ref` computes
+its log-probs once before training and frees it, so only the policy stays in memory.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class DPOConfig(TrainConfig):
     """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
     precompute_ref: bool = False
     """Compute reference log-probs once before training, then free the reference model."""
+    share_prompt: bool = True
+    """One row per pair, [prompt | chosen | rejected]: the prompt goes through the model once."""
 
 
 def make_dpo_step(cfg: DPOConfig, reference):
@@ -59,6 +63,7 @@ def pair_count(batch) -> int:
 
 def run(cfg: DPOConfig) -> TrainResult:
     from alignkit.data import pad_groups, tokenize_responses
+    from alignkit.data.tokenize import pad_shared_prompt
     from alignkit.models.load import load_tokenizer
 
     if not cfg.model:
@@ -69,7 +74,8 @@ def run(cfg: DPOConfig) -> TrainResult:
     model = load_trainable_model(cfg, resume_from)
     examples, report = tokenize_responses(train_records, tokenizer, cfg.max_length, cfg.truncation)
     eval_examples, _ = tokenize_responses(eval_records, tokenizer, cfg.max_length, cfg.truncation)
-    collate = lambda b: pad_groups(b, tokenizer.pad_token_id)  # noqa: E731
+    pad = pad_shared_prompt if cfg.share_prompt else pad_groups
+    collate = lambda b: pad(b, tokenizer.pad_token_id)  # noqa: E731
 
     accelerator = make_accelerator(cfg, "dpo")
     reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast)

@@ -199,3 +199,36 @@ def test_eos_stays_in_the_loss_when_pad_is_eos(tiny_tokenizer):
                       tok.pad_token_id)
     assert batch["loss_mask"][0, len(ex["input_ids"]) - 1] == 1  # the EOS target survives padding with EOS
     assert batch["loss_mask"][0, len(ex["input_ids"]):].sum() == 0  # the pads after it do not count
+
+
+def test_pad_shared_prompt_by_hand():
+    from alignkit.data.tokenize import pad_shared_prompt
+
+    examples = [  # prompt [1, 5], chosen [6, 7], rejected [8]; prompt [1, 5, 5], chosen [9], rejected [3, 4, 2]
+        {"id": 4, "sequences": [[1, 5, 6, 7], [1, 5, 8]], "loss_masks": [[0, 0, 1, 1], [0, 0, 1]],
+         "ref_logps": [-1.0, -2.0]},
+        {"id": 9, "sequences": [[1, 5, 5, 9], [1, 5, 5, 3, 4, 2]], "loss_masks": [[0, 0, 0, 1], [0, 0, 0, 1, 1, 1]],
+         "ref_logps": [-3.0, -4.0]},
+    ]
+    b = pad_shared_prompt(examples, PAD)
+    # columns: prompt 0-2 (left-padded) | chosen 3-4 | rejected 5-7
+    assert b["input_ids"].tolist() == [[0, 1, 5, 6, 7, 8, 0, 0], [1, 5, 5, 9, 0, 3, 4, 2]]
+    assert b["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 1, 1, 1]]
+    assert b["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 0, 0], [0, 0, 0, 1, 0, 1, 1, 1]]
+    assert b["position_ids"].tolist() == [[0, 0, 1, 2, 3, 2, 0, 0], [0, 1, 2, 3, 0, 3, 4, 5]]
+    assert b["segment_ids"].tolist() == [[-1, 0, 0, 1, 1, 2, -1, -1], [0, 0, 0, 1, -1, 2, 2, 2]]
+    # the first rejected token (column 5) is predicted by the last prompt column (2), not by chosen
+    assert b["sources"].tolist() == [[-1, 0, 1, 2, 3, 2, 5, 6]] * 2
+    assert b["ids"].tolist() == [4, 9] and b["group_sizes"].tolist() == [2, 2]
+    assert b["ref_logps"].tolist() == [-1.0, -2.0, -3.0, -4.0]
+
+
+def test_pad_shared_prompt_empty_prompt_and_different_prompts():
+    from alignkit.data.tokenize import pad_shared_prompt
+
+    # no prompt: nothing predicts the first token of a response, so it is not in the loss (as in pad_groups)
+    b = pad_shared_prompt([{"id": 0, "sequences": [[6, 7], [8]], "loss_masks": [[1, 1], [1]]}], PAD)
+    assert b["input_ids"].tolist() == [[6, 7, 8]] and b["loss_mask"].tolist() == [[0, 1, 0]]
+    assert b["sources"].tolist() == [[-1, 0, -1]]
+    with pytest.raises(ValueError, match="do not share one prompt"):
+        pad_shared_prompt([{"id": 3, "sequences": [[1, 5, 6], [1, 4, 6]], "loss_masks": [[0, 0, 1], [0, 0, 1]]}], PAD)

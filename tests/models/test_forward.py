@@ -86,3 +86,88 @@ def test_sequence_logprobs_on_response_columns_equal_full_sum(tiny_model_dir):
         got, counts = sequence_logprobs(model, batch)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert counts.tolist() == [4, 2, 3]
+
+
+def test_shared_prompt_mask_by_hand():
+    from alignkit.models.forward import shared_prompt_mask
+
+    # pad, prompt, prompt, chosen, chosen, rejected
+    allowed = shared_prompt_mask(torch.tensor([[-1, 0, 0, 1, 1, 2]]))
+    assert allowed.shape == (1, 1, 6, 6)
+    assert allowed[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0],  # a pad sees only itself
+        [0, 1, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0],  # chosen: the prompt and earlier chosen
+        [0, 1, 1, 1, 1, 0],
+        [0, 1, 1, 0, 0, 1],  # rejected: the prompt and itself, never chosen
+    ]
+
+
+PAIRS = [  # prompts of different lengths; the last is cut by truncation (max_length 24)
+    {"prompt": "What is 1+2?", "chosen": " The answer is 3.", "rejected": " It is 12 or so"},
+    {"prompt": "What is 10+7? Think first.", "chosen": " 17.", "rejected": " The answer is 107, I think, or 71."},
+    {"prompt": "What is 3+4? " * 6, "chosen": " The answer is 7.", "rejected": " 34"},
+]
+
+
+def _pair_examples(tokenizer):
+    from alignkit.data import tokenize_responses
+
+    examples, report = tokenize_responses(PAIRS, tokenizer, max_length=24)
+    assert report.prompt_truncated >= 1
+    return examples
+
+
+def _rows(examples, side):
+    from alignkit.data import pad_batch
+
+    rows = [{"input_ids": s, "loss_mask": m} for ex in examples for s, m in zip(ex["sequences"], ex["loss_masks"])]
+    return pad_batch(rows, 0, side=side)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_logprobs_equal_separate_rows(tiny_model_dir, tiny_tokenizer, attn):
+    """[prompt | chosen | rejected] in one row = chosen and rejected as rows of their own, with left or
+    right padding: same log-probs (1e-5), same token counts, same gradients."""
+    from alignkit.data import pad_groups
+    from alignkit.data.tokenize import pad_shared_prompt
+    from alignkit.models.forward import sequence_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a random model is near uniform: perturb it so that context matters
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    examples = _pair_examples(tiny_tokenizer)
+    shared = pad_shared_prompt(examples, 0)
+    assert shared["input_ids"].shape[0] == len(examples)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])  # a loss that touches every sequence differently
+    results = []
+    for batch in (shared, pad_groups(examples, 0), _rows(examples, "left")):
+        model.zero_grad()
+        logps, counts = sequence_logprobs(model, batch)
+        (weights * logps).sum().backward()
+        results.append((logps.detach(), counts, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (lp, n, grad), others = results[0], results[1:]
+    for lp_o, n_o, grad_o in others:
+        torch.testing.assert_close(lp, lp_o, atol=1e-5, rtol=0)
+        assert n.tolist() == n_o.tolist()
+        torch.testing.assert_close(grad, grad_o, atol=1e-5 * max(1.0, float(grad_o.abs().max())), rtol=0)
+
+
+def test_shared_prompt_first_rejected_token_is_predicted_by_the_prompt(tiny_model_dir, tiny_tokenizer):
+    """Each response's log-prob equals that of prompt + response run alone, token by token."""
+    from alignkit.data.tokenize import pad_shared_prompt
+    from alignkit.models.forward import sequence_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    examples = _pair_examples(tiny_tokenizer)
+    with torch.no_grad():
+        got, _ = sequence_logprobs(model, pad_shared_prompt(examples, 0))
+        alone = []
+        for ex in examples:
+            for s, m in zip(ex["sequences"], ex["loss_masks"]):
+                lp, _ = forward_logprobs(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
+                alone.append(float((lp[0] * torch.tensor(m[1:])).sum()))
+    torch.testing.assert_close(got, torch.tensor(alone), atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from alignkit.data import pad_groups, tokenize_responses
+from alignkit.data.tokenize import pad_shared_prompt
 from alignkit.models.forward import sequence_logprobs
 from alignkit.models.load import apply_lora
 from alignkit.train import dpo
@@ -52,9 +53,39 @@ def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, tiny_tokenizer)
     assert float((grad_fly - grad_pre).abs().max()) <= 1e-5 * max(1.0, float(grad_fly.abs().max()))
 
 
+def test_shared_prompt_step_equals_separate_rows(tiny_model_dir, tiny_tokenizer):
+    """share_prompt (one [prompt | chosen | rejected] row per pair) gives the loss, metrics and gradients
+    of chosen and rejected as separate rows, for the reference on the fly and precomputed, sigmoid and IPO."""
+    pairs = PAIRS + [{"prompt": "What is 2+2? " * 8, "chosen": " 4.", "rejected": " The answer is 22."}]
+    examples, report = tokenize_responses(pairs, tiny_tokenizer, 40)
+    assert report.prompt_truncated >= 1  # a prompt cut by truncation, and prompts of different lengths
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    def reference(policy, fn):
+        with torch.no_grad():
+            return fn(ref)
+
+    for loss_type in ("sigmoid", "ipo"):
+        for precompute in (False, True):
+            results = []
+            for pad in (pad_shared_prompt, pad_groups):
+                policy = _perturbed(tiny_model_dir)
+                exs = copy.deepcopy(examples)
+                if precompute:
+                    precompute_reference(reference, policy, exs, lambda b: pad(b, 0), 3, "cpu")
+                cfg = dpo.DPOConfig(beta=0.3, loss_type=loss_type)
+                step = dpo.make_dpo_step(cfg, None if precompute else reference)
+                loss, metrics = step(policy, pad(exs, 0))
+                loss.backward()
+                results.append((loss.detach(), metrics, torch.cat([p.grad.flatten() for p in policy.parameters()])))
+            (loss_s, m_s, grad_s), (loss_r, m_r, grad_r) = results
+            assert abs(float(loss_s - loss_r)) <= 1e-5
+            assert all(abs(float(m_s[k] - m_r[k])) <= 1e-4 for k in m_r)
+            assert float((grad_s - grad_r).abs().max()) <= 1e-5 * max(1.0, float(grad_r.abs().max()))
+
+
 def test_lora_reference_with_adapters_disabled_equals_frozen_base(tiny_model_dir, tiny_tokenizer):
     examples, _ = tokenize_responses(PAIRS, tiny_tokenizer, 64)
-    batch = pad_groups(examples, 0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     policy = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), r=4)
     with torch.no_grad():  # make the adapters do something, as after training
@@ -62,11 +93,12 @@ def test_lora_reference_with_adapters_disabled_equals_frozen_base(tiny_model_dir
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     reference = make_reference(str(tiny_model_dir), "", lora=True, device="cpu")
-    with torch.no_grad():
-        expected = sequence_logprobs(base, batch)[0]
-        with_adapters = sequence_logprobs(policy, batch)[0]
-    assert float((with_adapters - expected).abs().max()) > 1e-3  # the adapters matter...
-    torch.testing.assert_close(reference_sequence_logprobs(reference, policy, batch), expected, atol=1e-6, rtol=0)  # ...and are off here
+    for batch in (pad_groups(examples, 0), pad_shared_prompt(examples, 0)):  # rows of their own, or shared
+        with torch.no_grad():
+            expected = sequence_logprobs(base, batch)[0]
+            with_adapters = sequence_logprobs(policy, batch)[0]
+        assert float((with_adapters - expected).abs().max()) > 1e-3  # the adapters matter...
+        torch.testing.assert_close(reference_sequence_logprobs(reference, policy, batch), expected, atol=1e-6, rtol=0)  # ...and are off here
 
 
 def _preference_file(path, n, seed):
@@ -112,3 +144,14 @@ def test_dpo_resume_at_step_7_of_20_equals_uninterrupted(tiny_model_dir, tmp_pat
     assert all(losses["full"][s] == losses["resumed"][s] for s in losses["resumed"])
     wa, wb = load_file(tmp_path / "full/model.safetensors"), load_file(tmp_path / "resumed/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_share_prompt_off_trains_the_same(tiny_model_dir, tmp_path):
+    data = _preference_file(tmp_path / "train.jsonl", 16, 0)
+    losses = {}
+    for share in (True, False):
+        result = dpo.run(dpo.DPOConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / str(share)),
+                                       max_steps=3, batch_size=4, lr=3e-3, log_steps=1, share_prompt=share))
+        losses[share] = [r["train/loss"] for r in result.history if "train/loss" in r]
+    assert len(losses[True]) == 3
+    assert all(abs(a - b) <= 1e-5 for a, b in zip(losses[True], losses[False]))
