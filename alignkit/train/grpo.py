@@ -11,6 +11,21 @@ surrogate with ratio pi / pi_old (one update per rollout, so pi_old is the polic
 that sampled) plus beta * k3 KL to the reference, aggregated per sequence or per
 token (`loss_level`). `batch_size` counts completions per micro-batch, as in TRL:
 prompts per micro-batch = batch_size / num_generations; a group is never split.
+
+Where the KL goes decides what is optimised (`kl_in_reward`):
+- in the reward (`kl_in_reward true`): each completion's reward becomes
+  r - beta * sum_t (log pi - log pi_ref)_t (k1, whose sum is an unbiased estimate of
+  KL(pi || pi_ref)) before the group advantages, and the loss has no KL term. With
+  `scale_rewards false` (or RLOO) and `loss_level token` this is a policy gradient of
+  E[r] - beta KL(pi || pi_ref), whose maximiser is pi* ∝ pi_ref exp(r / beta).
+- in the loss (default): beta * k3, k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1,
+  added per token. On-policy its expected gradient is that of the FORWARD KL(pi_ref || pi),
+  not of the reverse KL in the objective, so the run does not converge to pi*.
+Scaling advantages by the group's reward std (`scale_rewards true`) multiplies prompt x's
+rewards by 1 / std_x: the effective beta becomes beta * std_x, different per prompt.
+`loss_level sequence` divides each completion's log-prob gradient by its length: an exact
+policy gradient only when lengths are equal (on alignkit/rl/exact.py's problem, beta 1,
+the final TV to pi* was 0.012 with it against 0.011 with `token`).
 """
 
 from __future__ import annotations
@@ -51,13 +66,23 @@ class GRPOConfig(OnlineConfig):
     loss_level: Literal["sequence", "token"] = "sequence"
     """Average the loss per sequence then over sequences (GRPO), or over all tokens (DAPO, Dr. GRPO)."""
     beta: float = 0.04
-    """Coefficient of the k3 KL penalty to the reference (0: no reference model)."""
+    """KL coefficient: k3 in the loss, or k1 in the reward with `kl_in_reward` (0: no reference model)."""
+    kl_in_reward: bool = False
+    """Subtract beta * sum_t k1 from each completion's reward before the advantages (no KL in the loss)."""
     clip_eps: float = 0.2
     """PPO clip range of the ratio pi / pi_old."""
     ref_model: str = ""
     """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
     eval_fraction: float = 0.1
     """Fraction of prompts held out for the greedy-reward evaluation when `eval_data` is empty."""
+
+
+def kl_penalised_rewards(rewards, logprobs, ref_logprobs, mask, beta: float):
+    """r - beta * sum_t m_t (log pi - log pi_ref)_t: [N], [N, C], [N, C], [N, C] -> [N].
+
+    The per-sequence k1 sum is an unbiased estimate of KL(pi || pi_ref) on samples from pi.
+    """
+    return rewards - beta * masked_sum(logprobs - ref_logprobs, mask, dim=-1)
 
 
 @dataclass
@@ -67,7 +92,7 @@ class RLOOConfig(GRPOConfig):
     advantage: Literal["grpo", "rloo"] = "rloo"
     """grpo: (r - group mean) / group std; rloo: r - mean of the other completions."""
     beta: float = 0.0
-    """Coefficient of the k3 KL penalty to the reference (0: no reference model)."""
+    """KL coefficient: k3 in the loss, or k1 in the reward with `kl_in_reward` (0: no reference model)."""
 
 
 def collate_prompts(examples: list[dict], pad_token_id: int) -> dict:
@@ -121,21 +146,26 @@ class Rollouts:
             seed = ((cfg.seed * 1_000_003 + step) * 1009 + self.accelerator.process_index) * 101 + j
             rollout = self.generate(model, batch, seed, cfg.temperature)
             rewards, valid, per_source = self.rewards(batch, rollout, g)
-            if cfg.advantage == "grpo":
-                adv = self.advantages(rewards, g, scale_by_std=cfg.scale_rewards, valid=valid)
-            else:
-                adv = self.advantages(rewards, g, valid=valid)
             p = rollout.prompt_ids.shape[1]
             columns = torch.arange(p - 1, p - 1 + rollout.completion_ids.shape[1], device=rollout.prompt_ids.device)
             out = {
                 "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "columns": columns,
                 "completion_mask": rollout.completion_mask, "sampler_logprobs": rollout.logprobs,
-                "advantages": adv, "rewards": rewards, "valid": valid, "ended": rollout.ended,
+                "rewards": rewards, "valid": valid, "ended": rollout.ended,
                 "ids": batch["ids"], "reward_sources": per_source,
             }
             if cfg.beta > 0:
                 out["ref_logprobs"] = self.reference(model, lambda m: forward_logprobs(
                     m, out["input_ids"], out["attention_mask"], cfg.temperature, columns=columns)[0])
+            if cfg.beta > 0 and cfg.kl_in_reward:
+                # the sampler's log-probs are pi's at the sampling temperature: k1 of the sampled tokens
+                rewards = kl_penalised_rewards(rewards, rollout.logprobs, out["ref_logprobs"], rollout.completion_mask,
+                                               cfg.beta).masked_fill(~valid, 0.0)
+                out["rewards_with_kl"] = rewards
+            if cfg.advantage == "grpo":
+                out["advantages"] = self.advantages(rewards, g, scale_by_std=cfg.scale_rewards, valid=valid)
+            else:
+                out["advantages"] = self.advantages(rewards, g, valid=valid)
             prepared.append(out)
         return prepared
 
@@ -158,7 +188,12 @@ def make_policy_step(cfg: GRPOConfig):
             "clipfrac": (masked_sum(m["clipfrac"], mask), n_tok),
             "sampler_logprob_gap": (masked_sum((logprobs.detach() - batch["sampler_logprobs"]).abs(), mask), n_tok),
         }
-        if "ref_logprobs" in batch:
+        if "ref_logprobs" in batch and cfg.kl_in_reward:  # the KL is already in the advantages
+            kl = (logprobs.detach() - batch["ref_logprobs"]) * mask
+            metrics["kl_per_token"] = (masked_sum(kl, mask), n_tok)
+            metrics["kl_per_completion"] = (masked_sum(kl, mask), n_seq)
+            metrics["reward_with_kl"] = (batch["rewards_with_kl"].sum(), n_seq)
+        elif "ref_logprobs" in batch:
             kl = kl_penalty_loss(logprobs, batch["ref_logprobs"], mask)
             per_token = per_token + cfg.beta * kl
             metrics["kl_per_token"] = (masked_sum(kl.detach(), mask), n_tok)

@@ -78,3 +78,48 @@ def test_grpo_resume_replays_the_same_samples(tiny_model_dir, tmp_path):
     assert sorted(b) == [4, 5, 6] and all(a[s] == b[s][0] for s in b)
     wa, wb = load_file(tmp_path / "full/model.safetensors"), load_file(tmp_path / "resumed/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_kl_penalised_rewards_by_hand():
+    # two completions: log pi - log pi_ref = [0.5, -0.25, (masked) 9] and [1.0, (masked) 9, 9]
+    rewards = torch.tensor([1.0, 0.0])
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.75, -9.0], [-1.5, -9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # 1 - 0.5 * (0.5 - 0.25) = 0.875 ; 0 - 0.5 * 1.0 = -0.5
+    torch.testing.assert_close(grpo.kl_penalised_rewards(rewards, logprobs, ref, mask, 0.5), torch.tensor([0.875, -0.5]))
+
+
+def test_kl_in_reward_enters_the_advantages_not_the_loss(tiny_model_dir, tmp_path, one_thread):
+    from alignkit.data import tokenize_prompts
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.rollout.rewards import load_reward_fn
+    from alignkit.train.loop import make_accelerator
+
+    cfg = _cfg(tiny_model_dir, "", tmp_path, beta=0.5, kl_in_reward=True, scale_rewards=False, num_generations=4)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    policy = load_causal_lm(str(tiny_model_dir))
+    with torch.no_grad():  # a reference that differs from the policy, so the KL is not 0
+        ref = load_causal_lm(str(tiny_model_dir))
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    def reference(_, fn):
+        with torch.no_grad():
+            return fn(ref)
+
+    rollouts = grpo.Rollouts(cfg, tokenizer, [load_reward_fn("tests.train.test_grpo:digit_fraction")], reference,
+                             make_accelerator(cfg, "grpo"))
+    examples, _ = tokenize_prompts([{"prompt": "What is 1+2?"}, {"prompt": "What is 3+4?"}], tokenizer, 64)
+    (batch,) = rollouts(policy, [grpo.collate_prompts(examples, tokenizer.pad_token_id)], step=0)
+    k1 = ((batch["sampler_logprobs"] - batch["ref_logprobs"]) * batch["completion_mask"]).sum(-1)
+    assert k1.abs().max() > 1e-3
+    torch.testing.assert_close(batch["rewards_with_kl"], batch["rewards"] - 0.5 * k1)
+    by_group = batch["rewards_with_kl"].view(2, 4)
+    torch.testing.assert_close(batch["advantages"], (by_group - by_group.mean(-1, keepdim=True)).flatten())
+    # no KL term in the loss: the loss equals the one computed with beta's KL taken out entirely
+    loss, metrics = grpo.make_policy_step(cfg)(policy, batch)
+    plain = {k: v for k, v in batch.items() if k != "ref_logprobs"}
+    loss_without, _ = grpo.make_policy_step(cfg)(policy, plain)
+    torch.testing.assert_close(loss, loss_without)
+    assert "reward_with_kl" in metrics
