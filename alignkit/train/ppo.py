@@ -10,11 +10,19 @@ log pi_ref)_t plus the sequence reward on the last token: GAE(gamma, lambda)
 advantages (whitened), and `ppo_epochs` passes over minibatches of the clipped
 surrogate plus vf_coef times the clipped value loss. beta is fixed, or adapts
 toward `target_kl` (Ziegler et al. 2019). Dropout is off in every pass.
+
+`save_steps` writes output_dir/checkpoint-N with the shared loop's `save_checkpoint`
+(sealed by a sha256 manifest): the policy as a plain save_pretrained directory, the
+critic in its `value/` subfolder, optimizer, RNG, and beta in trainer_state.json.
+`resume auto|PATH` continues exactly where an uninterrupted run would be: the step
+alone fixes its prompts, its sampling generator and its minibatch order.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +35,9 @@ from alignkit.models.forward import forward_logprobs
 from alignkit.models.reward import token_values
 from alignkit.ops import adaptive_kl_beta, entropy_from_logits, gae, masked_mean, masked_sum, masked_var, masked_whiten
 from alignkit.train.common import load_train_eval
-from alignkit.train.loop import MetricLog, make_accelerator, plan_steps, step_indices
+from alignkit.train.loop import (MetricLog, _check_resume_meta, _set_rng_state, data_fingerprint, load_state,
+                                  load_trainable_model, make_accelerator, plan_steps, resolve_resume, save_checkpoint,
+                                  save_model, step_indices)
 from alignkit.train.online import OnlineConfig
 from alignkit.train.reference import make_reference
 
@@ -69,11 +79,35 @@ class PPOConfig(OnlineConfig):
 
 
 class PolicyAndValue(torch.nn.Module):
-    """Holds the two trained models so one optimiser, one clip and one prepare cover both."""
+    """Holds the two trained models so one optimiser, one clip, one prepare and one save cover both."""
 
     def __init__(self, policy, value):
         super().__init__()
         self.policy, self.value = policy, value
+
+    def save_pretrained(self, path):
+        """The policy at `path`, loadable by plain transformers (with LoRA: merged, the adapter
+        alone in path/adapter, as `load_trainable_model` resumes it); the critic in path/value."""
+        policy = self.policy
+        if hasattr(policy, "peft_config"):
+            policy.save_pretrained(Path(path) / "adapter")
+            policy = copy.deepcopy(policy).merge_and_unload()
+        policy.save_pretrained(path)
+        self.value.save_pretrained(Path(path) / "value")
+
+
+def restore_training_state(resume_from: Path, meta: dict, optimizer, scheduler, rank: int, allow_mismatch: bool) -> dict:
+    """Optimizer, scheduler and this rank's RNG from a `save_checkpoint` folder; returns its
+    trainer_state.json (step, beta). Refuses a run whose data or batch geometry changed."""
+    saved = json.loads((resume_from / "trainer_state.json").read_text())
+    _check_resume_meta(saved, meta, resume_from, allow_mismatch)
+    state = load_state(resume_from / "training_state.pt")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = resume_from / f"rng_state_{rank}.pt"
+    if rng_file.exists():
+        _set_rng_state(load_state(rng_file))
+    return saved
 
 
 def explained_variance(values, returns, mask) -> float:
@@ -86,50 +120,58 @@ def run(cfg: PPOConfig):
     from tqdm.auto import tqdm
 
     from alignkit.data import pad_batch, tokenize_prompts
-    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.models.load import load_tokenizer
     from alignkit.models.reward import load_reward_backbone
     from alignkit.rollout.rewards import load_reward_fn, score
     from alignkit.rollout.sampler import sample
-    from alignkit.train.loop import save_model
-    from accelerate.utils import set_seed
+    from transformers import get_scheduler
 
     if not cfg.model or not cfg.reward:
         raise ValueError("ppo: set `model` and `reward` (a reward-model directory or a module:function callable)")
     reward_fns = [load_reward_fn(spec) for spec in cfg.reward]
     weights = cfg.reward_weights or [1.0] * len(reward_fns)
     records, _ = load_train_eval(dataclasses.replace(cfg, eval_fraction=0.0), "prompts")
-    tokenizer = load_tokenizer(cfg.model)
+    resume_from = resolve_resume(cfg)  # a corrupt or half-written checkpoint stops here, before any loading
+    tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
     examples, report = tokenize_prompts(records, tokenizer, cfg.max_length, cfg.truncation)
     accelerator = make_accelerator(cfg, "ppo")
-    set_seed(cfg.seed)  # before any new weights (LoRA, the critic's head) are drawn
-
-    if cfg.lora_r > 0:
-        from alignkit.models.load import apply_lora
-        policy = apply_lora(load_causal_lm(cfg.model), cfg.lora_r, cfg.lora_alpha or None)
+    policy = load_trainable_model(cfg, resume_from)  # seeds first: new weights (LoRA, the critic's head) repeat
+    if resume_from:
+        critic_source = str(resume_from / "value")
     else:
-        policy = load_causal_lm(cfg.model)
-    critic_source = cfg.value_model or next((s for s in cfg.reward if Path(s).is_dir()), cfg.model)
+        critic_source = cfg.value_model or next((s for s in cfg.reward if Path(s).is_dir()), cfg.model)
     critic = load_reward_backbone(critic_source)
     critic.config.pad_token_id = tokenizer.pad_token_id
     both = PolicyAndValue(policy, critic)
     reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast)
     _, _, total_steps = plan_steps(len(examples), dataclasses.replace(cfg, batch_size=cfg.rollout_batch_size, grad_accum=1),
                                    accelerator.num_processes)
+    steps_per_epoch = -(-len(examples) // cfg.rollout_batch_size)
     optimizer = torch.optim.AdamW([p for p in both.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler("constant", optimizer)  # PPO's lr is constant; the checkpoint keeps the shared layout
     both, optimizer = accelerator.prepare(both, optimizer)
     model = accelerator.unwrap_model(both)
+    # rollout_batch_size is the loop's global batch: a resume that changes it (or the data) would replay other prompts
+    meta = {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "data_fingerprint": data_fingerprint(examples),
+            "world_size": accelerator.num_processes, "batch_size": cfg.rollout_batch_size, "grad_accum": 1,
+            "config": dataclasses.asdict(cfg)}
+    start_step, beta = 0, cfg.beta
+    if resume_from:
+        saved = restore_training_state(resume_from, meta, optimizer, scheduler, accelerator.process_index,
+                                       cfg.allow_resume_mismatch)
+        start_step, beta = saved["step"], saved["beta"]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     log = MetricLog(accelerator, out / "metrics.jsonl", history)
-    beta = cfg.beta
-    steps_per_epoch = -(-len(examples) // cfg.rollout_batch_size)
     print(f"ppo: {len(examples)} prompts, {cfg.rollout_batch_size} per step, {cfg.ppo_epochs} epochs of "
-          f"minibatches of {cfg.batch_size}; critic from {critic_source}; {report}", flush=True)
+          f"minibatches of {cfg.batch_size}; critic from {critic_source}; {report}"
+          + (f"; resumed from {resume_from} at step {start_step}" if resume_from else ""), flush=True)
 
     start = time.perf_counter()
-    bar = tqdm(range(total_steps), desc="ppo", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="ppo", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in bar:
         idx = step_indices(step, len(examples), cfg.rollout_batch_size, steps_per_epoch, cfg.seed)
         idx = idx[accelerator.process_index :: accelerator.num_processes]
@@ -212,15 +254,18 @@ def run(cfg: PPOConfig):
         if (step + 1) % cfg.log_steps == 0 or step + 1 == total_steps:
             log(record)
         bar.set_postfix(reward=f"{record['train/reward']:.3f}", kl=f"{kl_per_completion:.2f}")
+        scheduler.step()
+        if cfg.save_steps > 0 and ((step + 1) % cfg.save_steps == 0 or step + 1 == total_steps):
+            save_checkpoint(cfg, accelerator, both, tokenizer, optimizer, scheduler, step + 1, {**meta, "beta": beta})
 
     if accelerator.is_main_process:
-        save_model(model.policy, tokenizer, out, accelerator)
-        model.value.save_pretrained(out / "value")
+        save_model(both, tokenizer, out, accelerator)  # the policy at `out`, the critic in out/value
+    accelerator.wait_for_everyone()
     rewards = [h["train/reward"] for h in history]
-    print(f"== ppo finished: {total_steps} steps in {time.perf_counter() - start:.0f} s ==\n"
-          f"reward {rewards[0]:.3f} (step {history[0]['step']}) -> {rewards[-1]:.3f} (step {history[-1]['step']}), "
-          f"KL per completion {history[-1]['train/kl_per_completion']:.3f}, beta {beta:.4f}\n{report}\n"
-          f"policy saved to {out}, critic to {out / 'value'}", flush=True)
+    trend = (f"reward {rewards[0]:.3f} (step {history[0]['step']}) -> {rewards[-1]:.3f} (step {history[-1]['step']}), "
+             f"KL per completion {history[-1]['train/kl_per_completion']:.3f}, " if history else "")
+    print(f"== ppo finished: {total_steps - start_step} steps in {time.perf_counter() - start:.0f} s ==\n"
+          f"{trend}beta {beta:.4f}\n{report}\npolicy saved to {out}, critic to {out / 'value'}", flush=True)
     return history
 
 

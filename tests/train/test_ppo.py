@@ -87,3 +87,92 @@ def test_first_ppo_minibatch_is_on_policy(tiny_model_dir, tmp_path, batch_size):
                                     max_new_tokens=8, lr=5e-3, log_steps=1, seed=1))
     for h in history:
         assert h["train/first_minibatch_ratio_dev"] < 1e-6 and h["train/first_minibatch_clipfrac"] == 0.0
+
+
+def _resume_cfg(model_dir, data, out, **kw):
+    """Adaptive beta and a high lr: a resume that dropped beta or the optimizer state would show."""
+    base = dict(model=str(model_dir), data=str(data), output_dir=str(out), reward=["tests.train.test_grpo:contains_seven"],
+                rollout_batch_size=8, batch_size=4, ppo_epochs=2, max_new_tokens=6, lr=5e-3, beta=0.05, target_kl=0.5,
+                kl_horizon=20.0, log_steps=1, seed=3)
+    return ppo.PPOConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tiny_model_dir, tmp_path_factory):
+    """A PPO run stopped after 2 of 4 steps, with checkpoint-1 and checkpoint-2 (12 prompts, 8 per step: steps 3-4 start the second epoch)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("ppo_resume")
+    data = _prompts(root / "p.jsonl", n=12)
+    ppo.run(_resume_cfg(tiny_model_dir, data, root / "stopped", max_steps=2, save_steps=1))
+    yield root / "stopped", data
+    torch.set_num_threads(threads)
+
+
+def _copy_run(src, dst):
+    import shutil
+
+    return shutil.copytree(src, dst)
+
+
+def test_ppo_resumed_at_step_2_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path, stopped_run, one_thread):
+    import torch
+    from safetensors.torch import load_file
+
+    stopped, data = stopped_run
+    full = ppo.run(_resume_cfg(tiny_model_dir, data, tmp_path / "full", max_steps=4))
+    resumed_dir = _copy_run(stopped, tmp_path / "resumed")
+    resumed = ppo.run(_resume_cfg(tiny_model_dir, data, resumed_dir, max_steps=4, resume="auto"))
+    assert [h["step"] for h in resumed] == [3, 4]
+    assert resumed == full[2:]  # every metric, beta included, after step 2
+    assert full[-1]["train/beta"] != 0.05  # the adaptive beta moved, so its restoration is tested
+    for sub in ("model.safetensors", "value/model.safetensors"):  # policy and critic
+        a, b = load_file(tmp_path / "full" / sub), load_file(resumed_dir / sub)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+def test_ppo_checkpoint_is_sealed_and_loads_into_plain_transformers(stopped_run):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from alignkit.train.loop import checkpoint_problem, latest_checkpoint, load_state
+
+    stopped, _ = stopped_run
+    ckpt = latest_checkpoint(stopped)
+    assert ckpt == stopped / "checkpoint-2" and checkpoint_problem(ckpt) is None
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert {"model.safetensors", "value/model.safetensors", "training_state.pt", "rng_state_0.pt"} <= set(manifest)
+    AutoModelForCausalLM.from_pretrained(ckpt)
+    AutoModelForSequenceClassification.from_pretrained(ckpt / "value")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["beta"] > 0 and state["batch_size"] == 8
+    assert set(load_state(ckpt / "training_state.pt")) == {"optimizer", "scheduler"}
+    assert set(load_state(ckpt / "rng_state_0.pt")) >= {"python", "numpy", "torch"}
+
+
+def test_ppo_refuses_a_corrupt_or_incomplete_checkpoint(tiny_model_dir, tmp_path, stopped_run):
+    from alignkit.train.loop import TrainingError, latest_checkpoint
+
+    stopped, data = stopped_run
+    run_dir = _copy_run(stopped, tmp_path / "run")
+    critic = run_dir / "checkpoint-2/value/model.safetensors"
+    critic.write_bytes(critic.read_bytes()[:-7] + b"garbage")
+    with pytest.raises(TrainingError, match="not a complete checkpoint: value/model.safetensors"):
+        ppo.run(_resume_cfg(tiny_model_dir, data, run_dir, max_steps=4, resume=str(run_dir / "checkpoint-2")))
+    assert latest_checkpoint(run_dir).name == "checkpoint-1"  # resume=auto passes over it
+    (run_dir / "checkpoint-1/manifest.json").unlink()  # a save that never finished
+    with pytest.raises(TrainingError, match="the save did not finish"):
+        ppo.run(_resume_cfg(tiny_model_dir, data, run_dir, max_steps=4, resume=str(run_dir / "checkpoint-1")))
+
+
+def test_ppo_resume_refuses_a_changed_rollout_batch_size(tiny_model_dir, tmp_path, stopped_run, one_thread):
+    from alignkit.train.loop import TrainingError
+
+    stopped, data = stopped_run
+    run_dir = _copy_run(stopped, tmp_path / "run")
+    changed = dict(max_steps=3, resume="auto", rollout_batch_size=4)
+    with pytest.raises(TrainingError, match=r"batch_size: 8 -> 4.*allow_resume_mismatch"):
+        ppo.run(_resume_cfg(tiny_model_dir, data, run_dir, **changed))
+    history = ppo.run(_resume_cfg(tiny_model_dir, data, run_dir, allow_resume_mismatch=True, **changed))
+    assert [h["step"] for h in history] == [3]
