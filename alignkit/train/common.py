@@ -45,7 +45,10 @@ def load_train_eval(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]
 
 
 def print_summary(name: str, result: TrainResult, notes: list[str]) -> None:
-    """One screen at the end of a run: what was trained, how the loss moved, where it is."""
+    """One screen at the end of a run: what was trained, how the loss moved, where it is.
+    Printed by the main process only (rank 0 under torchrun / accelerate launch)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
     train_logs = [h for h in result.history if "train/loss" in h]
     lines = [f"== {name} finished: {result.steps} steps on {result.device}, mixed precision {result.precision} =="]
     if train_logs:

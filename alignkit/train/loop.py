@@ -342,6 +342,21 @@ def _check_resume_meta(saved: dict, meta: dict, path: Path, allow: bool) -> None
         )
 
 
+def sync_lr_to_schedule(optimizer, scheduler) -> None:
+    """lr_i = base_lr_i * lambda_i(step) of THIS run's schedule, for the next optimiser step.
+
+    The optimizer state restored from a checkpoint carries the lr that the saved run's
+    schedule set; a run stopped early with a smaller `max_steps` and resumed to the full
+    length would take its first resumed step at that stale lr. With an unchanged schedule
+    this writes back the same numbers.
+    """
+    if not hasattr(scheduler, "lr_lambdas"):
+        return
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def add_metrics(sums: dict[str, float], metrics: dict, weight: float = 1.0) -> None:
     """Add a step function's metric sums into `sums`. A value is a tensor (a sum over the
     batch's units, later divided by the unit count) or a (sum, count) pair for a metric
@@ -364,13 +379,14 @@ def accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator
     grad = sum_j w_j * grad(loss_sum_j) * world / N, with N = sum_j w_j * count_j summed
     over all processes: the gradient of the step's unit-mean loss however the step is
     split (DDP then averages over the world, hence the factor `world`). Returns the
-    local metric sums (plus `_tokens`), N, and the ids of examples in micro-batches
-    whose loss was not finite.
+    local metric sums (plus `_tokens` and `_examples`, the attended tokens and the
+    examples with weight > 0), N, and the ids of examples in micro-batches whose loss
+    was not finite.
     """
     world = accelerator.num_processes
     local = sum(w * float(count_fn(b)) for w, b in zip(weights, batches))
     step_count = float(accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum"))
-    sums = {"loss": 0.0, "_tokens": 0.0}
+    sums = {"loss": 0.0, "_tokens": 0.0, "_examples": 0.0}
     bad_ids: list[int] = []
     for j, (batch, w) in enumerate(zip(batches, weights)):
         sync = j == len(batches) - 1
@@ -383,6 +399,7 @@ def accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator
             accelerator.backward(loss_sum * (w * world / max(step_count, 1.0)))
         add_metrics(sums, {"loss": loss_sum, **metrics}, w)
         sums["_tokens"] += w * float(batch["attention_mask"].sum())
+        sums["_examples"] += w * len(batch.get("ids", batch["input_ids"]))
     return sums, step_count, bad_ids
 
 
@@ -473,6 +490,7 @@ def train(
         state = load_state(resume_from / "training_state.pt")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        sync_lr_to_schedule(optimizer, scheduler)
         rng_file = resume_from / f"rng_state_{rank}.pt"
         if rng_file.exists():
             _set_rng_state(load_state(rng_file))
@@ -548,6 +566,7 @@ def train(
             record["train/lr"] = scheduler.get_last_lr()[0]
             record["train/tokens_per_s"] = window_tokens * world / elapsed
             record["train/skipped_steps"] = result.skipped_steps
+            record["train/examples"] = window.get("_examples", 0.0)  # all processes: an epoch's sum is the data size
             log(record)
             bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{record['train/lr']:.2e}")
             window, window_steps, window_tokens, window_start = {}, 0, 0.0, time.perf_counter()

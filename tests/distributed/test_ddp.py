@@ -1,0 +1,213 @@
+"""Two processes under torchrun (gloo, CPU) train exactly as one process on the same global batch.
+
+Each torchrun launch costs ~10-20 s on a busy 2-core machine; the runs are shared by the
+tests of this module (one SFT and one DPO pair of runs, one resumed run).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignkit.train import dpo, sft
+from alignkit.train.loop import checkpoint_problem, rank_micro_batches, step_indices
+
+N_SFT, N_DPO = 17, 11  # odd sizes: the last step of the SFT epoch holds 1 example, so rank 1 gets none
+SFT_ARGS = dict(batch_size=2, grad_accum=2, epochs=1, lr=1e-2, log_steps=1, max_length=64, seed=3, save_steps=1)
+DPO_ARGS = dict(batch_size=1, grad_accum=2, max_steps=3, lr=1e-2, log_steps=1, max_length=64, seed=3, beta=0.5)
+TOL = 1e-5
+CONFIGS = Path(__file__).resolve().parents[2] / "configs/accelerate"
+CPU_GLOO = CONFIGS / "cpu_gloo.yaml"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(trainer: str, args: dict, nproc: int = 2, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node 2 -m alignkit <trainer> --key value ...`
+    (or `launcher` in place of the torchrun part, e.g. `accelerate launch --config_file ...`)."""
+    launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                            "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    cmd = [*launcher, "-m", "alignkit", trainer]
+    for k, v in args.items():
+        cmd += [f"--{k}", str(v)]
+    # No ACCELERATE_USE_CPU: make_accelerator must form the gloo group by itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def max_abs_diff(a, b) -> float:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddpdata")
+    with (root / "sft.jsonl").open("w") as f:  # lengths vary: padding differs between the splits
+        for a in range(N_SFT):
+            f.write(json.dumps({"prompt": f"What is {a}+{a % 5}?" + " Think." * (a % 3),
+                                "completion": f" The answer is {a + a % 5}." + " Yes." * (a % 4)}) + "\n")
+    with (root / "prefs.jsonl").open("w") as f:
+        for a in range(N_DPO):
+            f.write(json.dumps({"prompt": f"What is {a}+{a % 4}?", "chosen": f" The answer is {a + a % 4}.",
+                                "rejected": f" It is {a * 3 + 1}" + " or so" * (a % 3)}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, data, tmp_path_factory, one_thread):
+    """SFT and DPO, each on 1 process (batch 2b) and on 2 processes (batch b); grad_accum 2 in all."""
+    root = tmp_path_factory.mktemp("ddp")
+    sft_base = dict(model=tiny_model_dir, data=data / "sft.jsonl", **SFT_ARGS)
+    dpo_base = dict(model=tiny_model_dir, data=data / "prefs.jsonl", **DPO_ARGS)
+    sft.run(sft.SFTConfig(**{**sft_base, "model": str(tiny_model_dir), "data": str(data / "sft.jsonl"),
+                             "batch_size": 2 * SFT_ARGS["batch_size"], "output_dir": str(root / "sft1")}))
+    (root / "sft2.log").write_text(torchrun("sft", {**sft_base, "output_dir": root / "sft2"}).stdout)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_GLOO),
+                  "--main_process_port", str(_free_port())]
+    torchrun("sft", {**sft_base, "output_dir": root / "sft2_accelerate"}, launcher=accelerate)
+    dpo.run(dpo.DPOConfig(**{**dpo_base, "model": str(tiny_model_dir), "data": str(data / "prefs.jsonl"),
+                             "batch_size": 2 * DPO_ARGS["batch_size"], "output_dir": str(root / "dpo1")}))
+    torchrun("dpo", {**dpo_base, "output_dir": root / "dpo2"})
+    return root
+
+
+@pytest.mark.slow
+def test_sft_two_processes_equal_one_process(runs):
+    diff = max_abs_diff(runs / "sft1", runs / "sft2")
+    print(f"sft 2x(b=2) vs 1x(b=4), grad_accum 2, 3 steps: max |dw| = {diff:.3g}")
+    assert diff < TOL
+    assert json.loads((runs / "sft2/checkpoint-3/trainer_state.json").read_text())["world_size"] == 2
+    one, two = _records(runs / "sft1"), _records(runs / "sft2")
+    for a, b in zip(one, two):  # the logged metrics are reduced over both processes
+        assert a["step"] == b["step"] and a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_dpo_two_processes_equal_one_process(runs):
+    diff = max_abs_diff(runs / "dpo1", runs / "dpo2")
+    print(f"dpo 2x(b=1) vs 1x(b=2), grad_accum 2, 3 steps: max |dw| = {diff:.3g}")
+    assert diff < TOL
+
+
+@pytest.mark.slow
+def test_one_epoch_on_two_processes_uses_every_example_once(runs):
+    records = [r for r in _records(runs / "sft2") if "train/examples" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]  # 17 examples / (2 * 2 * 2) -> 3 steps, each logged once
+    assert sum(r["train/examples"] for r in records) == N_SFT
+    assert [r["train/examples"] for r in records] == [8, 8, 1]  # rank 1 joins the last step with weight 0
+
+
+def test_sharding_covers_each_example_once_for_every_rank_count():
+    """The shards of all ranks over one epoch partition the data, the short last step included."""
+    for n, world, batch, accum in [(17, 2, 2, 2), (11, 2, 1, 2), (9, 3, 1, 2), (5, 4, 2, 1)]:
+        global_batch = batch * accum * world
+        steps = -(-n // global_batch)
+        lengths = [i % 7 for i in range(n)]
+        seen = []
+        for step in range(steps):
+            indices = step_indices(step, n, global_batch, steps, seed=3)
+            shards = [rank_micro_batches(indices, lengths, r, world, batch) for r in range(world)]
+            assert all(len(g) <= batch for s in shards for g in s) and all(len(s) <= accum for s in shards)
+            seen += [i for s in shards for g in s for i in g]
+        assert sorted(seen) == list(range(n)), (n, world)
+
+
+@pytest.mark.slow
+def test_only_rank0_writes_and_resume_reproduces_the_uninterrupted_run(runs, tiny_model_dir, data):
+    full = runs / "sft2"
+    assert [r["step"] for r in _records(full) if "train/loss" in r] == [1, 2, 3]  # one writer: no duplicated lines
+    for step in (1, 2, 3):
+        ckpt = full / f"checkpoint-{step}"
+        assert checkpoint_problem(ckpt) is None
+        assert sorted(p.name for p in ckpt.glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
+    assert not list(full.glob("*.tmp")) and not list(full.glob("*.old"))
+    # A run stopped after step 1 left exactly checkpoint-1 of this run; resume it on 2 processes.
+    out = runs / "sft2_resumed"
+    torchrun("sft", dict(model=tiny_model_dir, data=data / "sft.jsonl", **SFT_ARGS, output_dir=out,
+                         resume=full / "checkpoint-1"))
+    assert [r["step"] for r in _records(out) if "train/loss" in r] == [2, 3]
+    diff = max_abs_diff(full, out)
+    print(f"sft 2 processes, resumed at step 1 vs uninterrupted: max |dw| = {diff:.3g}")
+    assert diff == 0.0
+
+
+def test_make_accelerator_forms_a_gloo_group_without_cuda(monkeypatch):
+    """torchrun on CPUs: WORLD_SIZE > 1 and no CUDA -> Accelerator(cpu=True), the gloo path."""
+    import accelerate
+
+    from alignkit.train.loop import TrainConfig, make_accelerator
+
+    seen = {}
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for world, want in [("2", True), ("1", False), (None, False)]:
+        if world is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        make_accelerator(TrainConfig(), "t")
+        assert seen["cpu"] is want, world
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    make_accelerator(TrainConfig(), "t")
+    assert seen["cpu"] is False  # with CUDA, accelerate picks the GPUs (nccl) itself
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_cpu_gloo_config_equals_torchrun(runs):
+    assert json.loads((runs / "sft2_accelerate/checkpoint-3/trainer_state.json").read_text())["world_size"] == 2
+    assert max_abs_diff(runs / "sft2", runs / "sft2_accelerate") == 0.0
+
+
+@pytest.mark.slow
+def test_two_process_run_prints_one_summary(runs):
+    assert (runs / "sft2.log").read_text().count("== sft finished") == 1
+
+
+def test_accelerate_configs_load_with_accelerates_own_reader():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    want = {"cpu_gloo": ("MULTI_GPU", 2, True), "ddp": ("MULTI_GPU", 8, False), "fsdp": ("FSDP", 8, False),
+            "deepspeed_zero2": ("DEEPSPEED", 8, False), "deepspeed_zero3": ("DEEPSPEED", 8, False)}
+    for name, (kind, n, cpu) in want.items():
+        c = ClusterConfig.from_yaml_file(CONFIGS / f"{name}.yaml")  # raises on an unknown key
+        assert (c.distributed_type.value, c.num_processes, c.use_cpu) == (kind, n, cpu), name
+    zero = {name: ClusterConfig.from_yaml_file(CONFIGS / f"{name}.yaml").deepspeed_config["zero_stage"]
+            for name in ("deepspeed_zero2", "deepspeed_zero3")}
+    assert zero == {"deepspeed_zero2": 2, "deepspeed_zero3": 3}
+
+
+@pytest.mark.slow
+def test_run_stopped_by_max_steps_resumes_to_the_uninterrupted_run(runs, tiny_model_dir, data):
+    """Stop a 2-process run with max_steps 1, resume it with the full plan: the resumed steps
+    follow the full run's lr schedule (not the stopped run's last lr) and end on its weights."""
+    out = runs / "sft2_stopped"
+    base = dict(model=tiny_model_dir, data=data / "sft.jsonl", **SFT_ARGS, output_dir=out)
+    torchrun("sft", {**base, "max_steps": 1})
+    torchrun("sft", {**base, "resume": "auto"})
+    full, resumed = _records(runs / "sft2"), _records(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert [r["train/lr"] for r in resumed[1:]] == [r["train/lr"] for r in full[1:]]
+    diff = max_abs_diff(runs / "sft2", out)
+    print(f"sft 2 processes, stopped by max_steps 1 and resumed vs uninterrupted: max |dw| = {diff:.3g}")
+    assert diff == 0.0
