@@ -29,7 +29,6 @@ starts over.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import os

@@ -43,10 +43,9 @@ def main() -> None:
         line("pi* (closed form)", beta, problem.optimum(beta), None, 0.0)
         line("pi_ref", beta, problem.evaluate(problem.ref_dir, beta), None, 0.0)
         for method, overrides in runs + extra:
-            name = method + (f" ({overrides['pairs']} pairs)" if "pairs" in overrides else "")
             start = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # trainer logs
-                out = exact.train(method, problem, beta, f"{directory}/{method}-{beta}-{len(overrides)}", **dict(overrides))
+                out = exact.train(method, problem, beta, f"{directory}/{method}-{beta}-{overrides.get('pairs', 'default')}", **dict(overrides))
             seconds = time.perf_counter() - start
             corr = exact.implicit_reward_correlation(load_causal_lm(str(out)), problem, beta) if method == "dpo" else None
             line(LABELS[method] if "pairs" not in overrides else f"{LABELS[method]}, {overrides['pairs']} pairs",
