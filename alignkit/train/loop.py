@@ -287,16 +287,20 @@ def load_state(path: Path) -> dict:
         raise TrainingError(f"{path}: refused to load: not a plain tensor checkpoint ({type(e).__name__})") from None
 
 
-def save_model(model, tokenizer, path: Path, accelerator) -> None:
-    """A `save_pretrained` directory that loads into plain transformers. With LoRA:
-    the merged model at `path` and the adapter alone in `path/adapter`."""
-    unwrapped = accelerator.unwrap_model(model)
-    if hasattr(unwrapped, "peft_config"):
-        unwrapped.save_pretrained(path / "adapter")
+def save_weights(model, path: Path) -> None:
+    """`model.save_pretrained(path)`, loadable by plain transformers. With LoRA: the merged
+    model at `path` and the adapter alone in `path/adapter` (what resume loads)."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(Path(path) / "adapter")
         import copy
 
-        unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
-    unwrapped.save_pretrained(path)
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path)
+
+
+def save_model(model, tokenizer, path: Path, accelerator) -> None:
+    """The trained model (see `save_weights`) and its tokenizer in one directory."""
+    save_weights(accelerator.unwrap_model(model), path)
     tokenizer.save_pretrained(path)
 
 
@@ -355,6 +359,22 @@ def sync_lr_to_schedule(optimizer, scheduler) -> None:
     for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * fn(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def restore_training_state(resume_from: Path, meta: dict, optimizer, scheduler, rank: int, allow_mismatch: bool) -> dict:
+    """Optimizer, scheduler (lr re-derived from this run's schedule) and this rank's RNG from a
+    `save_checkpoint` folder; returns its trainer_state.json. Refuses a run whose data or batch
+    geometry changed, unless `allow_mismatch`."""
+    saved = json.loads((resume_from / "trainer_state.json").read_text())
+    _check_resume_meta(saved, meta, resume_from, allow_mismatch)
+    state = load_state(resume_from / "training_state.pt")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    sync_lr_to_schedule(optimizer, scheduler)
+    rng_file = resume_from / f"rng_state_{rank}.pt"
+    if rng_file.exists():
+        _set_rng_state(load_state(rng_file))
+    return saved
 
 
 def add_metrics(sums: dict[str, float], metrics: dict, weight: float = 1.0) -> None:
@@ -485,16 +505,8 @@ def train(
 
     start_step = 0
     if resume_from is not None:
-        saved = json.loads((resume_from / "trainer_state.json").read_text())
-        _check_resume_meta(saved, meta, resume_from, cfg.allow_resume_mismatch)
-        state = load_state(resume_from / "training_state.pt")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sync_lr_to_schedule(optimizer, scheduler)
-        rng_file = resume_from / f"rng_state_{rank}.pt"
-        if rng_file.exists():
-            _set_rng_state(load_state(rng_file))
-        start_step = saved["step"]
+        start_step = restore_training_state(resume_from, meta, optimizer, scheduler, rank,
+                                            cfg.allow_resume_mismatch)["step"]
 
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:

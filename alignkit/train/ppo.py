@@ -20,9 +20,7 @@ alone fixes its prompts, its sampling generator and its minibatch order.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -35,9 +33,9 @@ from alignkit.models.forward import forward_logprobs
 from alignkit.models.reward import token_values
 from alignkit.ops import adaptive_kl_beta, entropy_from_logits, gae, masked_mean, masked_sum, masked_var, masked_whiten
 from alignkit.train.common import load_train_eval
-from alignkit.train.loop import (MetricLog, _check_resume_meta, _set_rng_state, data_fingerprint, load_state,
-                                  load_trainable_model, make_accelerator, plan_steps, resolve_resume, save_checkpoint,
-                                  save_model, step_indices)
+from alignkit.train.loop import (MetricLog, data_fingerprint, load_trainable_model, make_accelerator, plan_steps,
+                                  resolve_resume, restore_training_state, save_checkpoint, save_model, save_weights,
+                                  step_indices)
 from alignkit.train.online import OnlineConfig
 from alignkit.train.reference import make_reference
 
@@ -88,26 +86,8 @@ class PolicyAndValue(torch.nn.Module):
     def save_pretrained(self, path):
         """The policy at `path`, loadable by plain transformers (with LoRA: merged, the adapter
         alone in path/adapter, as `load_trainable_model` resumes it); the critic in path/value."""
-        policy = self.policy
-        if hasattr(policy, "peft_config"):
-            policy.save_pretrained(Path(path) / "adapter")
-            policy = copy.deepcopy(policy).merge_and_unload()
-        policy.save_pretrained(path)
+        save_weights(self.policy, path)
         self.value.save_pretrained(Path(path) / "value")
-
-
-def restore_training_state(resume_from: Path, meta: dict, optimizer, scheduler, rank: int, allow_mismatch: bool) -> dict:
-    """Optimizer, scheduler and this rank's RNG from a `save_checkpoint` folder; returns its
-    trainer_state.json (step, beta). Refuses a run whose data or batch geometry changed."""
-    saved = json.loads((resume_from / "trainer_state.json").read_text())
-    _check_resume_meta(saved, meta, resume_from, allow_mismatch)
-    state = load_state(resume_from / "training_state.pt")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng_file = resume_from / f"rng_state_{rank}.pt"
-    if rng_file.exists():
-        _set_rng_state(load_state(rng_file))
-    return saved
 
 
 def explained_variance(values, returns, mask) -> float:
