@@ -109,17 +109,15 @@ def completion_logprobs(model, prompt_examples: list[dict], completion_ids: list
 def text_nll(model, tokenizer, records: list[dict], max_length: int = 256, batch_size: int = 32) -> float:
     """Per-token negative log-likelihood of held-out text (documents cut at max_length tokens)."""
     from alignkit.data import pad_batch, tokenize_text
-    from alignkit.models.forward import forward_logprobs
+    from alignkit.train.common import lm_count, lm_step
 
     examples, _ = tokenize_text(records, tokenizer, max_length, packing=False)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = pad_batch(examples[start:start + batch_size], tokenizer.pad_token_id)
-        mask = batch["attention_mask"][:, 1:].to(device).bool()
-        lp, _ = forward_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        total -= torch.where(mask, lp, 0).sum().item()
-        count += int(mask.sum())
+        loss_sum, _ = lm_step(model, {k: v.to(device) for k, v in batch.items()})  # pretraining's own loss
+        total, count = total + float(loss_sum), count + lm_count(batch)
     return total / max(count, 1)
 
 
