@@ -84,8 +84,8 @@ PRESETS = {
         grpo_steps=60, eval_prompts=256, samples_per_prompt=1, max_new_tokens=8),
     ("arithmetic", True): dict(
         model=dict(tiny_vocab_size=384, tiny_hidden_size=64, tiny_layers=2, tiny_heads=4),
-        max_operand=19, corpus=3000, pretrain_steps=400, sft_demos=3000, sft_steps=500, bon_prompts=128, rl_prompts=512,
-        grpo_steps=40, eval_prompts=128, samples_per_prompt=1, max_new_tokens=8),
+        max_operand=9, corpus=3000, pretrain_steps=400, sft_demos=3000, sft_steps=150, bon_prompts=128, rl_prompts=512,
+        grpo_steps=400, eval_prompts=128, samples_per_prompt=8, max_new_tokens=8),
 }
 
 
@@ -401,7 +401,7 @@ def arithmetic_stages(cfg: DemoConfig) -> dict:
     def run_grpo(folder):
         r = grpo.run(recipe.config("grpo", grpo.GRPOConfig,
             model=str(root / "sft"), data=str(data / "prompts.jsonl"), output_dir=str(folder), reward=[gold],
-            max_steps=p["grpo_steps"], batch_size=64, num_generations=8, lr=5e-4, beta=0.0, eval_fraction=0.0,
+            max_steps=p["grpo_steps"], batch_size=64, num_generations=8, lr=5e-4, beta=0.04, eval_fraction=0.0,
             max_length=64, **gen, **common))
         return {"reward_first": _first(r.history, "train/reward"), "reward_last": _last(r.history, "train/reward")}
 
@@ -422,7 +422,7 @@ def arithmetic_stages(cfg: DemoConfig) -> dict:
         ("sft", "fine-tune on the question/answer format", run_sft),
         ("bon", "rejection sampling: the correct ones of 8 samples, fine-tuned on", run_bon),
         ("grpo", "GRPO on exact match, 8 samples per prompt", run_grpo),
-        ("eval", "every policy on held-out questions (gold = exact match)", run_eval),
+        ("eval", "every policy on fresh draws of the questions (gold = exact match)", run_eval),
         ("report", "the HTML report", lambda folder: make_report(root)),
     ]
     return {"recipe": recipe, "stages": stages}

@@ -66,10 +66,14 @@ def test_demo_rejects_unknown_stages_and_overrides(tmp_path):
         run_demo(DemoConfig(output_dir=str(tmp_path), overrides=["ppo.betta=0.1"], stages=["ppo"]))
 
 
-def test_arithmetic_demo_teaches_the_answer_format(tmp_path):
+def test_arithmetic_demo_grpo_raises_exact_match(tmp_path):
     summary = run_demo(DemoConfig(task="arithmetic", output_dir=str(tmp_path / "demo"), quick=True))
     models = summary["eval"]["models"]
-    # gold is exact match (1 or 0), so its mean is the accuracy of sampled answers.
-    assert models["sft"]["gold"] >= models["base"]["gold"] + 0.2, {k: m["gold"] for k, m in models.items()}
+    accuracy = {k: m["gold"] for k, m in models.items()}
+    # gold is exact match (1 or 0), so its mean is the accuracy of sampled answers
+    # (128 questions x 8 samples). Seeds 0/1/2 gave GRPO +15.0/+35.4/+14.4 points over SFT.
+    assert accuracy["sft"] >= accuracy["base"] + 0.15, accuracy
     assert models["sft"]["ended"] > 0.95 and models["sft"]["length"] < 3  # " <sum>" then EOS
-    assert models["bon"]["gold"] >= models["sft"]["gold"] - 0.02  # trained only on correct samples
+    assert accuracy["grpo"] >= accuracy["sft"] + 0.10, accuracy
+    assert accuracy["bon"] >= accuracy["sft"] - 0.02, accuracy  # trained only on correct samples
+    assert 0 < models["grpo"]["kl"] < 5
