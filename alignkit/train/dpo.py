@@ -9,7 +9,8 @@ through ONE forward pass, by default as one row per pair, [prompt | chosen | rej
 with a mask that hides chosen from rejected: the prompt is computed once (`share_prompt`;
 the reference uses the same layout). The reference is `ref_model` (default: the starting
 `model`) or, with LoRA, the policy with its adapters disabled; `precompute_ref` computes
-its log-probs once before training and frees it, so only the policy stays in memory.
+its log-probs once before training, so only the policy stays in memory (on a run that
+is not resumed, the policy before its first update gives them: no copy is ever loaded).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def run(cfg: DPOConfig) -> TrainResult:
     collate = lambda b: pad(b, tokenizer.pad_token_id)  # noqa: E731
 
     accelerator = make_accelerator(cfg, "dpo")
-    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast)
+    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast,
+                               before_first_update=cfg.precompute_ref and resume_from is None)
     if cfg.precompute_ref:
         model.to(accelerator.device)
         for part in (examples, eval_examples):  # no gradients kept: 4x the training batch fits

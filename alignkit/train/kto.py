@@ -118,7 +118,8 @@ def run(cfg: KTOConfig) -> TrainResult:
 
     batch_fn = lambda b: collate(b, tokenizer.pad_token_id)  # noqa: E731
     accelerator = make_accelerator(cfg, "kto")
-    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast)
+    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast,
+                               before_first_update=cfg.precompute_ref and resume_from is None)
     if cfg.precompute_ref:
         model.to(accelerator.device)
         for part in (examples, eval_examples):  # no gradients kept: 4x the training batch fits

@@ -15,14 +15,28 @@ from alignkit.models.forward import sequence_logprobs
 
 
 def make_reference(model: str, ref_model: str, lora: bool, device,
-                   autocast: Callable = contextlib.nullcontext) -> Callable:
+                   autocast: Callable = contextlib.nullcontext, before_first_update: bool = False) -> Callable:
     """A function `reference(policy, fn)` that returns `fn(reference_model)` without gradient.
 
     `ref_model` if given, else with `lora` the policy with adapters disabled, else a
     frozen copy of the starting `model`. `fn` is any forward, e.g.
     `lambda m: sequence_logprobs(m, batch)[0]`. Pass the accelerator's `autocast` so
     the reference runs at the policy's precision: at step 0, log pi - log pi_ref is 0.
+    `before_first_update`: the caller uses the reference only while the policy still
+    holds the starting weights (precomputed log-probs of a run that is not resumed), so
+    the policy itself, in eval mode, is the reference and no copy is loaded.
     """
+    if before_first_update and not ref_model and not lora:
+        def starting_policy(policy, fn):
+            policy = getattr(policy, "module", policy)
+            was_training = policy.training
+            policy.eval()  # as the loaded copy would be: no dropout
+            try:
+                with torch.no_grad(), autocast():
+                    return fn(policy)
+            finally:
+                policy.train(was_training)
+        return starting_policy
     if lora and not ref_model:
         def with_adapters_disabled(policy, fn):
             policy = getattr(policy, "module", policy)  # a DDP wrapper hides disable_adapter

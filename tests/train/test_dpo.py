@@ -53,6 +53,27 @@ def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, tiny_tokenizer)
     assert float((grad_fly - grad_pre).abs().max()) <= 1e-5 * max(1.0, float(grad_fly.abs().max()))
 
 
+def test_precompute_on_a_fresh_run_uses_the_policy_itself(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """Before the first update the policy holds the starting weights: its log-probs are the
+    reference's, so precomputing them loads no second copy."""
+    examples, _ = tokenize_responses(PAIRS, tiny_tokenizer, 64)
+    expected = copy.deepcopy(examples)
+    precompute_reference(make_reference(str(tiny_model_dir), "", lora=False, device="cpu"), None, expected,
+                         lambda b: pad_shared_prompt(b, 0), 3, "cpu")
+    import alignkit.models.load
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a reference copy was loaded")
+
+    monkeypatch.setattr(alignkit.models.load, "load_causal_lm", no_copy)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    reference = make_reference(str(tiny_model_dir), "", lora=False, device="cpu", before_first_update=True)
+    precompute_reference(reference, policy, examples, lambda b: pad_shared_prompt(b, 0), 3, "cpu")
+    assert policy.training  # back in training mode afterwards
+    for got, want in zip(examples, expected):
+        torch.testing.assert_close(torch.tensor(got["ref_logps"]), torch.tensor(want["ref_logps"]), atol=1e-6, rtol=0)
+
+
 def test_shared_prompt_step_equals_separate_rows(tiny_model_dir, tiny_tokenizer):
     """share_prompt (one [prompt | chosen | rejected] row per pair) gives the loss, metrics and gradients
     of chosen and rejected as separate rows, for the reference on the fly and precomputed, sigmoid and IPO."""
