@@ -17,7 +17,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                     position_ids: torch.Tensor | None = None, columns: torch.Tensor | None = None):
+                     position_ids: torch.Tensor | None = None, columns: torch.Tensor | None = None,
+                     with_hidden: bool = False):
     """log pi(x_t | x_<t) for t = 1..T-1 of a padded batch, and the logits.
 
     Shapes: input_ids, attention_mask [B, T] -> logprobs [B, T-1] (aligned with
@@ -27,20 +28,26 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     gets no attention mask and builds a block-diagonal causal one from the positions.
     `columns` (1-D, ascending, < T-1) keeps only those target positions: the model's
     head runs on them alone (`logits_to_keep`), and the outputs are [B, len(columns)].
+    `with_hidden` also returns the last hidden state (after the final norm) at the same
+    positions, [B, len(columns) or T-1, H]: a value head on the policy's backbone reads it.
     """
     if position_ids is None:
         position_ids, mask = position_ids_from_mask(attention_mask), attention_mask
     else:
         mask = None
+    extra = {"output_hidden_states": True} if with_hidden else {}
     if columns is None:
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **extra)
         logits, targets = out.logits[:, :-1], input_ids[:, 1:]
     else:
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
-                    logits_to_keep=columns)
+                    logits_to_keep=columns, **extra)
         logits, targets = out.logits, input_ids[:, columns + 1]
     if temperature != 1.0:
         logits = logits / temperature
+    if with_hidden:
+        hidden = out.hidden_states[-1]
+        return token_logprobs(logits, targets), logits, hidden[:, :-1] if columns is None else hidden[:, columns]
     return token_logprobs(logits, targets), logits
 
 

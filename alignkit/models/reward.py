@@ -14,17 +14,21 @@ import torch
 from alignkit.models.forward import position_ids_from_mask
 
 
-def load_reward_backbone(path: str):
+def load_reward_backbone(path: str, dtype: str = "float32"):
     """`AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)`: a causal LM
     checkpoint gets a fresh scalar head."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    from alignkit.models.load import DTYPES
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
     # Loading a causal LM reports its missing `score` head at length; a fresh head is the point here.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -54,10 +58,11 @@ class RewardModel:
         self.std = getattr(cfg, "reward_std", 1.0) if normalize else 1.0
 
     @classmethod
-    def load(cls, path: str, **kw) -> RewardModel:
+    def load(cls, path: str, device=None, dtype: str = "float32", **kw) -> RewardModel:
         from alignkit.models.load import load_tokenizer
 
-        return cls(load_reward_backbone(path), load_tokenizer(path), **kw)
+        model = load_reward_backbone(path, dtype)
+        return cls(model.to(device) if device is not None else model, load_tokenizer(path), **kw)
 
     @torch.no_grad()
     def score(self, prompts: list, completions: list, batch_size: int = 32, **fields) -> list[float]:

@@ -27,12 +27,13 @@ class RewardError(RuntimeError):
     pass
 
 
-def load_reward_fn(spec: str) -> Callable:
-    """A reward function from a reward-model directory or a `module:function` name."""
+def load_reward_fn(spec: str, device=None, dtype: str = "float32") -> Callable:
+    """A reward function from a reward-model directory (placed on `device`, stored as
+    `dtype`) or a `module:function` name."""
     if Path(spec).is_dir():
         from alignkit.models.reward import RewardModel
 
-        model = RewardModel.load(spec)
+        model = RewardModel.load(spec, device=device, dtype=dtype)
         return _named(lambda prompts, completions, **fields: model.score(prompts, completions), spec)
     if ":" not in spec:
         raise RewardError(f"reward '{spec}' is neither a reward-model directory nor a 'module:function' name")

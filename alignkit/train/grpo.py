@@ -241,7 +241,6 @@ def run(cfg: GRPOConfig) -> TrainResult:
                          f"of num_generations ({cfg.num_generations})")
     if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward):
         raise ValueError(f"{name}: {len(cfg.reward_weights)} reward_weights for {len(cfg.reward)} rewards")
-    reward_fns = [load_reward_fn(spec) for spec in cfg.reward]
     train_records, eval_records = load_train_eval(cfg, "prompts")
     resume_from = resolve_resume(cfg)
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
@@ -250,7 +249,9 @@ def run(cfg: GRPOConfig) -> TrainResult:
     eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length, cfg.truncation)
 
     accelerator = make_accelerator(cfg, name)
-    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast) if cfg.beta > 0 else None
+    reward_fns = [load_reward_fn(spec, accelerator.device, cfg.reward_dtype) for spec in cfg.reward]
+    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast,
+                               dtype=cfg.ref_dtype) if cfg.beta > 0 else None
     rollouts = Rollouts(cfg, tokenizer, reward_fns, reference, accelerator)
     model.to(accelerator.device)
     before = greedy_reward(rollouts, model, eval_examples, cfg.batch_size, accelerator.device) if eval_examples else {}

@@ -5,7 +5,8 @@
 Four models: the policy, the frozen reference, the reward, and a value model (the
 critic, a reward-model-shaped checkpoint whose head reads every position; default:
 initialised from the reward model when `reward` is a model directory, else from the
-policy). Each step samples one completion per prompt, then with r_t = -beta (log pi -
+policy). `share_backbone` makes the critic a scalar head on the policy's own last
+hidden state instead: one backbone fewer, and one forward gives log-probs and values. Each step samples one completion per prompt, then with r_t = -beta (log pi -
 log pi_ref)_t plus the sequence reward on the last token: GAE(gamma, lambda)
 advantages (whitened), and `ppo_epochs` passes over minibatches of the clipped
 surrogate plus vf_coef times the clipped value loss. beta is fixed, or adapts
@@ -56,6 +57,9 @@ class PPOConfig(OnlineConfig):
     """Subtracted from the reward of completions that hit max_new_tokens without EOS."""
     value_model: str = ""
     """Critic initialisation (empty: the first reward model, else the policy `model`)."""
+    share_backbone: bool = False
+    """Critic = a scalar head on the policy's last hidden state (no second backbone; the value
+    loss, weighted by vf_coef, also trains the policy's backbone)."""
     beta: float = 0.05
     """Initial KL coefficient of the per-token penalty -beta * (log pi - log pi_ref)."""
     target_kl: float = 0.0
@@ -76,6 +80,21 @@ class PPOConfig(OnlineConfig):
     """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
 
 
+class ValueHead(torch.nn.Module):
+    """V(s_t) = w^T h_t + b on the policy's own last hidden state h_t (`share_backbone`).
+
+    Zero at initialisation, so the first value gradients do not reach the policy's backbone."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.score.weight)
+        torch.nn.init.zeros_(self.score.bias)
+
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
 class PolicyAndValue(torch.nn.Module):
     """Holds the two trained models so one optimiser, one clip, one prepare and one save cover both."""
 
@@ -83,11 +102,44 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
 
+    def logprobs_and_values(self, ids, attn, temperature: float, columns):
+        """log pi, the logits and V at `columns`: [N, C], [N, C, V], [N, C] float32."""
+        if isinstance(self.value, ValueHead):  # one forward through the shared backbone
+            logprobs, logits, hidden = forward_logprobs(self.policy, ids, attn, temperature, columns=columns, with_hidden=True)
+            return logprobs, logits, self.value.score(hidden).squeeze(-1).float()
+        logprobs, logits = forward_logprobs(self.policy, ids, attn, temperature, columns=columns)
+        return logprobs, logits, token_values(self.value, ids, attn, columns)
+
     def save_pretrained(self, path):
         """The policy at `path`, loadable by plain transformers (with LoRA: merged, the adapter
-        alone in path/adapter, as `load_trainable_model` resumes it); the critic in path/value."""
+        alone in path/adapter, as `load_trainable_model` resumes it); the critic in path/value,
+        or a shared backbone's value head in path/value_head.safetensors."""
         save_weights(self.policy, path)
-        self.value.save_pretrained(Path(path) / "value")
+        if isinstance(self.value, ValueHead):
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.value.state_dict().items()}, Path(path) / VALUE_HEAD_FILE)
+        else:
+            self.value.save_pretrained(Path(path) / "value")
+
+
+def load_critic(cfg, policy, resume_from: Path | None):
+    """The value model: a head on the policy (`share_backbone`) or a reward-model-shaped
+    checkpoint; from the checkpoint when resuming. Returns (critic, where it came from)."""
+    from alignkit.models.reward import load_reward_backbone
+
+    if cfg.share_backbone:
+        head = ValueHead(getattr(policy, "module", policy).config.hidden_size)
+        if resume_from:
+            from safetensors.torch import load_file
+
+            head.load_state_dict(load_file(resume_from / VALUE_HEAD_FILE))
+        return head, "a head on the policy's backbone"
+    if resume_from:
+        source = str(resume_from / "value")
+    else:
+        source = cfg.value_model or next((s for s in cfg.reward if Path(s).is_dir()), cfg.model)
+    return load_reward_backbone(source), source
 
 
 def explained_variance(values, returns, mask) -> float:
@@ -101,29 +153,26 @@ def run(cfg: PPOConfig):
 
     from alignkit.data import pad_batch, tokenize_prompts
     from alignkit.models.load import load_tokenizer
-    from alignkit.models.reward import load_reward_backbone
     from alignkit.rollout.rewards import load_reward_fn, score
     from alignkit.rollout.sampler import sample
     from transformers import get_scheduler
 
     if not cfg.model or not cfg.reward:
         raise ValueError("ppo: set `model` and `reward` (a reward-model directory or a module:function callable)")
-    reward_fns = [load_reward_fn(spec) for spec in cfg.reward]
-    weights = cfg.reward_weights or [1.0] * len(reward_fns)
+    weights = cfg.reward_weights or [1.0] * len(cfg.reward)
     records, _ = load_train_eval(dataclasses.replace(cfg, eval_fraction=0.0), "prompts")
     resume_from = resolve_resume(cfg)  # a corrupt or half-written checkpoint stops here, before any loading
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
     examples, report = tokenize_prompts(records, tokenizer, cfg.max_length, cfg.truncation)
     accelerator = make_accelerator(cfg, "ppo")
+    reward_fns = [load_reward_fn(spec, accelerator.device, cfg.reward_dtype) for spec in cfg.reward]
     policy = load_trainable_model(cfg, resume_from)  # seeds first: new weights (LoRA, the critic's head) repeat
-    if resume_from:
-        critic_source = str(resume_from / "value")
-    else:
-        critic_source = cfg.value_model or next((s for s in cfg.reward if Path(s).is_dir()), cfg.model)
-    critic = load_reward_backbone(critic_source)
-    critic.config.pad_token_id = tokenizer.pad_token_id
+    critic, critic_source = load_critic(cfg, policy, resume_from)
+    if not cfg.share_backbone:
+        critic.config.pad_token_id = tokenizer.pad_token_id
     both = PolicyAndValue(policy, critic)
-    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast)
+    reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast,
+                               dtype=cfg.ref_dtype)
     _, _, total_steps = plan_steps(len(examples), dataclasses.replace(cfg, batch_size=cfg.rollout_batch_size, grad_accum=1),
                                    accelerator.num_processes)
     steps_per_epoch = -(-len(examples) // cfg.rollout_batch_size)
@@ -176,10 +225,9 @@ def run(cfg: PPOConfig):
                              timeout=cfg.reward_timeout)
         scores = (scores - cfg.missing_eos_penalty * (~roll.ended.cpu()).float()).to(device)
         with torch.no_grad(), accelerator.autocast():
-            old_logprobs, logits = forward_logprobs(model.policy, ids, attn, cfg.temperature, columns=columns)
+            old_logprobs, logits, old_values = model.logprobs_and_values(ids, attn, cfg.temperature, columns)
             entropy = masked_mean(entropy_from_logits(logits), mask)
             del logits
-            old_values = token_values(model.value, ids, attn, columns)
         ref_logprobs = reference(model.policy, lambda m: forward_logprobs(m, ids, attn, cfg.temperature, columns=columns)[0])
         kl = torch.where(mask.bool(), old_logprobs - ref_logprobs, 0.0)  # k1 per token: its sum is unbiased
         rewards = -beta * kl
@@ -198,8 +246,7 @@ def run(cfg: PPOConfig):
                 mb = mb.to(device)
                 m = mask[mb]
                 with accelerator.autocast():  # the precision pi_old was computed at
-                    logprobs, _ = forward_logprobs(model.policy, ids[mb], attn[mb], cfg.temperature, columns=columns)
-                    values = token_values(model.value, ids[mb], attn[mb], columns)
+                    logprobs, _, values = model.logprobs_and_values(ids[mb], attn[mb], cfg.temperature, columns)
                 pg, pg_metrics = clipped_policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_eps)
                 vf, vf_metrics = clipped_value_loss(values, old_values[mb], returns[mb], cfg.vf_clip, mask=m)
                 loss_sum, count = aggregate(pg + cfg.vf_coef * vf, m, "token")
@@ -245,7 +292,8 @@ def run(cfg: PPOConfig):
     trend = (f"reward {rewards[0]:.3f} (step {history[0]['step']}) -> {rewards[-1]:.3f} (step {history[-1]['step']}), "
              f"KL per completion {history[-1]['train/kl_per_completion']:.3f}, " if history else "")
     print(f"== ppo finished: {total_steps - start_step} steps in {time.perf_counter() - start:.0f} s ==\n"
-          f"{trend}beta {beta:.4f}\n{report}\npolicy saved to {out}, critic to {out / 'value'}", flush=True)
+          f"{trend}beta {beta:.4f}\n{report}\npolicy saved to {out}, critic to "
+          f"{out / (VALUE_HEAD_FILE if cfg.share_backbone else 'value')}", flush=True)
     return history
 
 

@@ -15,7 +15,8 @@ from alignkit.models.forward import sequence_logprobs
 
 
 def make_reference(model: str, ref_model: str, lora: bool, device,
-                   autocast: Callable = contextlib.nullcontext, before_first_update: bool = False) -> Callable:
+                   autocast: Callable = contextlib.nullcontext, before_first_update: bool = False,
+                   dtype: str = "float32") -> Callable:
     """A function `reference(policy, fn)` that returns `fn(reference_model)` without gradient.
 
     `ref_model` if given, else with `lora` the policy with adapters disabled, else a
@@ -25,6 +26,8 @@ def make_reference(model: str, ref_model: str, lora: bool, device,
     `before_first_update`: the caller uses the reference only while the policy still
     holds the starting weights (precomputed log-probs of a run that is not resumed), so
     the policy itself, in eval mode, is the reference and no copy is loaded.
+    `dtype` ("bfloat16", "float16") stores a loaded reference copy at lower precision: half
+    the memory, at the price of log pi - log pi_ref no longer being exactly 0 at step 0.
     """
     if before_first_update and not ref_model and not lora:
         def starting_policy(policy, fn):
@@ -45,7 +48,7 @@ def make_reference(model: str, ref_model: str, lora: bool, device,
         return with_adapters_disabled
     from alignkit.models.load import load_causal_lm
 
-    ref = load_causal_lm(ref_model or model).to(device).eval().requires_grad_(False)
+    ref = load_causal_lm(ref_model or model, dtype=dtype).to(device).eval().requires_grad_(False)
 
     def frozen(policy, fn):
         with torch.no_grad(), autocast():

@@ -74,6 +74,17 @@ def test_precompute_on_a_fresh_run_uses_the_policy_itself(tiny_model_dir, tiny_t
         torch.testing.assert_close(torch.tensor(got["ref_logps"]), torch.tensor(want["ref_logps"]), atol=1e-6, rtol=0)
 
 
+def test_reference_stored_in_bfloat16_is_close_to_float32(tiny_model_dir, tiny_tokenizer):
+    examples, _ = tokenize_responses(PAIRS, tiny_tokenizer, 64)
+    batch = pad_shared_prompt(examples, 0)
+    full = reference_sequence_logprobs(make_reference(str(tiny_model_dir), "", lora=False, device="cpu"), None, batch)
+    half = make_reference(str(tiny_model_dir), "", lora=False, device="cpu", dtype="bfloat16")
+    logps = reference_sequence_logprobs(half, None, batch)
+    assert logps.dtype == torch.float32  # summed in float32 whatever the weights' dtype
+    # bf16 keeps 8 bits of mantissa: per-token errors ~1e-2 of a log-prob, summed over a response
+    assert float((logps - full).abs().max()) < 0.05 * float(full.abs().max()), (logps, full)
+
+
 def test_shared_prompt_step_equals_separate_rows(tiny_model_dir, tiny_tokenizer):
     """share_prompt (one [prompt | chosen | rejected] row per pair) gives the loss, metrics and gradients
     of chosen and rejected as separate rows, for the reference on the fly and precomputed, sigmoid and IPO."""

@@ -176,3 +176,62 @@ def test_ppo_resume_refuses_a_changed_rollout_batch_size(tiny_model_dir, tmp_pat
         ppo.run(_resume_cfg(tiny_model_dir, data, run_dir, **changed))
     history = ppo.run(_resume_cfg(tiny_model_dir, data, run_dir, allow_resume_mismatch=True, **changed))
     assert [h["step"] for h in history] == [3]
+
+
+def test_ppo_with_a_value_head_on_the_policy_backbone_learns_and_resumes(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    """share_backbone: no critic checkpoint is loaded, the reward rises as with a separate
+    critic, and a resumed run reproduces the uninterrupted one."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import alignkit.models.reward
+
+    def no_critic_copy(*args, **kwargs):
+        raise AssertionError("a separate critic was loaded")
+
+    monkeypatch.setattr(alignkit.models.reward, "load_reward_backbone", no_critic_copy)
+    prompts = _prompts(tmp_path / "prompts.jsonl")
+    history = ppo.run(ppo.PPOConfig(model=str(tiny_model_dir), data=str(prompts), output_dir=str(tmp_path / "ppo"),
+                                    reward=["tests.train.test_grpo:contains_seven"], share_backbone=True, max_steps=30,
+                                    rollout_batch_size=16, batch_size=8, ppo_epochs=4, max_new_tokens=8, lr=5e-3,
+                                    beta=0.02, vf_coef=0.1, log_steps=1, seed=1))
+    first, last = history[:5], history[-5:]
+    mean = lambda rows, k: sum(h[k] for h in rows) / len(rows)  # noqa: E731
+    assert mean(last, "train/reward") > mean(first, "train/reward") + 0.3, (first, last)
+    assert not (tmp_path / "ppo" / "value").exists() and (tmp_path / "ppo" / ppo.VALUE_HEAD_FILE).exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")  # the policy alone, loadable by plain transformers
+
+    cfg = lambda out, **kw: _resume_cfg(tiny_model_dir, prompts, out, share_backbone=True, **kw)  # noqa: E731
+    full = ppo.run(cfg(tmp_path / "full", max_steps=4))
+    ppo.run(cfg(tmp_path / "resumed", max_steps=2, save_steps=1))
+    resumed = ppo.run(cfg(tmp_path / "resumed", max_steps=4, resume="auto"))
+    assert resumed == full[2:]
+    for name in ("model.safetensors", ppo.VALUE_HEAD_FILE):
+        a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+def test_shared_backbone_values_read_the_policy_hidden_state_at_each_column(tiny_model_dir):
+    """One forward gives log pi and V(s_t) = w^T h_t + b, h the policy's last hidden state at the
+    same columns as the log-probs: equal to separate passes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.models.forward import forward_logprobs
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    head = ppo.ValueHead(policy.config.hidden_size)
+    torch.nn.init.normal_(head.score.weight)
+    both = ppo.PolicyAndValue(policy, head)
+    ids = torch.randint(3, policy.config.vocab_size, (3, 9))
+    attn = torch.ones_like(ids)
+    attn[0, :3] = 0  # a left-padded row
+    columns = torch.arange(4, 8)
+    with torch.no_grad():
+        logprobs, _, values = both.logprobs_and_values(ids, attn, 0.7, columns)
+        expected_logprobs, _ = forward_logprobs(policy, ids, attn, 0.7, columns=columns)
+        hidden = policy.model(input_ids=ids, attention_mask=attn,
+                              position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+    torch.testing.assert_close(logprobs, expected_logprobs)
+    torch.testing.assert_close(values, head.score(hidden[:, columns]).squeeze(-1))

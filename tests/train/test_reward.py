@@ -59,6 +59,11 @@ def test_reward_model_learns_and_scores_normalised(tiny_model_dir, tmp_path):
     s_w, s_l = rm.score(prompts, chosen), rm.score(prompts, rejected)
     assert sum(w > l for w, l in zip(s_w, s_l)) >= 0.95 * len(prompts)
     assert abs(sum(s_w + s_l) / (2 * len(prompts))) < 0.05  # normalised over held-out responses
+    half = RewardModel.load(str(out), dtype="bfloat16")  # half the memory, as the online trainers' reward_dtype
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    h_w = half.score(prompts, chosen)
+    assert max(abs(a - b) for a, b in zip(h_w, s_w)) < 0.1 * max(abs(x) for x in s_w + s_l)
+    assert sum(w > l for w, l in zip(h_w, half.score(prompts, rejected))) >= 0.95 * len(prompts)
 
 
 def _rankings(path, n, seed):
