@@ -43,12 +43,14 @@ class Samples:
         return range(i * self.n, (i + 1) * self.n)
 
 
-def as_reward_fns(reward_fns, weights: list[float] | None) -> tuple[list[Callable], list[float]]:
-    """Reward sources as a list of callables (a `module:function` or reward-model path is loaded) and their weights."""
+def as_reward_fns(reward_fns, weights: list[float] | None, device=None,
+                  dtype: str = "float32") -> tuple[list[Callable], list[float]]:
+    """Reward sources as a list of callables (a `module:function` or reward-model path is loaded,
+    onto `device` and stored as `dtype`) and their weights."""
     from alignkit.rollout.rewards import load_reward_fn
 
     fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) else [reward_fns]
-    fns = [load_reward_fn(f) if isinstance(f, str) else f for f in fns]
+    fns = [load_reward_fn(f, device, dtype) if isinstance(f, str) else f for f in fns]
     if not fns:
         raise ValueError("best-of-n needs at least one reward function")
     weights = list(weights) if weights else [1.0] * len(fns)

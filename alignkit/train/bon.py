@@ -189,13 +189,13 @@ def run(cfg: BoNConfig) -> BoNResult:
     if cfg.resume not in ("", "auto"):
         raise ValueError("bon: resume takes 'auto' (finished rounds are skipped, the unfinished one resumes "
                          "from its latest checkpoint); a single checkpoint path does not say which round")
-    reward_fns, weights = as_reward_fns(cfg.reward, cfg.reward_weights)
     train_records, eval_records = load_train_eval(cfg, "prompts")
     tokenizer = load_tokenizer(cfg.model)
     examples, report = tokenize_prompts(train_records, tokenizer, cfg.max_length, cfg.truncation)
     eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length, cfg.truncation)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, "bon")
+    reward_fns, weights = as_reward_fns(cfg.reward, cfg.reward_weights, accelerator.device, cfg.reward_dtype)
 
     def say(message: str) -> None:
         if accelerator.is_main_process:

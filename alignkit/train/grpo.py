@@ -73,6 +73,8 @@ class GRPOConfig(OnlineConfig):
     """PPO clip range of the ratio pi / pi_old."""
     ref_model: str = ""
     """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
+    ref_dtype: str = "float32"
+    """Storage dtype of a loaded reference copy (bfloat16 / float16: half its memory)."""
     eval_fraction: float = 0.1
     """Fraction of prompts held out for the greedy-reward evaluation when `eval_data` is empty."""
 

@@ -27,7 +27,5 @@ class OnlineConfig(TrainConfig):
     """Weight of each reward source (default: 1 each)."""
     reward_timeout: float = 300.0
     """Seconds a reward call may take before it counts as failed."""
-    ref_dtype: str = "float32"
-    """Storage dtype of a loaded reference copy (bfloat16 / float16: half its memory)."""
     reward_dtype: str = "float32"
     """Storage dtype of reward-model checkpoints among `reward` (bfloat16 / float16: half their memory)."""

@@ -78,6 +78,8 @@ class PPOConfig(OnlineConfig):
     """Weight of the value loss."""
     ref_model: str = ""
     """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
+    ref_dtype: str = "float32"
+    """Storage dtype of a loaded reference copy (bfloat16 / float16: half its memory)."""
 
 
 class ValueHead(torch.nn.Module):
