@@ -139,12 +139,32 @@ def make_accelerator(cfg: TrainConfig, project_name: str):
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     else:
         precision = cfg.precision
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=multi_cpu,
         mixed_precision=precision,
         log_with=None if cfg.logging == "none" else cfg.logging,
         project_dir=cfg.output_dir,
     )
+    fallback = sharded_engine_fallback(accelerator)
+    if fallback and accelerator.is_main_process:
+        print(f"{project_name}: {fallback}", flush=True)
+    return accelerator
+
+
+def sharded_engine_fallback(accelerator) -> str:
+    """A warning when the launch asked for FSDP or DeepSpeed but accelerate runs something else.
+
+    accelerate 1.15 shards only on GPUs: on CPUs (`cpu=True`) an FSDP or DeepSpeed config
+    silently becomes plain DDP, with the whole model on every process."""
+    from accelerate.utils import DistributedType
+
+    for engine, kind in (("FSDP", DistributedType.FSDP), ("DEEPSPEED", DistributedType.DEEPSPEED)):
+        asked = os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() in ("1", "true")
+        if asked and accelerator.distributed_type != kind:
+            return (f"WARNING: the launch config asks for {engine} but accelerate runs "
+                    f"{accelerator.distributed_type.value} here (it shards only on GPUs): every process "
+                    "holds the whole model, as under DDP")
+    return ""
 
 
 def data_fingerprint(examples: list[dict]) -> str:

@@ -1,7 +1,6 @@
 """Best-of-N on the tiny model with a reward a random model can climb (digit_fraction)."""
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from alignkit.data import tokenize_prompts

@@ -37,8 +37,7 @@ def test_resume_mid_run_equals_uninterrupted(tiny_model_dir, sft_file, tmp_path)
     # 30 examples / (2 * 2) = 8 steps per epoch; 20 steps cross two epoch boundaries.
     full = sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "full", max_steps=20, save_steps=7))
     assert full.steps == 20
-    resumed = sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "resumed", max_steps=20,
-                           resume=str(tmp_path / "full/checkpoint-7")))
+    sft.run(_cfg(tiny_model_dir, sft_file, tmp_path / "resumed", max_steps=20, resume=str(tmp_path / "full/checkpoint-7")))
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
     assert sorted(b) == list(range(8, 21))  # exactly the 13 remaining steps, none repeated
     assert all(a[s] == b[s] for s in b)  # bitwise, step by step

@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from alignkit.data import pad_groups, tokenize_responses
+from alignkit.data import tokenize_responses
 from alignkit.models.reward import RewardModel, load_reward_backbone, reward_forward
 from alignkit.train import reward
 
