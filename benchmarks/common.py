@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: TRL's private install, the tiny-Llama fixture, child runs.
+"""Shared by the benchmark scripts: TRL's private install, the tiny-Llama fixtures, child runs
+(one interpreter per library run, alternating), the per-side summary and the FLOP counts.
 
 TRL is installed with `pip install --no-deps --target benchmarks/.trl` (its other
 requirements are already alignkit's), never into the project environment.
@@ -8,14 +9,26 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import resource
+import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TRL_DIR = HERE / ".trl"
 TRL_VERSION = "1.16.0"
+LIBS = ("alignkit", "trl")
+
+# Model sizes of the fixtures: a random Llama, intermediate 4 x hidden, tied embeddings, vocab 1024.
+SIZES = {
+    "small": {"hidden_size": 128, "num_layers": 4, "num_heads": 4},   # 1.18M parameters
+    "medium": {"hidden_size": 512, "num_layers": 5, "num_heads": 8},  # 21.5M parameters
+}
 
 
 def ensure_trl() -> None:
@@ -30,8 +43,11 @@ def build_tiny(path: Path, texts: list[str], hidden_size: int = 128, num_layers:
     tokenizer trained on `texts` (or `tokenizer` when given), saved side by side in `path`.
     Returns (tokenizer, number of parameters)."""
     sys.path.insert(0, str(ROOT))
+    from transformers.utils import logging as hf_logging
+
     from alignkit.models.tiny import build_tiny_llama, save_tiny, train_tokenizer
 
+    hf_logging.disable_progress_bar()
     tokenizer = tokenizer or train_tokenizer(texts, vocab_size=vocab_size)
     model = build_tiny_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                              max_position_embeddings=max_position_embeddings)
@@ -54,3 +70,129 @@ def run_child(script: str, argv: list[str], what: str, threads: int = 0) -> dict
     if proc.returncode != 0:
         raise RuntimeError(f"{what} run failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def preference_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Arithmetic preference pairs: the chosen answer adds correctly, the rejected one guesses."""
+    rng = random.Random(seed)
+
+    def pair():
+        a, b = rng.randint(0, 999), rng.randint(0, 999)
+        prompt = f"Question: what do you get when you add {a} and {b} together? Think it through.\nAnswer:"
+        chosen = f" Adding {a} and {b} gives {a + b}, so the answer is {a + b}."
+        rejected = f" I think it is {a * b % 1000 + 3}, or maybe {a + 7}; hard to say without more work."
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+    return [pair() for _ in range(n)]
+
+
+def preference_corpus(pairs: list[dict]) -> list[str]:
+    """Tokenizer training text for a preference fixture: its own pairs plus 2000 fixed ones, so the
+    BPE vocabulary always fills its 1024 entries and every case's model has the same size."""
+    return [p["prompt"] + p["chosen"] + p["rejected"] for p in pairs + preference_pairs(2000, seed=1)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def token_lengths(model_dir: Path, prompts: list[str], completions: list[str]) -> list[int]:
+    """Tokens of each prompt + completion + EOS, as alignkit tokenises them (BOS, prompt, completion, EOS)."""
+    sys.path.insert(0, str(ROOT))
+    from alignkit.data import tokenize_sft
+    from alignkit.models.load import load_tokenizer
+
+    records = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+    examples, _ = tokenize_sft(records, load_tokenizer(str(model_dir)), max_length=1 << 20)
+    return [len(ex["input_ids"]) for ex in examples]
+
+
+def preimport(*extra: str) -> None:
+    """Import before an alignkit child starts its job clock what alignkit's `run` imports lazily
+    (TRL's child has these loaded by `import trl`), so `job_s` compares work, not import time."""
+    import importlib
+
+    for module in ("accelerate", "tqdm.auto", "transformers.modeling_utils", "transformers.models.llama.modeling_llama",
+                   "transformers.models.auto.modeling_auto", "transformers.optimization", "alignkit.data",
+                   "alignkit.models.load", *extra):
+        importlib.import_module(module)
+
+
+def child_main(args, children: dict[str, Callable]) -> None:
+    """The `--child LIB` side of a script: torch threads, the run, peak memory, one JSON line on stdout."""
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    out = children[args.child](Path(args.work), args)
+    out["threads"] = torch.get_num_threads()
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+def alternate(script: str, argv: list[str], repeats: int, threads: int) -> dict[str, list[dict]]:
+    """`repeats` rounds of one alignkit run then one TRL run, each in a fresh interpreter, so drift
+    in machine load hits both. A TRL child that returns {"unavailable": reason} (TRL has no such
+    trainer) or fails (its error's last line becomes the reason) is not run again; a failing
+    alignkit child raises."""
+    runs: dict[str, list[dict]] = {lib: [] for lib in LIBS}
+    for _ in range(repeats):
+        for lib in LIBS:
+            if runs[lib] and "unavailable" in runs[lib][0]:
+                continue
+            try:
+                runs[lib].append(run_child(script, ["--child", lib, *argv], lib, threads=threads))
+            except RuntimeError as e:
+                if lib == "alignkit":
+                    raise
+                runs[lib] = [{"unavailable": "the TRL run failed: " + str(e).strip().splitlines()[-1]}]
+    return runs
+
+
+def summarise(rs: list[dict], units: float, rate_key: str) -> dict:
+    """One library's runs: `rate_key` = units / median train seconds, job rate, peak memory over the runs."""
+    train_s = statistics.median(r["train_s"] for r in rs)
+    return {
+        rate_key: round(units / train_s, 3),
+        "train_s": [round(r["train_s"], 3) for r in rs],
+        f"job_{rate_key}": round(units / statistics.median(r["job_s"] for r in rs), 3),
+        "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
+    }
+
+
+def side_by_side(case: dict, runs: dict[str, list[dict]], rate_key: str, summary: Callable[[str, list[dict]], dict]) -> dict:
+    """case["alignkit"], case["trl"] (None with case["reason"] when TRL has no such trainer), speedup, memory ratio."""
+    for lib, rs in runs.items():
+        if rs and "unavailable" in rs[0]:
+            case[lib], case["reason"] = None, f"{lib}: {rs[0]['unavailable']}"
+        else:
+            case[lib] = summary(lib, rs)
+    if case["alignkit"] and case["trl"]:
+        case["speedup"] = round(case["alignkit"][rate_key] / case["trl"][rate_key], 3)
+        case["memory_ratio"] = round(case["alignkit"]["peak_rss_mb"] / case["trl"]["peak_rss_mb"], 3)
+    else:
+        case["speedup"] = case["memory_ratio"] = None
+    return case
+
+
+def matmul_flops(sizes=(1024, 1536, 2048), repeats: int = 3) -> dict:
+    """Float32 torch.mm FLOP/s on this process's torch threads: 2 n^3 / seconds, best of `repeats` per size."""
+    import torch
+
+    by_size = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        by_size[str(n)] = 2 * n**3 / best
+    return {"best_flops": max(by_size.values()), "by_size": by_size, "threads": torch.get_num_threads()}
+
+
+def mfu(params: int, tokens: float, train_s: float, peak_flops: float) -> float:
+    """Model-FLOPs utilisation: 6 N T (forward + backward of N parameters over T tokens) / seconds / peak."""
+    return 6 * params * tokens / train_s / peak_flops

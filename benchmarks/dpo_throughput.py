@@ -1,27 +1,36 @@
 """DPO throughput and peak memory, alignkit vs TRL, side by side on this machine.
 
     .venv/bin/python benchmarks/dpo_throughput.py            # prints a JSON report
-    .venv/bin/python benchmarks/dpo_throughput.py --steps 20 --repeats 1
+    .venv/bin/python benchmarks/dpo_throughput.py --steps 20 --repeats 1 [--size medium]
 
-Both libraries get the same tiny Llama directory and tokenizer, the same preference
-pairs, batch size, max length, learning rate, beta and step count, each run in a
-fresh subprocess, alternating alignkit / TRL, on `--threads` torch threads (1 by default:
-on this shared 2-core machine 2 threads collapsed ~10x under other people's load, as in
-grpo_step.py). Both libraries' figures count the optimiser steps plus, with a precomputed
-reference, the reference pass over the training pairs. TRL is installed with `pip --target`
-into benchmarks/.trl (its other requirements are already alignkit's), never into
-the project environment. Figures to quote are the ratios from one invocation.
+Both libraries get the same tiny Llama directory and tokenizer (`--size` small: hidden 128,
+4 layers, 1.18M parameters; medium: hidden 512, 5 layers, 21.5M; see common.SIZES), the
+same arithmetic preference pairs, batch size, max length, learning rate (constant, no
+warm-up), beta, seed and step count, fp32, no gradient checkpointing (TRL's default is
+on), each run in a fresh subprocess, alternating alignkit / TRL, on `--threads` torch
+threads (1 by default: on this shared 2-core machine 2 threads collapsed ~10x under other
+people's load, as in grpo_step.py). Both libraries' figures count the optimiser steps plus,
+with a precomputed reference, the reference pass over the training pairs: alignkit
+`TrainResult.train_seconds` (+ its timed `precompute_reference` over the training pairs)
+vs TRL `trainer.train()` (+ its timed `_precompute_ref_logps` over the training set, which
+TRL runs in its constructor). Held-out quality: each library's own evaluation of the same
+64 held-out pairs, implicit-reward accuracy and loss. TRL is installed with `pip --target`
+into benchmarks/.trl (its other requirements are already alignkit's), never into the
+project environment. Figures to quote are the ratios from one invocation. `run_case` is
+run.py's `dpo` / `dpo_precomputed` case.
+
+Not matched exactly: alignkit puts chosen and rejected in one row behind one shared prompt
+(its default `share_prompt`), TRL in two rows with the prompt in each; the data order
+(each side's own seeded shuffle). The standalone script trains on a set of max(steps x
+batch_size, 256) pairs; run.py on exactly steps x batch_size (one epoch, so both sides see
+every pair once and `train_tokens` is exact).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import random
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,31 +38,24 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import TRL_DIR, TRL_VERSION, ensure_trl  # noqa: E402
+from common import (SIZES, TRL_DIR, TRL_VERSION, alternate, build_tiny, child_main, ensure_trl,  # noqa: E402
+                    preimport, preference_corpus, preference_pairs, side_by_side, summarise, token_lengths, write_jsonl)
+
+N_EVAL = 64
 
 
-def build_fixture(work: Path, n_pairs: int, seed: int = 0) -> None:
-    """A ~1.2M-parameter Llama (hidden 128, 4 layers, vocab 1024) and arithmetic preference pairs."""
-    sys.path.insert(0, str(HERE.parent))
-    from alignkit.models.tiny import build_tiny_llama, save_tiny, train_tokenizer
-
-    rng = random.Random(seed)
-
-    def pair():
-        a, b = rng.randint(0, 999), rng.randint(0, 999)
-        prompt = f"Question: what do you get when you add {a} and {b} together? Think it through.\nAnswer:"
-        chosen = f" Adding {a} and {b} gives {a + b}, so the answer is {a + b}."
-        rejected = f" I think it is {a * b % 1000 + 3}, or maybe {a + 7}; hard to say without more work."
-        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-    pairs = [pair() for _ in range(n_pairs + 64)]
-    texts = [p["prompt"] + p["chosen"] + p["rejected"] for p in pairs]
-    tokenizer = train_tokenizer(texts, vocab_size=1024)
-    model = build_tiny_llama(tokenizer, hidden_size=128, num_layers=4, num_heads=4, max_position_embeddings=256)
-    save_tiny(model, tokenizer, work / "model")
-    for name, rows in (("train", pairs[:n_pairs]), ("eval", pairs[n_pairs:])):
-        with (work / f"{name}.jsonl").open("w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+def build_fixture(work: Path, n_pairs: int, size: str = "small", seed: int = 0) -> dict:
+    """A tiny Llama of `size` and arithmetic preference pairs (n_pairs to train on, 64 held out).
+    Returns the parameter count and the policy tokens of the training pairs (prompt + chosen + EOS
+    and prompt + rejected + EOS, each with BOS)."""
+    pairs = preference_pairs(n_pairs + N_EVAL, seed)
+    _, params = build_tiny(work / "model", preference_corpus(pairs), **SIZES[size])
+    write_jsonl(work / "train.jsonl", pairs[:n_pairs])
+    write_jsonl(work / "eval.jsonl", pairs[n_pairs:])
+    train = pairs[:n_pairs]
+    lengths = token_lengths(work / "model", [p["prompt"] for p in train] * 2,
+                            [p["chosen"] for p in train] + [p["rejected"] for p in train])
+    return {"params": params, "train_pairs": n_pairs, "train_pair_tokens": sum(lengths)}
 
 
 def child_alignkit(work: Path, args) -> dict:
@@ -62,6 +64,7 @@ def child_alignkit(work: Path, args) -> dict:
 
     from alignkit.train import dpo
 
+    preimport()  # before the clock, as TRL's are in child_trl
     hf_logging.disable_progress_bar()
     precompute_s = []
 
@@ -76,7 +79,7 @@ def child_alignkit(work: Path, args) -> dict:
         model=str(work / "model"), data=str(work / "train.jsonl"), eval_data=str(work / "eval.jsonl"),
         output_dir=str(work / f"out-alignkit-{args.precompute}"), max_steps=args.steps, batch_size=args.batch_size,
         max_length=args.max_length, lr=args.lr, beta=0.1, precompute_ref=bool(args.precompute),
-        log_steps=args.steps, lr_scheduler="constant", warmup_ratio=0.0,
+        log_steps=args.steps, lr_scheduler="constant", warmup_ratio=0.0, seed=0, precision="no",
     ))
     job_s = time.perf_counter() - start
     # The optimiser steps plus the reference pass over the training pairs, for both libraries.
@@ -87,6 +90,7 @@ def child_alignkit(work: Path, args) -> dict:
 
 def child_trl(work: Path, args) -> dict:
     sys.path.insert(0, str(TRL_DIR))
+    import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -110,14 +114,14 @@ def child_trl(work: Path, args) -> dict:
     start = time.perf_counter()
     data = load_dataset("json", data_files={"train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl")},
                         cache_dir=tempfile.mkdtemp(dir=work, prefix="hf-cache-"))
-    model = AutoModelForCausalLM.from_pretrained(work / "model")
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     config = DPOConfig(
         output_dir=str(work / f"out-trl-{args.precompute}"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, max_length=args.max_length, learning_rate=args.lr, beta=0.1,
         precompute_ref_log_probs=bool(args.precompute), lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=args.steps, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
-        disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )
     trainer = DPOTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=data["eval"],
                          processing_class=tokenizer)
@@ -131,17 +135,33 @@ def child_trl(work: Path, args) -> dict:
             "eval_accuracy": metrics["eval_rewards/accuracies"], "eval_loss": metrics["eval_loss"]}
 
 
-def run_child(lib: str, work: Path, args, precompute: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", lib, "--work", str(work), "--precompute", str(precompute),
-           "--steps", str(args.steps), "--batch_size", str(args.batch_size), "--max_length", str(args.max_length),
-           "--lr", str(args.lr), "--threads", str(args.threads)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads > 0:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{lib} run failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_case(work: Path, size: str = "small", steps: int = 40, batch_size: int = 8, max_length: int = 128,
+             lr: float = 1e-4, precompute: bool = False, repeats: int = 2, threads: int = 1,
+             n_pairs: int | None = None) -> dict:
+    """One DPO comparison (reference on the fly, or precomputed) in `work`, whose fixture is built
+    on first use (n_pairs training pairs, default steps x batch_size: exactly one epoch)."""
+    ensure_trl()
+    pairs = steps * batch_size
+    n_pairs = n_pairs or pairs
+    fixture_file = work / "fixture.json"
+    if not fixture_file.exists():
+        fixture_file.write_text(json.dumps(build_fixture(work, n_pairs, size)))
+    fixture = json.loads(fixture_file.read_text())
+    argv = ["--work", str(work), "--precompute", str(int(precompute)), "--steps", str(steps),
+            "--batch_size", str(batch_size), "--max_length", str(max_length), "--lr", str(lr), "--threads", str(threads)]
+    runs = alternate(__file__, argv, repeats, threads)
+
+    def summary(lib: str, rs: list[dict]) -> dict:
+        return {**summarise(rs, pairs, "pairs_per_s"),
+                "reference_pass_s": round(statistics.median(r["reference_pass_s"] for r in rs), 3),
+                "quality": {"eval_accuracy": round(rs[-1]["eval_accuracy"], 4), "eval_loss": round(rs[-1]["eval_loss"], 4)}}
+
+    case = {"case": "dpo_precomputed" if precompute else "dpo", "size": size, "params": fixture["params"],
+            "unit": "pairs/s", "rate_key": "pairs_per_s", "pairs": pairs, "steps": steps, "batch_size": batch_size,
+            "max_length": max_length, "lr": lr, "beta": 0.1, "reference": "precomputed" if precompute else "on the fly",
+            # policy tokens through forward + backward (for MFU), the same on both sides
+            "train_tokens": fixture["train_pair_tokens"] * pairs / fixture["train_pairs"]}
+    return side_by_side(case, runs, "pairs_per_s", summary)
 
 
 def main() -> None:
@@ -151,6 +171,7 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--child", choices=["alignkit", "trl"])
     parser.add_argument("--work")
     parser.add_argument("--precompute", type=int, default=0)
@@ -158,40 +179,16 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        import torch
-
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        out = (child_alignkit if args.child == "alignkit" else child_trl)(Path(args.work), args)
-        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(out))
+        child_main(args, {"alignkit": child_alignkit, "trl": child_trl})
         return
 
-    ensure_trl()
     pairs = args.steps * args.batch_size
     report = {"benchmark": "dpo_throughput", "trl_version": TRL_VERSION, "pairs": pairs, "steps": args.steps,
               "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads, "cases": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        build_fixture(work, n_pairs=max(pairs, 256))
-        for precompute in (0, 1):
-            runs = {"alignkit": [], "trl": []}
-            for _ in range(args.repeats):
-                for lib in ("alignkit", "trl"):  # alternate, so drift in machine load hits both
-                    runs[lib].append(run_child(lib, work, args, precompute))
-            case = {}
-            for lib, rs in runs.items():
-                train_s = statistics.median(r["train_s"] for r in rs)
-                case[lib] = {
-                    "pairs_per_s": pairs / train_s,
-                    "job_pairs_per_s": pairs / statistics.median(r["job_s"] for r in rs),
-                    "reference_pass_s": statistics.median(r["reference_pass_s"] for r in rs),
-                    "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
-                    "eval_accuracy": rs[-1]["eval_accuracy"],
-                    "eval_loss": rs[-1]["eval_loss"],
-                }
-            case["speedup"] = case["alignkit"]["pairs_per_s"] / case["trl"]["pairs_per_s"]
-            case["memory_ratio"] = case["alignkit"]["peak_rss_mb"] / case["trl"]["peak_rss_mb"]
+    with tempfile.TemporaryDirectory(prefix="alignkit-dpo-") as tmp:
+        for precompute in (False, True):
+            case = run_case(Path(tmp), args.size, args.steps, args.batch_size, args.max_length, args.lr, precompute,
+                            args.repeats, args.threads, n_pairs=max(pairs, 256))
             report["cases"]["precomputed_ref" if precompute else "ref_on_the_fly"] = case
     print(json.dumps(report, indent=1))
 

@@ -1,10 +1,11 @@
 """GRPO completions/s per training step and peak memory, alignkit vs TRL, side by side.
 
     .venv/bin/python benchmarks/grpo_step.py                 # prints a JSON report
-    .venv/bin/python benchmarks/grpo_step.py --steps 4 --repeats 1
+    .venv/bin/python benchmarks/grpo_step.py --steps 4 --repeats 1 [--size medium]
 
-Both libraries get the same tiny Llama directory (hidden 128, 4 layers, vocab 1024,
-randomly initialised) and tokenizer, the same prompts, group size G = 8, completions of
+Both libraries get the same tiny Llama directory (`--size` small: hidden 128, 4 layers,
+vocab 1024, 1.18M parameters; medium: hidden 512, 5 layers, 21.5M; randomly initialised,
+see common.SIZES) and tokenizer, the same prompts, group size G = 8, completions of
 at most 64 tokens sampled at temperature 1.0 (no top-k / top-p), the same completions per
 step, learning rate (constant, no warm-up), beta (k3 KL to the frozen initial model),
 clip epsilon, gradient clipping, step count and the same Python reward, `digit_share`
@@ -31,6 +32,8 @@ exactly steps x batch_size. Children run torch on `--threads` threads, 1 by defa
 this shared 2-core machine 2 threads collapsed 45x under other people's load, see
 common.run_child). Rewards are logged every step; the report gives the mean training
 reward of the first and last `window` steps (quality parity: both should move alike).
+`run_case` is run.py's `grpo` case; `train_tokens` (for MFU) is completions x (the prompt
+set's mean prompt tokens + that side's mean logged completion length).
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import statistics
 import sys
 import tempfile
@@ -46,7 +48,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, TRL_DIR, TRL_VERSION, build_tiny, ensure_trl, run_child  # noqa: E402
+from common import (ROOT, SIZES, TRL_DIR, TRL_VERSION, alternate, build_tiny, child_main, ensure_trl,  # noqa: E402
+                    preimport, side_by_side, summarise, token_lengths, write_jsonl)
 
 REWARD_SPEC = "grpo_step:digit_share"  # importable: benchmarks/ is on sys.path in the child
 SCORED = {"calls": 0, "completions": 0}
@@ -59,7 +62,9 @@ def digit_share(prompts, completions, **kwargs) -> list[float]:
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
 
 
-def build_fixture(work: Path, n_prompts: int, seed: int = 0) -> int:
+def build_fixture(work: Path, n_prompts: int, size: str = "small", seed: int = 0) -> dict:
+    """A tiny Llama of `size` and arithmetic prompts (prompts.jsonl); also ppo_step.py's fixture.
+    Returns the parameter count and the mean prompt length in tokens (with BOS)."""
     rng = random.Random(seed)
 
     def prompt():
@@ -68,10 +73,11 @@ def build_fixture(work: Path, n_prompts: int, seed: int = 0) -> int:
 
     prompts = [prompt() for _ in range(n_prompts)]
     corpus = prompts + [f" The answer is {rng.randint(0, 4000)}." for _ in range(2000)]
-    _, params = build_tiny(work / "model", corpus, hidden_size=128, num_layers=4, num_heads=4)
-    with (work / "prompts.jsonl").open("w") as f:
-        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
-    return params
+    _, params = build_tiny(work / "model", corpus, **SIZES[size])
+    write_jsonl(work / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    # a prompt's tokens: BOS + prompt (token_lengths also counts the EOS of an empty completion)
+    mean_prompt = statistics.fmean(token_lengths(work / "model", prompts, [""] * len(prompts))) - 1
+    return {"params": params, "mean_prompt_tokens": mean_prompt}
 
 
 def reward_curve(rewards: list[float], window: int) -> dict:
@@ -82,15 +88,11 @@ def child_alignkit(work: Path, args) -> dict:
     sys.path.insert(0, str(ROOT))
     import importlib
 
-    import accelerate  # noqa: F401  # imported before the clock starts, as TRL's are in child_trl
-    from transformers import AutoModelForCausalLM, get_scheduler  # noqa: F401
     from transformers.utils import logging as hf_logging
 
-    import alignkit.data  # noqa: F401
-    import alignkit.models.load  # noqa: F401
-    import alignkit.rollout.rewards  # noqa: F401
-    import alignkit.rollout.sampler  # noqa: F401
     from alignkit.train import grpo
+
+    preimport("alignkit.rollout.rewards", "alignkit.rollout.sampler")  # before the clock, as TRL's are in child_trl
 
     hf_logging.disable_progress_bar()
     start = time.perf_counter()
@@ -99,7 +101,7 @@ def child_alignkit(work: Path, args) -> dict:
         output_dir=str(work / "out-alignkit"), max_steps=args.steps, batch_size=args.batch_size, grad_accum=1,
         num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, temperature=1.0,
         reward=[REWARD_SPEC], lr=args.lr, beta=args.beta, clip_eps=0.2, loss_level="sequence", scale_rewards=True,
-        lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, log_steps=1, seed=0,
+        lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, log_steps=1, seed=0, precision="no",
     ))
     job_s = time.perf_counter() - start
     steps = [h for h in result.history if "train/reward" in h]
@@ -148,6 +150,43 @@ def child_trl(work: Path, args) -> dict:
             "optimizer_steps": trainer.state.global_step}
 
 
+def run_case(work: Path, size: str = "small", steps: int = 30, batch_size: int = 64, num_generations: int = 8,
+             max_new_tokens: int = 64, lr: float = 5e-4, beta: float = 0.04, window: int = 5, repeats: int = 2,
+             threads: int = 1) -> dict:
+    """One GRPO comparison in `work` (its fixture built there first)."""
+    if batch_size % num_generations:
+        raise ValueError("batch_size counts completions and must be a multiple of num_generations")
+    ensure_trl()
+    completions = steps * batch_size
+    window = max(1, min(window, steps // 2))
+    fixture = build_fixture(work, n_prompts=max(completions // num_generations, 256), size=size)
+    argv = ["--work", str(work), "--steps", str(steps), "--batch_size", str(batch_size),
+            "--num_generations", str(num_generations), "--max_new_tokens", str(max_new_tokens),
+            "--lr", str(lr), "--beta", str(beta), "--threads", str(threads)]
+    runs = alternate(__file__, argv, repeats, threads)
+
+    def summary(lib: str, rs: list[dict]) -> dict:
+        for r in rs:
+            if r["scored"]["completions"] != completions or len(r["rewards"]) != steps:
+                raise RuntimeError(f"{lib}: scored {r['scored']} over {len(r['rewards'])} logged steps; "
+                                   f"expected {completions} completions over {steps} steps")
+        length = statistics.fmean(statistics.fmean(r["completion_length"]) for r in rs)
+        return {
+            **summarise(rs, completions, "completions_per_s"),
+            "reward_calls": rs[-1]["scored"]["calls"],
+            "quality": {"reward": {k: round(v, 4) for k, v in reward_curve(rs[-1]["rewards"], window).items()}},
+            "completion_length": {k: round(v, 2) for k, v in reward_curve(rs[-1]["completion_length"], window).items()},
+            "train_tokens": completions * (fixture["mean_prompt_tokens"] + length),
+        }
+
+    case = {"case": "grpo", "size": size, "params": fixture["params"], "unit": "completions/s",
+            "rate_key": "completions_per_s", "steps": steps, "completions_per_step": batch_size,
+            "num_generations": num_generations, "prompts_per_step": batch_size // num_generations,
+            "max_new_tokens": max_new_tokens, "lr": lr, "beta": beta, "temperature": 1.0, "reward": "digit_share",
+            "reward_window": window, "threads": runs["alignkit"][0]["threads"]}
+    return side_by_side(case, runs, "completions_per_s", summary)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -158,20 +197,14 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--window", type=int, default=5, help="steps averaged for the first / last reward")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (0: torch's default)")
     parser.add_argument("--child", choices=["alignkit", "trl"])
     parser.add_argument("--work")
     args = parser.parse_args()
 
     if args.child:
-        import torch
-
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-        out = (child_alignkit if args.child == "alignkit" else child_trl)(Path(args.work), args)
-        out["threads"] = torch.get_num_threads()
-        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(out))
+        child_main(args, {"alignkit": child_alignkit, "trl": child_trl})
         return
 
     from transformers.utils import logging as hf_logging
@@ -179,42 +212,10 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     if args.batch_size % args.num_generations:
         parser.error("batch_size counts completions and must be a multiple of num_generations")
-    ensure_trl()
-    completions = args.steps * args.batch_size
-    window = max(1, min(args.window, args.steps // 2))
-    report = {"benchmark": "grpo_step", "trl_version": TRL_VERSION, "steps": args.steps,
-              "completions_per_step": args.batch_size, "num_generations": args.num_generations,
-              "prompts_per_step": args.batch_size // args.num_generations, "max_new_tokens": args.max_new_tokens,
-              "lr": args.lr, "beta": args.beta, "temperature": 1.0, "reward": "digit_share", "reward_window": window}
     with tempfile.TemporaryDirectory(prefix="alignkit-grpo-") as tmp:
-        work = Path(tmp)
-        report["params"] = build_fixture(work, n_prompts=max(completions // args.num_generations, 256))
-        runs = {"alignkit": [], "trl": []}
-        argv = ["--work", str(work), "--steps", str(args.steps), "--batch_size", str(args.batch_size),
-                "--num_generations", str(args.num_generations), "--max_new_tokens", str(args.max_new_tokens),
-                "--lr", str(args.lr), "--beta", str(args.beta), "--threads", str(args.threads)]
-        for _ in range(args.repeats):
-            for lib in runs:  # alternate, so drift in machine load hits both
-                runs[lib].append(run_child(__file__, ["--child", lib, *argv], lib, threads=args.threads))
-    for lib, rs in runs.items():
-        for r in rs:
-            if r["scored"]["completions"] != completions or len(r["rewards"]) != args.steps:
-                raise RuntimeError(f"{lib}: scored {r['scored']} over {len(r['rewards'])} logged steps; "
-                                   f"expected {completions} completions over {args.steps} steps")
-        train_s = statistics.median(r["train_s"] for r in rs)
-        report[lib] = {
-            "completions_per_s": round(completions / train_s, 2),
-            "train_s": [round(r["train_s"], 2) for r in rs],
-            "job_completions_per_s": round(completions / statistics.median(r["job_s"] for r in rs), 2),
-            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
-            "reward_calls": rs[-1]["scored"]["calls"],
-            "reward": {k: round(v, 4) for k, v in reward_curve(rs[-1]["rewards"], window).items()},
-            "completion_length": {k: round(v, 2) for k, v in reward_curve(rs[-1]["completion_length"], window).items()},
-        }
-    report["threads"] = runs["alignkit"][0]["threads"]
-    report["speedup"] = round(report["alignkit"]["completions_per_s"] / report["trl"]["completions_per_s"], 3)
-    report["memory_ratio"] = round(report["alignkit"]["peak_rss_mb"] / report["trl"]["peak_rss_mb"], 3)
-    print(json.dumps(report, indent=1))
+        case = run_case(Path(tmp), args.size, args.steps, args.batch_size, args.num_generations, args.max_new_tokens,
+                        args.lr, args.beta, args.window, args.repeats, args.threads)
+    print(json.dumps({"benchmark": "grpo_step", "trl_version": TRL_VERSION, **case}, indent=1))
 
 
 if __name__ == "__main__":
