@@ -87,7 +87,7 @@ def _cache_of(out):
 @torch.no_grad()
 def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_token_id: int | list[int],
            pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> Rollout:
+           generator: torch.Generator | list[torch.Generator] | None = None) -> Rollout:
     """Sample up to `max_new_tokens` tokens after each left-padded prompt, with a KV cache.
 
     prompt_ids, prompt_mask: [N, P], left padded (the last column is a real token in every
@@ -101,7 +101,9 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: in
     the learner recomputes with `forward_logprobs(..., temperature)`, so sampler and learner
     agree token for token. top-k / top-p only change which tokens are drawn; with them the
     log-probs are not those of the (truncated) sampling distribution.
-    The same `generator` state gives the same rollout.
+    The same `generator` state gives the same rollout. A list of N generators draws row i
+    from generator i alone: a row's completion then does not depend on which rows share its
+    batch (how prompts were split over processes and micro-batches).
     """
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} "
@@ -112,6 +114,8 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: in
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     device = prompt_ids.device
     n, p = prompt_ids.shape
+    if isinstance(generator, (list, tuple)) and len(generator) != n:
+        raise ValueError(f"{len(generator)} generators for {n} rows")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
                        dtype=torch.long, device=device)
 
@@ -137,7 +141,10 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: in
             if temperature > 0:
                 logits = logits / temperature
                 probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                if isinstance(generator, (list, tuple)):
+                    token = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
+                else:
+                    token = torch.multinomial(probs, 1, generator=generator)[:, 0]
             else:
                 token = logits.argmax(dim=-1)
             alive = ~ended

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import torch
@@ -42,6 +43,13 @@ def load_train_eval(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]
     n_eval = max(1, round(cfg.eval_fraction * len(records)))
     held = set(order[:n_eval])
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def say(message: str) -> None:
+    """print on the main process only: RANK 0 under torchrun / accelerate launch (RANK is set
+    before any process group exists, so this works before the Accelerator is made)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
 
 
 def print_summary(name: str, result: TrainResult, notes: list[str]) -> None:

@@ -21,7 +21,7 @@ from typing import Literal
 
 from alignkit.losses import dpo_loss
 from alignkit.models.forward import sequence_logprobs
-from alignkit.train.common import load_train_eval, print_summary
+from alignkit.train.common import load_train_eval, print_summary, say
 from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
 from alignkit.train.reference import make_reference, precompute_reference, reference_sequence_logprobs
 
@@ -86,8 +86,8 @@ def run(cfg: DPOConfig) -> TrainResult:
         for part in (examples, eval_examples):  # no gradients kept: 4x the training batch fits
             precompute_reference(reference, model, part, collate, 4 * cfg.batch_size, accelerator.device)
         reference = None  # drops the reference model: only the policy stays in memory
-    print(f"dpo: {len(examples)} pairs, beta {cfg.beta}, loss {cfg.loss_type}, reference "
-          f"{'precomputed' if cfg.precompute_ref else 'on the fly'}; {report}", flush=True)
+    say(f"dpo: {len(examples)} pairs, beta {cfg.beta}, loss {cfg.loss_type}, reference "
+        f"{'precomputed' if cfg.precompute_ref else 'on the fly'}; {report}")
     result = train(cfg, model, tokenizer, examples, make_dpo_step(cfg, reference), pair_count, collate,
                    name="dpo", eval_examples=eval_examples, resume_from=resume_from, accelerator=accelerator)
     print_summary("dpo", result, [str(report)])

@@ -39,7 +39,7 @@ import torch
 from alignkit.losses import aggregate, clipped_policy_loss, kl_penalty_loss
 from alignkit.models.forward import forward_logprobs
 from alignkit.ops import advantage_estimator, masked_sum
-from alignkit.train.common import load_train_eval, print_summary
+from alignkit.train.common import load_train_eval, print_summary, say
 from alignkit.train.loop import TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
 from alignkit.train.online import OnlineConfig
 from alignkit.train.reference import make_reference
@@ -115,11 +115,16 @@ class Rollouts:
         self.accelerator = accelerator
         self.advantages = advantage_estimator(cfg.advantage)
 
-    def generate(self, model, batch: dict, seed: int, temperature: float):
+    def generate(self, model, batch: dict, step: int, temperature: float):
         from alignkit.rollout.sampler import sample
 
         g = self.cfg.num_generations if temperature > 0 else 1
-        generator = torch.Generator(batch["input_ids"].device).manual_seed(seed)
+        # Completion k of example i at step s draws from its own generator, seeded by (seed, s, i, k):
+        # the samples are the same however the prompts are split over processes and micro-batches,
+        # and a resumed run draws exactly what an uninterrupted one would.
+        device = batch["input_ids"].device
+        generator = [torch.Generator(device).manual_seed(((self.cfg.seed * 1_000_003 + step) * 1_000_033 + i) * 101 + k)
+                     for i in batch["ids"].tolist() for k in range(g)]
         return sample(
             self.accelerator.unwrap_model(model), batch["input_ids"].repeat_interleave(g, 0),
             batch["attention_mask"].repeat_interleave(g, 0), max_new_tokens=self.cfg.max_new_tokens,
@@ -142,11 +147,8 @@ class Rollouts:
     def __call__(self, model, batches: list[dict], step: int) -> list[dict]:
         cfg, g = self.cfg, self.cfg.num_generations
         prepared = []
-        for j, batch in enumerate(batches):
-            # Sampling randomness is a function of (seed, step, process, micro-batch): a resumed
-            # run draws exactly the completions an uninterrupted one would.
-            seed = ((cfg.seed * 1_000_003 + step) * 1009 + self.accelerator.process_index) * 101 + j
-            rollout = self.generate(model, batch, seed, cfg.temperature)
+        for batch in batches:
+            rollout = self.generate(model, batch, step, cfg.temperature)
             rewards, valid, per_source = self.rewards(batch, rollout, g)
             p = rollout.prompt_ids.shape[1]
             columns = torch.arange(p - 1, p - 1 + rollout.completion_ids.shape[1], device=rollout.prompt_ids.device)
@@ -220,7 +222,7 @@ def greedy_reward(rollouts: Rollouts, model, examples: list[dict], batch_size: i
     for i in range(0, len(examples), batch_size):
         batch = collate_prompts(examples[i : i + batch_size], rollouts.tokenizer.pad_token_id)
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        rollout = rollouts.generate(model, batch, seed=0, temperature=0.0)
+        rollout = rollouts.generate(model, batch, step=0, temperature=0.0)
         rewards, _, _ = rollouts.rewards(batch, rollout, 1)
         total, n = total + float(rewards.sum()), n + len(rewards)
         length += float(rollout.completion_mask.sum())
@@ -258,8 +260,8 @@ def run(cfg: GRPOConfig) -> TrainResult:
     model.to(accelerator.device)
     before = greedy_reward(rollouts, model, eval_examples, cfg.batch_size, accelerator.device) if eval_examples else {}
     prompts_per_batch = cfg.batch_size // cfg.num_generations
-    print(f"{name}: {len(examples)} prompts x {cfg.num_generations} completions, {prompts_per_batch} prompts per "
-          f"micro-batch, beta {cfg.beta}, loss per {cfg.loss_level}; {report}", flush=True)
+    say(f"{name}: {len(examples)} prompts x {cfg.num_generations} completions, {prompts_per_batch} prompts per "
+        f"micro-batch, beta {cfg.beta}, loss per {cfg.loss_level}; {report}")
     result = train(
         replace(cfg, batch_size=prompts_per_batch), model, tokenizer, examples, make_policy_step(cfg),
         unit_count(cfg.loss_level), lambda b: collate_prompts(b, tokenizer.pad_token_id), name=name,

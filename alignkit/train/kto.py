@@ -21,7 +21,7 @@ import torch
 
 from alignkit.losses import kto_default_weights, kto_loss, kto_reference_point
 from alignkit.models.forward import sequence_logprobs
-from alignkit.train.common import load_train_eval, print_summary
+from alignkit.train.common import load_train_eval, print_summary, say
 from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
 from alignkit.train.reference import make_reference, precompute_reference, reference_sequence_logprobs
 
@@ -125,7 +125,7 @@ def run(cfg: KTOConfig) -> TrainResult:
         for part in (examples, eval_examples):  # no gradients kept: 4x the training batch fits
             precompute_reference(reference, model, part, batch_fn, 4 * cfg.batch_size, accelerator.device)
         reference = None
-    print(f"kto: {n_good} desirable, {n_bad} undesirable (weights {w_d:.3g} / {w_u:.3g}), beta {cfg.beta}; {report}", flush=True)
+    say(f"kto: {n_good} desirable, {n_bad} undesirable (weights {w_d:.3g} / {w_u:.3g}), beta {cfg.beta}; {report}")
     result = train(cfg, model, tokenizer, examples, make_kto_step(cfg.beta, w_d, w_u, reference), example_count,
                    batch_fn, name="kto", eval_examples=eval_examples, resume_from=resume_from, accelerator=accelerator)
     print_summary("kto", result, [str(report)])

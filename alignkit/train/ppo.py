@@ -33,7 +33,7 @@ from alignkit.losses import aggregate, clipped_policy_loss, clipped_value_loss
 from alignkit.models.forward import forward_logprobs
 from alignkit.models.reward import token_values
 from alignkit.ops import adaptive_kl_beta, entropy_from_logits, gae, masked_mean, masked_sum, masked_var, masked_whiten
-from alignkit.train.common import load_train_eval
+from alignkit.train.common import load_train_eval, say
 from alignkit.train.loop import (MetricLog, data_fingerprint, load_trainable_model, make_accelerator, plan_steps,
                                   resolve_resume, restore_training_state, save_checkpoint, save_model, save_weights,
                                   step_indices)
@@ -196,9 +196,9 @@ def run(cfg: PPOConfig):
     out.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     log = MetricLog(accelerator, out / "metrics.jsonl", history)
-    print(f"ppo: {len(examples)} prompts, {cfg.rollout_batch_size} per step, {cfg.ppo_epochs} epochs of "
-          f"minibatches of {cfg.batch_size}; critic from {critic_source}; {report}"
-          + (f"; resumed from {resume_from} at step {start_step}" if resume_from else ""), flush=True)
+    say(f"ppo: {len(examples)} prompts, {cfg.rollout_batch_size} per step, {cfg.ppo_epochs} epochs of "
+        f"minibatches of {cfg.batch_size}; critic from {critic_source}; {report}"
+        + (f"; resumed from {resume_from} at step {start_step}" if resume_from else ""))
 
     start = time.perf_counter()
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="ppo", unit="step",
@@ -293,9 +293,9 @@ def run(cfg: PPOConfig):
     rewards = [h["train/reward"] for h in history]
     trend = (f"reward {rewards[0]:.3f} (step {history[0]['step']}) -> {rewards[-1]:.3f} (step {history[-1]['step']}), "
              f"KL per completion {history[-1]['train/kl_per_completion']:.3f}, " if history else "")
-    print(f"== ppo finished: {total_steps - start_step} steps in {time.perf_counter() - start:.0f} s ==\n"
-          f"{trend}beta {beta:.4f}\n{report}\npolicy saved to {out}, critic to "
-          f"{out / (VALUE_HEAD_FILE if cfg.share_backbone else 'value')}", flush=True)
+    say(f"== ppo finished: {total_steps - start_step} steps in {time.perf_counter() - start:.0f} s ==\n"
+        f"{trend}beta {beta:.4f}\n{report}\npolicy saved to {out}, critic to "
+        f"{out / (VALUE_HEAD_FILE if cfg.share_backbone else 'value')}")
     return history
 
 

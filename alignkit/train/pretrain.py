@@ -15,7 +15,7 @@ import math
 import sys
 from dataclasses import dataclass, replace
 
-from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary
+from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary, say
 from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, resolve_resume, train
 
 
@@ -65,7 +65,7 @@ def run(cfg: PretrainConfig) -> TrainResult:
     examples, report = tokenize_text(train_records, tokenizer, cfg.max_length, packing=cfg.packing)
     eval_examples, _ = tokenize_text(eval_records, tokenizer, cfg.max_length, packing=cfg.packing)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(examples)} blocks of <= {cfg.max_length} tokens; {report}", flush=True)
+    say(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(examples)} blocks of <= {cfg.max_length} tokens; {report}")
     result = train(
         cfg, model, tokenizer, examples, lm_step, lm_count,
         lambda b: pad_batch(b, tokenizer.pad_token_id), name="pretrain",

@@ -20,7 +20,7 @@ import torch
 
 from alignkit.losses import bradley_terry_loss, ranking_pairs
 from alignkit.models.reward import load_reward_backbone, reward_forward
-from alignkit.train.common import load_train_eval, print_summary
+from alignkit.train.common import load_train_eval, print_summary, say
 from alignkit.train.loop import TrainConfig, TrainResult, make_accelerator, resolve_resume, train
 
 
@@ -101,7 +101,7 @@ def run(cfg: RewardConfig) -> TrainResult:
     collate = lambda b: collate_pairs(b, tokenizer.pad_token_id)  # noqa: E731
     accelerator = make_accelerator(cfg, "rm")
     n_pairs = sum(len(ex["sequences"]) * (len(ex["sequences"]) - 1) // 2 for ex in examples)
-    print(f"rm: {len(examples)} prompts, {n_pairs} pairs; {report}", flush=True)
+    say(f"rm: {len(examples)} prompts, {n_pairs} pairs; {report}")
     result = train(cfg, model, tokenizer, examples, rm_step, pair_count, collate, name="rm",
                    eval_examples=eval_examples, resume_from=resume_from, accelerator=accelerator)
     notes = [str(report)]

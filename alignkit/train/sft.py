@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary
+from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary, say
 from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, resolve_resume, train
 
 
@@ -43,7 +43,7 @@ def run(cfg: SFTConfig) -> TrainResult:
     if cfg.packing:
         examples = pack_examples(examples, cfg.max_length)
         rows += f" packed into {len(examples)} rows of <= {cfg.max_length} tokens"
-    print(f"sft: {rows}; {report}", flush=True)
+    say(f"sft: {rows}; {report}")
     result = train(
         cfg, model, tokenizer, examples, lm_step, lm_count,
         lambda b: pad_batch(b, tokenizer.pad_token_id), name="sft",

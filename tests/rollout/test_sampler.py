@@ -96,6 +96,21 @@ def test_same_seed_same_rollout_different_seed_differs(llama, prompts):
     assert not torch.equal(a.completion_ids, c.completion_ids)
 
 
+def test_one_generator_per_row_makes_a_row_independent_of_its_batch(untied_llama, prompts):
+    """Row i drawn from generator i alone: sampled with the others or on its own, the same completion."""
+    ids, mask = prompts
+    gens = lambda rows: [torch.Generator().manual_seed(100 + r) for r in rows]  # noqa: E731
+    together = _run(untied_llama, prompts, temperature=1.0, generator=gens(range(len(ids))))
+    for r in range(len(ids)):
+        keep = mask[r].bool()
+        alone = _run(untied_llama, (ids[r : r + 1, keep], mask[r : r + 1, keep]), temperature=1.0, generator=gens([r]))
+        n = int(alone.completion_mask.sum())
+        assert torch.equal(alone.completion_ids[0, :n], together.completion_ids[r, :n]), r
+        torch.testing.assert_close(alone.logprobs[0, :n], together.logprobs[r, :n], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="generators for"):
+        _run(untied_llama, prompts, generator=gens([0]))
+
+
 def _eos_candidate(tokens: list[list[int]]):
     """A (row, step, token): token first appears in `row` at `step` >= 2 and in some other row never."""
     for r, row in enumerate(tokens):
