@@ -48,6 +48,33 @@ def reward_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
+def shared_prompt_rewards(model, batch: dict) -> torch.Tensor:
+    """`reward_forward` of a batch laid out by `pad_shared_prompt`: one row per prompt,
+    [prompt | response 1 | ... | response K], each response attending to the prompt and
+    itself only. r_bj = w^T h at response j's last real token: the reward of the row
+    prompt + response j alone, with the prompt computed once. Returns [R] float32, one per
+    response, example by example as the rows of `pad_groups`."""
+    from alignkit.models.forward import _model_mask, shared_prompt_mask
+
+    segments = batch["segment_ids"]
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=_model_mask(shared_prompt_mask(segments), model),
+                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    responses = torch.arange(1, int(batch["group_sizes"].max()) + 1, device=segments.device)
+    columns = torch.arange(segments.shape[1], device=segments.device)
+    last = torch.where(segments[:, :, None] == responses, columns[None, :, None], -1).amax(1)  # [B, K]
+    present = responses[None, :] <= batch["group_sizes"][:, None]
+    rows = torch.arange(len(last), device=last.device)[:, None].expand_as(last)
+    return model.score(hidden[rows[present], last[present]]).squeeze(-1).float()
+
+
+def batch_rewards(model, batch: dict) -> torch.Tensor:
+    """Rewards [R] of a `pad_groups` batch (one row per response) or a `pad_shared_prompt` one."""
+    if "segment_ids" in batch:
+        return shared_prompt_rewards(model, batch)
+    return reward_forward(model, batch["input_ids"], batch["attention_mask"])
+
+
 class RewardModel:
     """A trained reward model as a reward function `score(prompts, completions) -> list[float]`."""
 

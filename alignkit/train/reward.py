@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 
 from alignkit.losses import bradley_terry_loss, ranking_pairs
-from alignkit.models.reward import load_reward_backbone, reward_forward
+from alignkit.models.reward import batch_rewards, load_reward_backbone
 from alignkit.train.common import load_train_eval, print_summary, say
 from alignkit.train.loop import TrainConfig, TrainResult, make_accelerator, resolve_resume, train
 
@@ -34,13 +34,17 @@ class RewardConfig(TrainConfig):
     """preference = prompt/chosen/rejected; ranking = prompt/responses (best first) or + scores."""
     normalize: bool = True
     """Store the reward mean and std over held-out responses in the checkpoint for scoring."""
+    share_prompt: bool = True
+    """One row per prompt, [prompt | response 1 | ... | response K]: the prompt goes through the model once."""
 
 
-def collate_pairs(examples: list[dict], pad_token_id: int) -> dict:
-    """`pad_groups` plus the (better, worse) row indices of every pair, and per-pair margins."""
+def collate_pairs(examples: list[dict], pad_token_id: int, share_prompt: bool = False) -> dict:
+    """`pad_groups` (or `pad_shared_prompt`) plus the (better, worse) indices of every pair among
+    the batch's responses, and per-pair margins."""
     from alignkit.data import pad_groups
+    from alignkit.data.tokenize import pad_shared_prompt
 
-    batch = pad_groups(examples, pad_token_id)
+    batch = (pad_shared_prompt if share_prompt else pad_groups)(examples, pad_token_id)
     better, worse, margins, offset = [], [], [], 0
     for ex in examples:
         i, j = ranking_pairs(len(ex["sequences"]))
@@ -53,7 +57,7 @@ def collate_pairs(examples: list[dict], pad_token_id: int) -> dict:
 
 
 def rm_step(model, batch):
-    rewards = reward_forward(model, batch["input_ids"], batch["attention_mask"])
+    rewards = batch_rewards(model, batch)
     r_w, r_l = rewards[batch["better"]], rewards[batch["worse"]]
     losses, metrics = bradley_terry_loss(r_w, r_l, batch["margin"])
     metrics = {**metrics, "rewards/chosen": r_w.detach(), "rewards/rejected": r_l.detach()}
@@ -71,7 +75,7 @@ def reward_stats(model, examples: list[dict], collate, batch_size: int, device) 
     values = []
     for i in range(0, len(examples), batch_size):
         b = collate(examples[i : i + batch_size])
-        values.append(reward_forward(model, b["input_ids"].to(device), b["attention_mask"].to(device)))
+        values.append(batch_rewards(model, {k: v.to(device) for k, v in b.items()}))
     v = torch.cat(values)
     return float(v.mean()), float(v.std().clamp(min=1e-6))
 
@@ -98,7 +102,7 @@ def run(cfg: RewardConfig) -> TrainResult:
     for ex, rec in zip(examples + eval_examples, train_records + eval_records):
         if "margin" in rec:
             ex["margin"] = float(rec["margin"])
-    collate = lambda b: collate_pairs(b, tokenizer.pad_token_id)  # noqa: E731
+    collate = lambda b: collate_pairs(b, tokenizer.pad_token_id, cfg.share_prompt)  # noqa: E731
     accelerator = make_accelerator(cfg, "rm")
     n_pairs = sum(len(ex["sequences"]) * (len(ex["sequences"]) - 1) // 2 for ex in examples)
     say(f"rm: {len(examples)} prompts, {n_pairs} pairs; {report}")

@@ -35,6 +35,30 @@ def test_ranking_of_three_gives_three_pairs_in_one_batch(tiny_model_dir, tiny_to
     assert abs(float(loss_sum.detach()) - float(by_hand)) < 1e-5 and reward.pair_count(batch) == 4
 
 
+def test_shared_prompt_rewards_equal_separate_rows(tiny_model_dir, tiny_tokenizer):
+    """[prompt | response 1 | ... | response K] in one row gives each response's reward, loss
+    and gradients as its own row [prompt | response] does, prompts and response counts varying."""
+    records = [{"prompt": "What is 1+2?", "responses": [" 3", " 4 or so", " 5"], "_where": "<t>:1"},
+               {"prompt": "Tell me: what is 12+2?", "chosen": " 14", "rejected": " It is 15.", "_where": "<t>:2"},
+               {"prompt": "2+2", "chosen": " 4", "rejected": " 5", "margin": 0.5, "_where": "<t>:3"}]
+    examples, _ = tokenize_responses(records, tiny_tokenizer, 32)
+    examples[2]["margin"] = 0.5
+    results = []
+    for share in (True, False):
+        torch.manual_seed(0)  # the same fresh scalar head both times
+        model = load_reward_backbone(str(tiny_model_dir))
+        batch = reward.collate_pairs(examples, 0, share_prompt=share)
+        assert ("segment_ids" in batch) == share
+        loss, metrics = reward.rm_step(model, batch)
+        loss.backward()
+        results.append((loss.detach(), {k: float(v) for k, v in metrics.items()},
+                        torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (loss_s, m_s, g_s), (loss_r, m_r, g_r) = results
+    assert abs(float(loss_s - loss_r)) < 1e-5
+    assert all(abs(m_s[k] - m_r[k]) < 1e-4 for k in m_r)
+    assert float((g_s - g_r).abs().max()) <= 1e-5 * max(1.0, float(g_r.abs().max()))
+
+
 def _prefs(path, n, seed):
     rng = random.Random(seed)
     with path.open("w") as f:
