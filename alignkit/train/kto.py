@@ -42,6 +42,8 @@ class KTOConfig(TrainConfig):
     """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
     precompute_ref: bool = False
     """Compute reference log-probs once before training, then free the reference model."""
+    share_prompt: bool = True
+    """One row per example, [prompt | completion | partner's completion]: the prompt goes through the model once."""
 
 
 def with_mismatched_pairs(examples: list[dict], labels: list[bool], max_length: int, seed: int) -> list[dict]:
@@ -72,10 +74,20 @@ def with_mismatched_pairs(examples: list[dict], labels: list[bool], max_length: 
     return out
 
 
-def collate(examples: list[dict], pad_token_id: int) -> dict:
-    from alignkit.data import pad_groups
+def _prompt(ids: list[int], loss_mask: list[int]) -> list[int]:
+    return ids[: loss_mask.index(1) if 1 in loss_mask else len(loss_mask)]
 
-    batch = pad_groups(examples, pad_token_id)
+
+def collate(examples: list[dict], pad_token_id: int, share_prompt: bool = False) -> dict:
+    """Rows own, mismatched, own, ... (`pad_groups`), or with `share_prompt` one row per example
+    behind its prompt (`pad_shared_prompt`) when every example's mismatched row kept the whole
+    prompt (a long partner completion may have cut it)."""
+    from alignkit.data import pad_groups
+    from alignkit.data.tokenize import pad_shared_prompt
+
+    shared = share_prompt and all(_prompt(ex["sequences"][0], ex["loss_masks"][0]) == _prompt(ex["sequences"][1], ex["loss_masks"][1])
+                                  for ex in examples)
+    batch = (pad_shared_prompt if shared else pad_groups)(examples, pad_token_id)
     batch["labels"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
     return batch
 
@@ -116,7 +128,7 @@ def run(cfg: KTOConfig) -> TrainResult:
         auto_d, auto_u = kto_default_weights(n_good, n_bad)
         w_d, w_u = w_d if w_d > 0 else auto_d, w_u if w_u > 0 else auto_u
 
-    batch_fn = lambda b: collate(b, tokenizer.pad_token_id)  # noqa: E731
+    batch_fn = lambda b: collate(b, tokenizer.pad_token_id, cfg.share_prompt)  # noqa: E731
     accelerator = make_accelerator(cfg, "kto")
     reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast,
                                before_first_update=cfg.precompute_ref and resume_from is None)

@@ -35,6 +35,41 @@ def _feedback(path, n, seed, desirable_share):
     return path
 
 
+def test_shared_prompt_step_equals_separate_rows(tiny_model_dir, tiny_tokenizer):
+    """[prompt | completion | partner's completion] in one row gives the loss, metrics and gradients of
+    the two rows of pad_groups, for the reference on the fly; a cut prompt falls back to separate rows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    records = [{"prompt": f"What is {a}+{a % 3}?" + " Quick." * (a % 2), "completion": f" {a + a % 3}" + "!" * (a % 4),
+                "label": a % 3 != 0, "_where": f"<t>:{a}"} for a in range(6)]
+    tokens, _ = tokenize_sft(records, tiny_tokenizer, 64)
+    examples = kto.with_mismatched_pairs(tokens, [r["label"] for r in records], 64, seed=0)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    def reference(policy, fn):
+        with torch.no_grad():
+            return fn(ref)
+
+    results = []
+    for share in (True, False):
+        policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        with torch.no_grad():  # a policy away from its reference: non-zero rewards and KL
+            for p in policy.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        batch = kto.collate(examples, 0, share_prompt=share)
+        assert ("segment_ids" in batch) == share
+        loss, metrics = kto.make_kto_step(0.3, 1.0, 1.5, reference)(policy, batch)
+        loss.backward()
+        results.append((loss.detach(), metrics, torch.cat([p.grad.flatten() for p in policy.parameters()])))
+    (loss_s, m_s, g_s), (loss_r, m_r, g_r) = results
+    assert abs(float(loss_s - loss_r)) <= 1e-5
+    assert all(abs(float(m_s[k] - m_r[k])) <= 1e-4 for k in m_r)
+    assert float((g_s - g_r).abs().max()) <= 1e-5 * max(1.0, float(g_r.abs().max()))
+    cut = kto.with_mismatched_pairs(tokens, [r["label"] for r in records], 12, seed=0)  # partner cuts the prompt
+    assert "segment_ids" not in kto.collate(cut, 0, share_prompt=True)
+
+
 def test_kto_learns_from_imbalanced_thumbs(tiny_model_dir, tmp_path, capsys):
     train_file = _feedback(tmp_path / "t.jsonl", 80, 0, desirable_share=0.25)
     eval_file = _feedback(tmp_path / "e.jsonl", 40, 1, desirable_share=0.5)
