@@ -50,7 +50,7 @@ class PPOConfig(OnlineConfig):
     batch_size: int = 8
     """Completions per PPO minibatch (one optimiser step each)."""
     rollout_batch_size: int = 32
-    """Prompts sampled per PPO step (one completion each)."""
+    """Prompts sampled per PPO step (one completion each), over all processes together."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     missing_eos_penalty: float = 0.0
@@ -175,9 +175,10 @@ def run(cfg: PPOConfig):
     both = PolicyAndValue(policy, critic)
     reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast,
                                dtype=cfg.ref_dtype)
-    _, _, total_steps = plan_steps(len(examples), dataclasses.replace(cfg, batch_size=cfg.rollout_batch_size, grad_accum=1),
-                                   accelerator.num_processes)
-    steps_per_epoch = -(-len(examples) // cfg.rollout_batch_size)
+    # rollout_batch_size counts the prompts of a step over ALL processes (each samples its share),
+    # so an epoch is the same number of steps on any process count
+    _, steps_per_epoch, total_steps = plan_steps(
+        len(examples), dataclasses.replace(cfg, batch_size=cfg.rollout_batch_size, grad_accum=1), world_size=1)
     optimizer = torch.optim.AdamW([p for p in both.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     scheduler = get_scheduler("constant", optimizer)  # PPO's lr is constant; the checkpoint keeps the shared layout

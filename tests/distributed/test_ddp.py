@@ -268,3 +268,15 @@ def test_grpo_and_rloo_two_processes_equal_one_process(trainer, beta, tiny_model
     diff = max_abs_diff(tmp_path / "one", tmp_path / "two")
     print(f"{trainer} 2x(1 prompt x 4) vs 1x(2 prompts x 4), 3 steps: max |dw| = {diff:.3g}")
     assert diff < TOL
+
+
+@pytest.mark.slow
+def test_ppo_epoch_is_as_many_steps_on_two_processes_as_on_one(tiny_model_dir, tmp_path):
+    """rollout_batch_size counts a step's prompts over all processes: 10 prompts, 4 per step ->
+    3 steps to the epoch on 2 processes as on 1 (it was 2 on 2 processes: half the data unseen)."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {a}+{a % 5}?"}) + "\n" for a in range(10)))
+    torchrun("ppo", dict(model=tiny_model_dir, data=prompts, reward="tests.train.test_grpo:contains_seven", epochs=1,
+                         rollout_batch_size=4, batch_size=2, ppo_epochs=1, max_new_tokens=4, log_steps=1, seed=3,
+                         output_dir=tmp_path / "ppo"))
+    assert [r["step"] for r in _records(tmp_path / "ppo")] == [1, 2, 3]
