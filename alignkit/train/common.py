@@ -13,12 +13,19 @@ from alignkit.train.loop import TrainConfig, TrainResult
 
 
 def lm_step(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-token loss on `loss_mask` tokens; metrics are sums over those tokens."""
-    logprobs, logits = forward_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                        position_ids=batch.get("position_ids"))
+    """Next-token loss on `loss_mask` tokens; metrics are sums over those tokens.
+
+    The output head runs only on the columns where some row has a loss token: with SFT's
+    prompt masked out, the columns every prompt covers are skipped (no logits, no softmax)."""
     mask = batch["loss_mask"][:, 1:]
+    columns = None if bool(mask.all()) else mask.any(0).nonzero().squeeze(-1)
+    logprobs, logits = forward_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                        position_ids=batch.get("position_ids"), columns=columns)
+    targets = batch["input_ids"][:, 1:]
+    if columns is not None:
+        mask, targets = mask[:, columns], targets[:, columns]
     loss_sum, metrics = sft_loss(logprobs, mask)
-    correct = (logits.argmax(-1) == batch["input_ids"][:, 1:]) & mask.bool()
+    correct = (logits.argmax(-1) == targets) & mask.bool()
     return loss_sum, {**metrics, "accuracy": correct.sum()}
 
 
