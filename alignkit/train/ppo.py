@@ -104,6 +104,11 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
 
+    def forward(self, ids, attn, temperature: float, columns):
+        """`logprobs_and_values`. Training passes go through here, i.e. through the DDP wrapper's
+        forward: DDP averages the gradients of a backward only after its own forward ran."""
+        return self.logprobs_and_values(ids, attn, temperature, columns)
+
     def logprobs_and_values(self, ids, attn, temperature: float, columns):
         """log pi, the logits and V at `columns`: [N, C], [N, C, V], [N, C] float32."""
         if isinstance(self.value, ValueHead):  # one forward through the shared backbone
@@ -249,7 +254,7 @@ def run(cfg: PPOConfig):
                 mb = mb.to(device)
                 m = mask[mb]
                 with accelerator.autocast():  # the precision pi_old was computed at
-                    logprobs, _, values = model.logprobs_and_values(ids[mb], attn[mb], cfg.temperature, columns)
+                    logprobs, _, values = both(ids[mb], attn[mb], cfg.temperature, columns)
                 pg, pg_metrics = clipped_policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_eps)
                 vf, vf_metrics = clipped_value_loss(values, old_values[mb], returns[mb], cfg.vf_clip, mask=m)
                 loss_sum, count = aggregate(pg + cfg.vf_coef * vf, m, "token")

@@ -280,3 +280,46 @@ def test_ppo_epoch_is_as_many_steps_on_two_processes_as_on_one(tiny_model_dir, t
                          rollout_batch_size=4, batch_size=2, ppo_epochs=1, max_new_tokens=4, log_steps=1, seed=3,
                          output_dir=tmp_path / "ppo"))
     assert [r["step"] for r in _records(tmp_path / "ppo")] == [1, 2, 3]
+
+
+PPO_SYNC_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from alignkit.models.reward import load_reward_backbone
+from alignkit.train.loop import TrainConfig, make_accelerator
+from alignkit.train.ppo import PolicyAndValue
+
+accelerator = make_accelerator(TrainConfig(output_dir=sys.argv[2]), "ppo")
+torch.manual_seed(0)
+both = PolicyAndValue(AutoModelForCausalLM.from_pretrained(sys.argv[1]), load_reward_backbone(sys.argv[1]))
+both, _ = accelerator.prepare(both, torch.optim.SGD(both.parameters(), lr=0.1))
+ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(accelerator.process_index))
+columns = torch.arange(2, 5)
+
+def synced(forward):
+    both.zero_grad()
+    logprobs, _, values = forward(ids, torch.ones_like(ids), 1.0, columns)
+    accelerator.backward(logprobs.sum() + values.sum())
+    grads = torch.cat([p.grad.flatten() for p in both.parameters()])
+    gathered = [torch.zeros_like(grads) for _ in range(2)]
+    dist.all_gather(gathered, grads)
+    return torch.equal(gathered[0], gathered[1])
+
+print("through the wrapper:", synced(both), "around it:", synced(accelerator.unwrap_model(both).logprobs_and_values))
+"""
+
+
+@pytest.mark.slow
+def test_ppo_gradients_are_averaged_over_processes(tiny_model_dir, tmp_path):
+    """PPO's training forward goes through the DDP wrapper: the two processes, on different
+    data, end the backward with the same (averaged) gradients. Calling the policy and critic
+    around the wrapper, as PPO did, leaves each process with its own."""
+    script = tmp_path / "sync.py"
+    script.write_text(PPO_SYNC_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(tiny_model_dir), str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("through the wrapper: True around it: False") == 2, proc.stdout
