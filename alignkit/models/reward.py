@@ -28,9 +28,26 @@ def load_reward_backbone(path: str, dtype: str = "float32"):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
     finally:
         hf_logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None:  # its forward needs one to batch; alignkit's tokenizers pad with EOS
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return model
+
+
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """h [N, T, H]: the backbone's last hidden state (after its final norm), from the model's
+    OWN forward, so that a DDP wrapper around it sees the call and averages the gradients
+    (a call to the inner backbone would bypass it: every process would train alone)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                output_hidden_states=True)
+    return out.hidden_states[-1]
+
+
+def _score_head(model):
+    return getattr(model, "module", model).score
 
 
 def reward_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -40,12 +57,10 @@ def reward_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     not from `input_ids != pad_id`, so a tokenizer whose pad is its EOS still reads
     the reward at the EOS that ends the response (left or right padding alike).
     """
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    hidden = final_hidden(model, input_ids, attention_mask, position_ids_from_mask(attention_mask))
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = torch.where(attention_mask.bool(), positions, -1).argmax(-1)
-    return model.score(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
+    return _score_head(model)(hidden[torch.arange(len(last), device=last.device), last]).squeeze(-1).float()
 
 
 def shared_prompt_rewards(model, batch: dict) -> torch.Tensor:
@@ -57,15 +72,13 @@ def shared_prompt_rewards(model, batch: dict) -> torch.Tensor:
     from alignkit.models.forward import _model_mask, shared_prompt_mask
 
     segments = batch["segment_ids"]
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=_model_mask(shared_prompt_mask(segments), model),
-                      position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    hidden = final_hidden(model, batch["input_ids"], _model_mask(shared_prompt_mask(segments), model), batch["position_ids"])
     responses = torch.arange(1, int(batch["group_sizes"].max()) + 1, device=segments.device)
     columns = torch.arange(segments.shape[1], device=segments.device)
     last = torch.where(segments[:, :, None] == responses, columns[None, :, None], -1).amax(1)  # [B, K]
     present = responses[None, :] <= batch["group_sizes"][:, None]
     rows = torch.arange(len(last), device=last.device)[:, None].expand_as(last)
-    return model.score(hidden[rows[present], last[present]]).squeeze(-1).float()
+    return _score_head(model)(hidden[rows[present], last[present]]).squeeze(-1).float()
 
 
 def batch_rewards(model, batch: dict) -> torch.Tensor:

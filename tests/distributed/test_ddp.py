@@ -323,3 +323,21 @@ def test_ppo_gradients_are_averaged_over_processes(tiny_model_dir, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("through the wrapper: True around it: False") == 2, proc.stdout
+
+
+@pytest.mark.slow
+def test_reward_model_two_processes_equal_one_process(tiny_model_dir, data, tmp_path, one_thread):
+    """The reward model reads its hidden states through the model's own forward, so DDP sees the
+    call (it used to call the inner backbone: a crash under DDP). 2 processes x batch 1 x
+    grad_accum 2 reach the weights of 1 process x batch 1 x grad_accum 4: the same examples per
+    step in micro-batches of the same shape (a batch of 2 pads its shared-prompt rows
+    differently, which at lr 1e-2 moved the weights by 3e-5 on its own)."""
+    from alignkit.train import reward
+
+    args = dict(model=tiny_model_dir, data=data / "prefs.jsonl", **{k: v for k, v in DPO_ARGS.items() if k != "beta"})
+    reward.run(reward.RewardConfig(**{**args, "model": str(tiny_model_dir), "data": str(data / "prefs.jsonl"),
+                                      "grad_accum": 2 * DPO_ARGS["grad_accum"], "output_dir": str(tmp_path / "one")}))
+    torchrun("rm", {**args, "output_dir": tmp_path / "two"})
+    diff = max_abs_diff(tmp_path / "one", tmp_path / "two")
+    print(f"rm 2x(b=1, accum 2) vs 1x(b=1, accum 4), 3 steps: max |dw| = {diff:.3g}")
+    assert diff < TOL
