@@ -80,6 +80,19 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return logits
 
 
+def draw_per_row(probs: Tensor, generators: list[torch.Generator]) -> Tensor:
+    """One token per row, row i by inverse CDF from one uniform of generators[i]: [N, V] -> [N].
+
+    token_i = min{v : sum_{w<=v} p_iw > u_i * sum_w p_iw}, u_i ~ U[0, 1): P(token_i = v) = p_iv,
+    and a zero-probability token is never drawn. The generators are CPU ones: N scalar draws
+    and one copy per step, not N sampling kernels on the device.
+    """
+    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(probs.device)
+    cdf = probs.cumsum(-1)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].to(cdf.dtype), right=True)[:, 0]
+    return token.clamp(max=probs.shape[-1] - 1)
+
+
 def _cache_of(out):
     return out.cache if "cache" in out else out.past_key_values
 
@@ -101,9 +114,9 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: in
     the learner recomputes with `forward_logprobs(..., temperature)`, so sampler and learner
     agree token for token. top-k / top-p only change which tokens are drawn; with them the
     log-probs are not those of the (truncated) sampling distribution.
-    The same `generator` state gives the same rollout. A list of N generators draws row i
-    from generator i alone: a row's completion then does not depend on which rows share its
-    batch (how prompts were split over processes and micro-batches).
+    The same `generator` state gives the same rollout. A list of N CPU generators draws row
+    i from generator i alone: a row's completion then does not depend on which rows share
+    its batch (how prompts were split over processes and micro-batches).
     """
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} "
@@ -142,7 +155,7 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: in
                 logits = logits / temperature
                 probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
                 if isinstance(generator, (list, tuple)):
-                    token = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
+                    token = draw_per_row(probs, generator)
                 else:
                     token = torch.multinomial(probs, 1, generator=generator)[:, 0]
             else:

@@ -122,8 +122,7 @@ class Rollouts:
         # Completion k of example i at step s draws from its own generator, seeded by (seed, s, i, k):
         # the samples are the same however the prompts are split over processes and micro-batches,
         # and a resumed run draws exactly what an uninterrupted one would.
-        device = batch["input_ids"].device
-        generator = [torch.Generator(device).manual_seed(((self.cfg.seed * 1_000_003 + step) * 1_000_033 + i) * 101 + k)
+        generator = [torch.Generator().manual_seed(((self.cfg.seed * 1_000_003 + step) * 1_000_033 + i) * 101 + k)
                      for i in batch["ids"].tolist() for k in range(g)]
         return sample(
             self.accelerator.unwrap_model(model), batch["input_ids"].repeat_interleave(g, 0),

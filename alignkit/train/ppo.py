@@ -6,7 +6,8 @@ Four models: the policy, the frozen reference, the reward, and a value model (th
 critic, a reward-model-shaped checkpoint whose head reads every position; default:
 initialised from the reward model when `reward` is a model directory, else from the
 policy). `share_backbone` makes the critic a scalar head on the policy's own last
-hidden state instead: one backbone fewer, and one forward gives log-probs and values. Each step samples one completion per prompt, then with r_t = -beta (log pi -
+hidden state instead: one backbone fewer, and one forward gives log-probs and values.
+Each step samples one completion per prompt, then with r_t = -beta (log pi -
 log pi_ref)_t plus the sequence reward on the last token: GAE(gamma, lambda)
 advantages (whitened), and `ppo_epochs` passes over minibatches of the clipped
 surrogate plus vf_coef times the clipped value loss. beta is fixed, or adapts

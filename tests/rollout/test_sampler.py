@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from alignkit.models.forward import forward_logprobs
 from alignkit.models.tiny import build_tiny_llama
-from alignkit.rollout.sampler import Rollout, filter_logits, sample
+from alignkit.rollout.sampler import Rollout, draw_per_row, filter_logits, sample
 
 PAD, EOS = 0, 2
 PROMPTS = ["What is 1+2?", "What", "What is 41+7? The answer", "What is 3"]
@@ -109,6 +109,17 @@ def test_one_generator_per_row_makes_a_row_independent_of_its_batch(untied_llama
         torch.testing.assert_close(alone.logprobs[0, :n], together.logprobs[r, :n], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="generators for"):
         _run(untied_llama, prompts, generator=gens([0]))
+
+
+def test_draw_per_row_follows_each_rows_probabilities():
+    """20000 draws per row: frequencies within 0.015 of p, zero-probability tokens never drawn."""
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 1.0, 0.0], [0.1, 0.6, 0.0, 0.3]])
+    gens = [torch.Generator().manual_seed(r) for r in range(3)]
+    draws = torch.stack([draw_per_row(probs, gens) for _ in range(20000)])  # [20000, 3]
+    for r in range(3):
+        freq = torch.bincount(draws[:, r], minlength=4).float() / len(draws)
+        assert float((freq - probs[r]).abs().max()) < 0.015, (r, freq)
+        assert int(((probs[r] == 0)[draws[:, r]]).sum()) == 0
 
 
 def _eos_candidate(tokens: list[list[int]]):
