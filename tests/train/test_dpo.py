@@ -79,6 +79,7 @@ def test_reference_stored_in_bfloat16_is_close_to_float32(tiny_model_dir, tiny_t
     batch = pad_shared_prompt(examples, 0)
     full = reference_sequence_logprobs(make_reference(str(tiny_model_dir), "", lora=False, device="cpu"), None, batch)
     half = make_reference(str(tiny_model_dir), "", lora=False, device="cpu", dtype="bfloat16")
+    assert half(None, lambda m: next(m.parameters()).dtype) == torch.bfloat16  # stored at half size
     logps = reference_sequence_logprobs(half, None, batch)
     assert logps.dtype == torch.float32  # summed in float32 whatever the weights' dtype
     # bf16 keeps 8 bits of mantissa: per-token errors ~1e-2 of a log-prob, summed over a response
