@@ -49,7 +49,7 @@ class PPOConfig(OnlineConfig):
     lr: float = 1e-5
     """Peak learning rate (AdamW) for policy and value model."""
     batch_size: int = 8
-    """Completions per PPO minibatch (one optimiser step each)."""
+    """Completions per PPO minibatch (one optimiser step each), over all processes together."""
     rollout_batch_size: int = 32
     """Prompts sampled per PPO step (one completion each), over all processes together."""
     ppo_epochs: int = 4
@@ -150,6 +150,17 @@ def load_critic(cfg, policy, resume_from: Path | None):
     return load_reward_backbone(source), source
 
 
+def whiten_over_processes(x, mask, accelerator):
+    """`masked_whiten` with the mean and (unbiased) variance over every process's tokens."""
+    if accelerator.num_processes == 1:
+        return masked_whiten(x, mask)
+    m = mask.to(x.dtype)
+    n, total = accelerator.reduce(torch.stack([m.sum(), (x * m).sum()]), "sum")
+    mean = total / n
+    var = accelerator.reduce(((x - mean) ** 2 * m).sum(), "sum") / (n - 1)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), 0.0)
+
+
 def explained_variance(values, returns, mask) -> float:
     """1 - Var[R - V] / Var[R] over the completion tokens: 1 is a perfect critic, 0 a constant one."""
     var_r = masked_var(returns, mask, unbiased=False)
@@ -210,13 +221,15 @@ def run(cfg: PPOConfig):
     start = time.perf_counter()
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="ppo", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
+    world, rank = accelerator.num_processes, accelerator.process_index
     for step in bar:
-        idx = step_indices(step, len(examples), cfg.rollout_batch_size, steps_per_epoch, cfg.seed)
-        idx = idx[accelerator.process_index :: accelerator.num_processes]
+        step_idx = step_indices(step, len(examples), cfg.rollout_batch_size, steps_per_epoch, cfg.seed)
+        idx = step_idx[rank::world]  # this process's prompts: global positions rank, rank + world, ...
         chunk = [examples[i] for i in idx]
         prompts = pad_batch(chunk, tokenizer.pad_token_id, side="left")
         device = accelerator.device
-        generator = torch.Generator(device).manual_seed((cfg.seed * 1_000_003 + step) * 1009 + accelerator.process_index)
+        # one generator per prompt, seeded by (seed, step, prompt id): the same samples on any process count
+        generator = [torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_000_033 + ex["id"]) for ex in chunk]
 
         # --- rollout: sample, score, and the no-grad passes (dropout off) ---
         model.eval()
@@ -243,7 +256,7 @@ def run(cfg: PPOConfig):
         last = mask.sum(-1) - 1
         rewards[torch.arange(len(last), device=device), last] += scores
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = whiten_over_processes(advantages, mask, accelerator)
 
         # --- update: ppo_epochs passes over shuffled minibatches ---
         model.train()
@@ -251,15 +264,20 @@ def run(cfg: PPOConfig):
         n_updates = 0
         order_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         for _ in range(cfg.ppo_epochs):
-            for mb in torch.randperm(len(idx), generator=order_gen).split(cfg.batch_size):
-                mb = mb.to(device)
+            # minibatches of the step's global positions; each process trains on its own members
+            for global_mb in torch.randperm(len(step_idx), generator=order_gen).split(cfg.batch_size):
+                mb = (global_mb[global_mb % world == rank] // world).to(device)
+                weight = 1.0 if len(mb) else 0.0  # none here: join the all-reduce with a zero loss
+                mb = mb if len(mb) else torch.zeros(1, dtype=torch.long, device=device)
                 m = mask[mb]
                 with accelerator.autocast():  # the precision pi_old was computed at
                     logprobs, _, values = both(ids[mb], attn[mb], cfg.temperature, columns)
                 pg, pg_metrics = clipped_policy_loss(logprobs, old_logprobs[mb], advantages[mb], m, cfg.clip_eps)
                 vf, vf_metrics = clipped_value_loss(values, old_values[mb], returns[mb], cfg.vf_clip, mask=m)
                 loss_sum, count = aggregate(pg + cfg.vf_coef * vf, m, "token")
-                accelerator.backward(loss_sum / count)
+                # mean over the minibatch's tokens on all processes (DDP averages, hence * world)
+                global_count = accelerator.reduce(weight * count.detach().float(), "sum") if world > 1 else count
+                accelerator.backward(weight * loss_sum * world / global_count)
                 if cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(both.parameters(), cfg.max_grad_norm)
                 optimizer.step()
@@ -275,11 +293,13 @@ def run(cfg: PPOConfig):
                     stats[k] = stats.get(k, 0.0) + float(v)
                 n_updates += 1
 
-        kl_per_completion = float(kl.sum(-1).mean())
+        totals = torch.stack([kl.sum(), scores.sum(), torch.tensor(float(len(idx)), device=device)])
+        totals = accelerator.reduce(totals, "sum") if world > 1 else totals
+        kl_per_completion = float(totals[0] / totals[2])  # over all processes: every one adapts beta alike
         if cfg.target_kl > 0:
-            beta = adaptive_kl_beta(beta, kl_per_completion, cfg.target_kl, cfg.kl_horizon, len(idx))
+            beta = adaptive_kl_beta(beta, kl_per_completion, cfg.target_kl, cfg.kl_horizon, int(totals[2]))
         record = {"step": step + 1, **{f"train/{k}": v / n_updates for k, v in stats.items()},
-                  "train/reward": float(scores.mean()), "train/reward_with_kl": float(scores.mean()) - beta * kl_per_completion,
+                  "train/reward": float(totals[1] / totals[2]), "train/reward_with_kl": float(totals[1] / totals[2]) - beta * kl_per_completion,
                   "train/kl_per_completion": kl_per_completion, "train/kl_per_token": float(masked_mean(kl, mask)),
                   "train/entropy": float(entropy), "train/explained_variance": explained_variance(old_values, returns, mask),
                   "train/completion_length": float(mask.sum(-1).float().mean()),

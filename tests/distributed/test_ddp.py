@@ -341,3 +341,29 @@ def test_reward_model_two_processes_equal_one_process(tiny_model_dir, data, tmp_
     diff = max_abs_diff(tmp_path / "one", tmp_path / "two")
     print(f"rm 2x(b=1, accum 2) vs 1x(b=1, accum 4), 3 steps: max |dw| = {diff:.3g}")
     assert diff < TOL
+
+
+@pytest.mark.slow
+def test_ppo_two_processes_equal_one_process(tiny_model_dir, tmp_path, one_thread):
+    """PPO, 8 prompts per step over 2 processes against 1 process: one generator per prompt (the
+    same samples), advantages whitened and the loss averaged over both processes' tokens, the
+    step's global minibatches split between them, gradients averaged by DDP: the same weights
+    (policy and critic) after 3 steps, and the same logged reward and KL."""
+    from alignkit.train import ppo
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {a}+{a % 5}?"}) + "\n" for a in range(13)))
+    args = dict(model=tiny_model_dir, data=prompts, reward="tests.train.test_grpo:contains_seven", max_steps=3,
+                rollout_batch_size=8, batch_size=4, ppo_epochs=2, max_new_tokens=5, lr=5e-3, beta=0.05,
+                target_kl=0.5, kl_horizon=20.0, log_steps=1, seed=3)
+    ppo.run(ppo.PPOConfig(**{**args, "model": str(tiny_model_dir), "data": str(prompts), "reward": [args["reward"]],
+                             "output_dir": str(tmp_path / "one")}))
+    torchrun("ppo", {**args, "output_dir": tmp_path / "two"})
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    for a, b in zip(one, two):
+        for key in ("train/reward", "train/kl_per_completion", "train/beta"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
+    diff = max(max_abs_diff(tmp_path / "one", tmp_path / "two"),
+               max_abs_diff(tmp_path / "one" / "value", tmp_path / "two" / "value"))
+    print(f"ppo 2 processes vs 1, 8 prompts per step, minibatch 4, 2 epochs, 3 steps: max |dw| = {diff:.3g}")
+    assert diff < TOL
