@@ -267,7 +267,7 @@ def train(method: str, problem: Problem, beta: float, output_dir: str | Path, **
     elif method == "ppo":
         # lam = 1: the advantage is the return minus V, unbiased whatever the critic has learned
         keys = {**ONLINE, **common, "data": str(problem.prompts_file), "rollout_batch_size": 64, "batch_size": 64,
-                "ppo_epochs": 1, "lr": 1e-3, "lam": 1.0, "max_steps": 150}
+                "ppo_epochs": 1, "lr": 1e-3, "lam": 1.0, "max_steps": 300}
         # ppo samples `rollout_batch_size` prompts per step: repeat the two prompts
         data = output_dir.parent / f"{output_dir.name}-prompts.jsonl"
         data.parent.mkdir(parents=True, exist_ok=True)
