@@ -119,6 +119,16 @@ def preimport(*extra: str) -> None:
         importlib.import_module(module)
 
 
+def add_case_arguments(parser) -> None:
+    """The flags every alignkit-vs-TRL case script shares: repeats, model size, threads, and
+    the `--child LIB --work DIR` pair by which the parent starts each library's run."""
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (0: torch's default)")
+    parser.add_argument("--child", choices=list(LIBS))
+    parser.add_argument("--work")
+
+
 def child_main(args, children: dict[str, Callable]) -> None:
     """The `--child LIB` side of a script: torch threads, the run, peak memory, one JSON line on stdout."""
     import torch

@@ -48,8 +48,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, SIZES, TRL_DIR, TRL_VERSION, alternate, build_tiny, child_main, ensure_trl,  # noqa: E402
-                    preimport, side_by_side, summarise, token_lengths, write_jsonl)
+from common import (ROOT, SIZES, TRL_DIR, TRL_VERSION, add_case_arguments, alternate, build_tiny,  # noqa: E402
+                    child_main, ensure_trl, preimport, side_by_side, summarise, token_lengths,
+                    write_jsonl)
 
 REWARD_SPEC = "grpo_step:digit_share"  # importable: benchmarks/ is on sys.path in the child
 SCORED = {"calls": 0, "completions": 0}
@@ -82,6 +83,24 @@ def build_fixture(work: Path, n_prompts: int, size: str = "small", seed: int = 0
 
 def reward_curve(rewards: list[float], window: int) -> dict:
     return {"first": statistics.fmean(rewards[:window]), "last": statistics.fmean(rewards[-window:])}
+
+
+def rollout_summary(lib: str, rs: list[dict], completions: int, steps: int, window: int,
+                    mean_prompt_tokens: float) -> dict:
+    """One library's runs of an online case (GRPO, PPO): completions/s, the reward and length
+    curves, and the training tokens for MFU. Fails unless every run scored exactly `completions`
+    completions over `steps` logged steps."""
+    for r in rs:
+        if r["scored"]["completions"] != completions or len(r["rewards"]) != steps:
+            raise RuntimeError(f"{lib}: scored {r['scored']} over {len(r['rewards'])} logged steps; "
+                               f"expected {completions} completions over {steps} steps")
+    length = statistics.fmean(statistics.fmean(r["completion_length"]) for r in rs)
+    return {
+        **summarise(rs, completions, "completions_per_s"),
+        "quality": {"reward": {k: round(v, 4) for k, v in reward_curve(rs[-1]["rewards"], window).items()}},
+        "completion_length": {k: round(v, 2) for k, v in reward_curve(rs[-1]["completion_length"], window).items()},
+        "train_tokens": completions * (mean_prompt_tokens + length),
+    }
 
 
 def child_alignkit(work: Path, args) -> dict:
@@ -166,18 +185,8 @@ def run_case(work: Path, size: str = "small", steps: int = 30, batch_size: int =
     runs = alternate(__file__, argv, repeats, threads)
 
     def summary(lib: str, rs: list[dict]) -> dict:
-        for r in rs:
-            if r["scored"]["completions"] != completions or len(r["rewards"]) != steps:
-                raise RuntimeError(f"{lib}: scored {r['scored']} over {len(r['rewards'])} logged steps; "
-                                   f"expected {completions} completions over {steps} steps")
-        length = statistics.fmean(statistics.fmean(r["completion_length"]) for r in rs)
-        return {
-            **summarise(rs, completions, "completions_per_s"),
-            "reward_calls": rs[-1]["scored"]["calls"],
-            "quality": {"reward": {k: round(v, 4) for k, v in reward_curve(rs[-1]["rewards"], window).items()}},
-            "completion_length": {k: round(v, 2) for k, v in reward_curve(rs[-1]["completion_length"], window).items()},
-            "train_tokens": completions * (fixture["mean_prompt_tokens"] + length),
-        }
+        return {**rollout_summary(lib, rs, completions, steps, window, fixture["mean_prompt_tokens"]),
+                "reward_calls": rs[-1]["scored"]["calls"]}
 
     case = {"case": "grpo", "size": size, "params": fixture["params"], "unit": "completions/s",
             "rate_key": "completions_per_s", "steps": steps, "completions_per_step": batch_size,
@@ -195,12 +204,8 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.04)
-    parser.add_argument("--repeats", type=int, default=2)
+    add_case_arguments(parser)
     parser.add_argument("--window", type=int, default=5, help="steps averaged for the first / last reward")
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (0: torch's default)")
-    parser.add_argument("--child", choices=["alignkit", "trl"])
-    parser.add_argument("--work")
     args = parser.parse_args()
 
     if args.child:

@@ -56,8 +56,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import (ROOT, SIZES, TRL_DIR, TRL_VERSION, alternate, build_tiny, child_main, ensure_trl,  # noqa: E402
-                    preimport, preference_corpus, preference_pairs, side_by_side, summarise, token_lengths, write_jsonl)
+from common import (ROOT, SIZES, TRL_DIR, TRL_VERSION, add_case_arguments, alternate, build_tiny,  # noqa: E402
+                    child_main, ensure_trl, preference_corpus, preference_pairs, preimport,
+                    side_by_side, summarise, token_lengths, write_jsonl)
 
 N_EVAL = 64
 # per case: units counted by the rate, and the default learning rate (the same on both sides)
@@ -265,11 +266,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=None, help="default: per case (sft 5e-4, rm 1e-4, kto 1e-4)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (0: torch's default)")
-    parser.add_argument("--child", choices=["alignkit", "trl"])
-    parser.add_argument("--work")
+    add_case_arguments(parser)
     args = parser.parse_args()
 
     if args.child:

@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, SIZES, TRL_DIR, TRL_VERSION, alternate, child_main, ensure_trl, preimport,  # noqa: E402
-                    side_by_side, summarise)
-from grpo_step import REWARD_SPEC, build_fixture, reward_curve  # noqa: E402
+from common import (ROOT, TRL_DIR, TRL_VERSION, add_case_arguments, alternate, child_main, ensure_trl,  # noqa: E402
+                    preimport, side_by_side)
+from grpo_step import REWARD_SPEC, build_fixture, rollout_summary  # noqa: E402
 
 
 def child_alignkit(work: Path, args) -> dict:
@@ -116,17 +115,7 @@ def run_case(work: Path, size: str = "small", steps: int = 10, batch_size: int =
     runs = alternate(__file__, argv, repeats, threads)
 
     def summary(lib: str, rs: list[dict]) -> dict:
-        for r in rs:
-            if r["scored"]["completions"] != completions or len(r["rewards"]) != steps:
-                raise RuntimeError(f"{lib}: scored {r['scored']} over {len(r['rewards'])} logged steps; "
-                                   f"expected {completions} completions over {steps} steps")
-        length = statistics.fmean(statistics.fmean(r["completion_length"]) for r in rs)
-        return {
-            **summarise(rs, completions, "completions_per_s"),
-            "quality": {"reward": {k: round(v, 4) for k, v in reward_curve(rs[-1]["rewards"], window).items()}},
-            "completion_length": {k: round(v, 2) for k, v in reward_curve(rs[-1]["completion_length"], window).items()},
-            "train_tokens": completions * (fixture["mean_prompt_tokens"] + length),
-        }
+        return rollout_summary(lib, rs, completions, steps, window, fixture["mean_prompt_tokens"])
 
     case = {"case": "ppo", "size": size, "params": fixture["params"], "unit": "completions/s",
             "rate_key": "completions_per_s", "steps": steps, "completions_per_step": batch_size, "minibatch": minibatch,
@@ -143,12 +132,8 @@ def main() -> None:
     parser.add_argument("--ppo_epochs", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--repeats", type=int, default=2)
+    add_case_arguments(parser)
     parser.add_argument("--window", type=int, default=5, help="steps averaged for the first / last reward")
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (0: torch's default)")
-    parser.add_argument("--child", choices=["alignkit", "trl"])
-    parser.add_argument("--work")
     args = parser.parse_args()
 
     if args.child:
