@@ -27,14 +27,17 @@ def _perturbed(model_dir, seed=0):
     return model
 
 
+def assert_same_step(first, second):
+    """Two (loss, metrics, gradient) results of one step in two layouts: equal to 1e-5 (metrics 1e-4)."""
+    (loss_a, m_a, grad_a), (loss_b, m_b, grad_b) = first, second
+    assert abs(float(loss_a - loss_b)) <= 1e-5
+    assert all(abs(float(m_a[k] - m_b[k])) <= 1e-4 for k in m_b)
+    assert float((grad_a - grad_b).abs().max()) <= 1e-5 * max(1.0, float(grad_b.abs().max()))
+
+
 def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, tiny_tokenizer):
     examples, _ = tokenize_responses(PAIRS, tiny_tokenizer, 64)
-    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-    def reference(policy, fn):  # what make_reference returns for a frozen reference model
-        with torch.no_grad():
-            return fn(ref)
-
+    reference = make_reference(str(tiny_model_dir), "", lora=False, device="cpu")  # a frozen copy
     cfg = dpo.DPOConfig(beta=0.3)
     results = []
     for precompute in (False, True):
@@ -92,12 +95,7 @@ def test_shared_prompt_step_equals_separate_rows(tiny_model_dir, tiny_tokenizer)
     pairs = PAIRS + [{"prompt": "What is 2+2? " * 8, "chosen": " 4.", "rejected": " The answer is 22."}]
     examples, report = tokenize_responses(pairs, tiny_tokenizer, 40)
     assert report.prompt_truncated >= 1  # a prompt cut by truncation, and prompts of different lengths
-    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-    def reference(policy, fn):
-        with torch.no_grad():
-            return fn(ref)
-
+    reference = make_reference(str(tiny_model_dir), "", lora=False, device="cpu")
     for loss_type in ("sigmoid", "ipo"):
         for precompute in (False, True):
             results = []
@@ -111,10 +109,7 @@ def test_shared_prompt_step_equals_separate_rows(tiny_model_dir, tiny_tokenizer)
                 loss, metrics = step(policy, pad(exs, 0))
                 loss.backward()
                 results.append((loss.detach(), metrics, torch.cat([p.grad.flatten() for p in policy.parameters()])))
-            (loss_s, m_s, grad_s), (loss_r, m_r, grad_r) = results
-            assert abs(float(loss_s - loss_r)) <= 1e-5
-            assert all(abs(float(m_s[k] - m_r[k])) <= 1e-4 for k in m_r)
-            assert float((grad_s - grad_r).abs().max()) <= 1e-5 * max(1.0, float(grad_r.abs().max()))
+            assert_same_step(*results)
 
 
 def test_lora_reference_with_adapters_disabled_equals_frozen_base(tiny_model_dir, tiny_tokenizer):

@@ -39,33 +39,28 @@ def test_shared_prompt_step_equals_separate_rows(tiny_model_dir, tiny_tokenizer)
     """[prompt | completion | partner's completion] in one row gives the loss, metrics and gradients of
     the two rows of pad_groups, for the reference on the fly; a cut prompt falls back to separate rows."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from alignkit.models.forward import sequence_logprobs
+    from alignkit.train.reference import make_reference
+    from tests.train.test_dpo import _perturbed, assert_same_step
 
     records = [{"prompt": f"What is {a}+{a % 3}?" + " Quick." * (a % 2), "completion": f" {a + a % 3}" + "!" * (a % 4),
                 "label": a % 3 != 0, "_where": f"<t>:{a}"} for a in range(6)]
     tokens, _ = tokenize_sft(records, tiny_tokenizer, 64)
     examples = kto.with_mismatched_pairs(tokens, [r["label"] for r in records], 64, seed=0)
-    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-
-    def reference(policy, fn):
-        with torch.no_grad():
-            return fn(ref)
-
-    results = []
+    reference = make_reference(str(tiny_model_dir), "", lora=False, device="cpu")
+    results, logps = [], []
     for share in (True, False):
-        policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        with torch.no_grad():  # a policy away from its reference: non-zero rewards and KL
-            for p in policy.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        policy = _perturbed(tiny_model_dir)  # away from its reference: non-zero rewards and KL
         batch = kto.collate(examples, 0, share_prompt=share)
         assert ("segment_ids" in batch) == share
+        with torch.no_grad():  # every row, the mismatched ones too: z_ref may clamp their effect to 0
+            logps.append(sequence_logprobs(policy, batch)[0])
         loss, metrics = kto.make_kto_step(0.3, 1.0, 1.5, reference)(policy, batch)
         loss.backward()
         results.append((loss.detach(), metrics, torch.cat([p.grad.flatten() for p in policy.parameters()])))
-    (loss_s, m_s, g_s), (loss_r, m_r, g_r) = results
-    assert abs(float(loss_s - loss_r)) <= 1e-5
-    assert all(abs(float(m_s[k] - m_r[k])) <= 1e-4 for k in m_r)
-    assert float((g_s - g_r).abs().max()) <= 1e-5 * max(1.0, float(g_r.abs().max()))
+    assert_same_step(*results)
+    torch.testing.assert_close(logps[0], logps[1], atol=1e-5, rtol=0)
     cut = kto.with_mismatched_pairs(tokens, [r["label"] for r in records], 12, seed=0)  # partner cuts the prompt
     assert "segment_ids" not in kto.collate(cut, 0, share_prompt=True)
 
