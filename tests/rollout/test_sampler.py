@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from alignkit.models.forward import forward_logprobs
 from alignkit.models.tiny import build_tiny_llama
-from alignkit.rollout.sampler import Rollout, draw_per_row, filter_logits, sample
+from alignkit.rollout.sampler import Rollout, draw_inverse_cdf, draw_per_row, filter_logits, preallocated_cache, sample
 
 PAD, EOS = 0, 2
 PROMPTS = ["What is 1+2?", "What", "What is 41+7? The answer", "What is 3"]
@@ -120,6 +120,40 @@ def test_draw_per_row_follows_each_rows_probabilities():
         freq = torch.bincount(draws[:, r], minlength=4).float() / len(draws)
         assert float((freq - probs[r]).abs().max()) < 0.015, (r, freq)
         assert int(((probs[r] == 0)[draws[:, r]]).sum()) == 0
+
+
+def test_draw_inverse_cdf_by_hand():
+    """cdf of [0.5, 0, 0.3, 0.2] is [0.5, 0.5, 0.8, 1]: the first token whose cdf exceeds u; the
+    zero-probability token 1 is skipped even at u = 0.5 exactly. Unnormalised rows scale u by the total."""
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]] * 4 + [[0.0, 0.0, 2.0, 0.0]])
+    u = torch.tensor([0.0, 0.49, 0.5, 0.85, 0.0])
+    assert draw_inverse_cdf(probs, u).tolist() == [0, 0, 2, 3, 2]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_preallocated_cache_matches_the_default_one(request, prompts, name):
+    """The buffer-backed cache is used for these models and changes no sampled token or log-prob."""
+    import alignkit.rollout.sampler as sampler
+
+    model = _model(request, name)
+    assert preallocated_cache(model, 32) is not None
+    with_buffers = _run(model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    original = sampler.preallocated_cache
+    sampler.preallocated_cache = lambda model, capacity: None
+    try:
+        default = _run(model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    finally:
+        sampler.preallocated_cache = original
+    assert torch.equal(with_buffers.completion_ids, default.completion_ids)
+    torch.testing.assert_close(with_buffers.logprobs, default.logprobs, atol=1e-6, rtol=0)
+
+
+def test_sliding_window_models_keep_their_own_cache(tiny_tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    assert preallocated_cache(MistralForCausalLM(config), 32) is None
 
 
 def _eos_candidate(tokens: list[list[int]]):
