@@ -66,17 +66,18 @@ def sample_and_score(model, tokenizer, examples: list[dict], n: int, reward_fns:
     """Sample `n` completions of each prompt example (from `tokenize_prompts`) and score each once.
 
     `batch_size` counts completions per `sample` call: batch_size // n prompts (at least
-    one), each repeated n times; a prompt's group is never split. One seeded generator on
-    the model's device is drawn from in order, so the same arguments give the same samples.
+    one), each repeated n times; a prompt's group is never split. Completion k of the example
+    with id i draws from its own generator seeded by (seed, i, k) (`completion_generators`):
+    the samples do not depend on `batch_size` or on how the examples were shared out over
+    processes.
     """
     from alignkit.data import pad_batch
     from alignkit.rollout.rewards import score
-    from alignkit.rollout.sampler import sample
+    from alignkit.rollout.sampler import completion_generators, sample
 
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
     per_call = max(1, batch_size // n)
     out = Samples(n=n, completion_ids=[], texts=[], rewards=[], ended=[])
     for start in range(0, len(examples), per_call):
@@ -86,7 +87,8 @@ def sample_and_score(model, tokenizer, examples: list[dict], n: int, reward_fns:
             model, batch["input_ids"].to(device).repeat_interleave(n, 0),
             batch["attention_mask"].to(device).repeat_interleave(n, 0), max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+            temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=completion_generators(seed, [ex.get("id", start + j) for j, ex in enumerate(chunk)], n),
         )
         ids, mask = rollout.completion_ids.cpu(), rollout.completion_mask.cpu()
         texts = tokenizer.batch_decode(ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)

@@ -92,6 +92,16 @@ def draw_inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
     return token.clamp(max=probs.shape[-1] - 1)
 
 
+def completion_generators(seed: int, prompt_ids: list[int], n: int) -> list[torch.Generator]:
+    """One CPU generator per completion, n per prompt, in prompt-major order: completion k of
+    prompt i is seeded with (seed * 1_000_033 + i) * 101 + k.
+
+    Handed to `sample` (prompts repeated n times each), a completion then depends only on
+    (seed, prompt id, k): not on which process, micro-batch or batch size it was drawn in.
+    """
+    return [torch.Generator().manual_seed((seed * 1_000_033 + i) * 101 + k) for i in prompt_ids for k in range(n)]
+
+
 def draw_per_row(probs: Tensor, generators: list[torch.Generator]) -> Tensor:
     """One token per row, row i by inverse CDF from one uniform of generators[i]: [N, V] -> [N].
 

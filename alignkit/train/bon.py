@@ -141,13 +141,15 @@ def sft_examples(prompt_examples: list[dict], samples: Samples, rows: list[int])
 def _sample(cfg: BoNConfig, model, tokenizer, examples, reward_fns, weights, accelerator, *, n: int,
             temperature: float, seed: int) -> Samples:
     """`sample_and_score` over every prompt, the prompts shared out over the processes and the
-    samples gathered back, so every process holds the same samples in the same order."""
+    samples gathered back, so every process holds the same samples in the same order. Each
+    completion draws from its own (seed, prompt id, k) generator: the samples are those of a
+    1-process run."""
     rank, world = accelerator.process_index, accelerator.num_processes
     with accelerator.autocast():
         mine = sample_and_score(
             model, tokenizer, examples[rank::world], n, reward_fns, weights, max_new_tokens=cfg.max_new_tokens,
             temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
-            seed=seed * 1009 + rank, timeout=cfg.reward_timeout,
+            seed=seed, timeout=cfg.reward_timeout,
         )
     if world == 1:
         return mine

@@ -116,14 +116,13 @@ class Rollouts:
         self.advantages = advantage_estimator(cfg.advantage)
 
     def generate(self, model, batch: dict, step: int, temperature: float):
-        from alignkit.rollout.sampler import sample
+        from alignkit.rollout.sampler import completion_generators, sample
 
         g = self.cfg.num_generations if temperature > 0 else 1
         # Completion k of example i at step s draws from its own generator, seeded by (seed, s, i, k):
         # the samples are the same however the prompts are split over processes and micro-batches,
         # and a resumed run draws exactly what an uninterrupted one would.
-        generator = [torch.Generator().manual_seed(((self.cfg.seed * 1_000_003 + step) * 1_000_033 + i) * 101 + k)
-                     for i in batch["ids"].tolist() for k in range(g)]
+        generator = completion_generators(self.cfg.seed * 1_000_003 + step, batch["ids"].tolist(), g)
         return sample(
             self.accelerator.unwrap_model(model), batch["input_ids"].repeat_interleave(g, 0),
             batch["attention_mask"].repeat_interleave(g, 0), max_new_tokens=self.cfg.max_new_tokens,

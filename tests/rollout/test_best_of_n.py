@@ -69,6 +69,21 @@ def test_cut_off_completions_are_kept_and_flagged(model, tiny_tokenizer):
             assert len(ids) == 8  # cut off at max_new_tokens, no EOS appended
 
 
+def test_samples_do_not_depend_on_the_batch_size_or_the_split(model, tiny_tokenizer):
+    """Each completion draws from its own (seed, example id, k) generator: 3 prompts per call or
+    1, or the examples sampled in two halves, give the same completions; another seed does not."""
+    examples, _ = tokenize_prompts([{"prompt": p} for p in PROMPTS], tiny_tokenizer, 64)
+    kw = dict(max_new_tokens=6, temperature=1.0)
+    whole = sample_and_score(model, tiny_tokenizer, examples, 4, [digit_fraction], [1.0], batch_size=12, seed=1, **kw)
+    one_by_one = sample_and_score(model, tiny_tokenizer, examples, 4, [digit_fraction], [1.0], batch_size=4, seed=1, **kw)
+    halves = [sample_and_score(model, tiny_tokenizer, part, 4, [digit_fraction], [1.0], batch_size=12, seed=1, **kw)
+              for part in (examples[:1], examples[1:])]
+    other_seed = sample_and_score(model, tiny_tokenizer, examples, 4, [digit_fraction], [1.0], batch_size=12, seed=2, **kw)
+    assert one_by_one.completion_ids == whole.completion_ids
+    assert halves[0].completion_ids + halves[1].completion_ids == whole.completion_ids
+    assert other_seed.completion_ids != whole.completion_ids
+
+
 def test_fields_reach_the_reward_function(model, tiny_tokenizer):
     def answer(prompts, completions, answer, **_):
         return [float(a) for a in answer]
