@@ -1,7 +1,7 @@
 """GRPO completions/s per training step and peak memory, alignkit vs TRL, side by side.
 
     .venv/bin/python benchmarks/grpo_step.py                 # prints a JSON report
-    .venv/bin/python benchmarks/grpo_step.py --steps 4 --repeats 1 [--size medium]
+    .venv/bin/python benchmarks/grpo_step.py --steps 4 --repeats 1 [--size medium] [--lora_r 8]
 
 Both libraries get the same tiny Llama directory (`--size` small: hidden 128, 4 layers,
 vocab 1024, 1.18M parameters; medium: hidden 512, 5 layers, 21.5M; randomly initialised,
@@ -22,6 +22,10 @@ TRL skips its old-log-prob pass: pi_old = pi, as in alignkit). Loss: per-sequenc
 then mean over sequences (alignkit loss_level "sequence" = TRL loss_type "grpo"); rewards
 scaled by the group std on both sides. TRL's CPU training: use_cpu, fp32, no gradient
 checkpointing (its GRPO default is on).
+
+With `--lora_r r` both train LoRA adapters of rank r (alpha 2r, no dropout, every linear
+layer but the output head: peft's "all-linear") on the frozen model, and both take the
+reference from the same model with the adapters disabled, so neither holds a second copy.
 
 Timed: alignkit `TrainResult.train_seconds` (generation + scoring + reference + update of
 every step) vs TRL `trainer.train()` (the same, plus its dataloader set-up); `job_*` is from
@@ -121,6 +125,7 @@ def child_alignkit(work: Path, args) -> dict:
         num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, temperature=1.0,
         reward=[REWARD_SPEC], lr=args.lr, beta=args.beta, clip_eps=0.2, loss_level="sequence", scale_rewards=True,
         lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, log_steps=1, seed=0, precision="no",
+        lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
     ))
     job_s = time.perf_counter() - start
     steps = [h for h in result.history if "train/reward" in h]
@@ -155,8 +160,14 @@ def child_trl(work: Path, args) -> dict:
         gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )
     assert config.generation_batch_size == args.batch_size and config.steps_per_generation == 1
+    peft_config = None
+    if args.lora_r:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=grpo_step.digit_share, args=config, train_dataset=data,
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, peft_config=peft_config)
     train_start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - train_start
@@ -171,8 +182,8 @@ def child_trl(work: Path, args) -> dict:
 
 def run_case(work: Path, size: str = "small", steps: int = 30, batch_size: int = 64, num_generations: int = 8,
              max_new_tokens: int = 64, lr: float = 5e-4, beta: float = 0.04, window: int = 5, repeats: int = 2,
-             threads: int = 1) -> dict:
-    """One GRPO comparison in `work` (its fixture built there first)."""
+             threads: int = 1, lora_r: int = 0) -> dict:
+    """One GRPO comparison in `work` (its fixture built there first); lora_r > 0 trains LoRA adapters."""
     if batch_size % num_generations:
         raise ValueError("batch_size counts completions and must be a multiple of num_generations")
     ensure_trl()
@@ -181,14 +192,14 @@ def run_case(work: Path, size: str = "small", steps: int = 30, batch_size: int =
     fixture = build_fixture(work, n_prompts=max(completions // num_generations, 256), size=size)
     argv = ["--work", str(work), "--steps", str(steps), "--batch_size", str(batch_size),
             "--num_generations", str(num_generations), "--max_new_tokens", str(max_new_tokens),
-            "--lr", str(lr), "--beta", str(beta), "--threads", str(threads)]
+            "--lr", str(lr), "--beta", str(beta), "--threads", str(threads), "--lora_r", str(lora_r)]
     runs = alternate(__file__, argv, repeats, threads)
 
     def summary(lib: str, rs: list[dict]) -> dict:
         return {**rollout_summary(lib, rs, completions, steps, window, fixture["mean_prompt_tokens"]),
                 "reward_calls": rs[-1]["scored"]["calls"]}
 
-    case = {"case": "grpo", "size": size, "params": fixture["params"], "unit": "completions/s",
+    case = {"case": "grpo_lora" if lora_r else "grpo", "size": size, "lora_r": lora_r, "params": fixture["params"], "unit": "completions/s",
             "rate_key": "completions_per_s", "steps": steps, "completions_per_step": batch_size,
             "num_generations": num_generations, "prompts_per_step": batch_size // num_generations,
             "max_new_tokens": max_new_tokens, "lr": lr, "beta": beta, "temperature": 1.0, "reward": "digit_share",
@@ -204,6 +215,7 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--lora_r", type=int, default=0, help="LoRA rank on both sides (0: full fine-tuning)")
     add_case_arguments(parser)
     parser.add_argument("--window", type=int, default=5, help="steps averaged for the first / last reward")
     args = parser.parse_args()
@@ -219,7 +231,7 @@ def main() -> None:
         parser.error("batch_size counts completions and must be a multiple of num_generations")
     with tempfile.TemporaryDirectory(prefix="alignkit-grpo-") as tmp:
         case = run_case(Path(tmp), args.size, args.steps, args.batch_size, args.num_generations, args.max_new_tokens,
-                        args.lr, args.beta, args.window, args.repeats, args.threads)
+                        args.lr, args.beta, args.window, args.repeats, args.threads, args.lora_r)
     print(json.dumps({"benchmark": "grpo_step", "trl_version": TRL_VERSION, **case}, indent=1))
 
 

@@ -15,6 +15,7 @@ what is compared and timed, and what could not be matched between the libraries)
 | dpo_precomputed | dpo_throughput.py (+ the reference pass) | pairs/s | implicit-reward accuracy, loss |
 | kto | offline_throughput.py | examples/s | implicit-reward sign accuracy, KTO loss |
 | grpo | grpo_step.py (G = 8, 64-token completions) | completions/s | training reward, first / last window |
+| grpo_lora | grpo_step.py, LoRA rank 8 on both sides (reference = adapters disabled) | completions/s | training reward, first / last window |
 | ppo | ppo_step.py (64-token completions) | completions/s | training reward, first / last window |
 
 In every case both libraries get the same model directory, tokenizer, data, batch size,
@@ -66,10 +67,10 @@ from common import SIZES, TRL_VERSION, ensure_trl, matmul_flops, mfu, run_child 
 
 # Steps per case and size for a full run; --quick uses QUICK (small only, 1 repeat).
 STEPS = {
-    "small": {"sft": 40, "rm": 40, "dpo": 40, "dpo_precomputed": 40, "kto": 40, "grpo": 20, "ppo": 10},
-    "medium": {"sft": 20, "rm": 20, "dpo": 20, "dpo_precomputed": 20, "kto": 20, "grpo": 8, "ppo": 4},
+    "small": {"sft": 40, "rm": 40, "dpo": 40, "dpo_precomputed": 40, "kto": 40, "grpo": 20, "grpo_lora": 20, "ppo": 10},
+    "medium": {"sft": 20, "rm": 20, "dpo": 20, "dpo_precomputed": 20, "kto": 20, "grpo": 8, "grpo_lora": 8, "ppo": 4},
 }
-QUICK = {"sft": 8, "rm": 8, "dpo": 4, "dpo_precomputed": 4, "kto": 4, "grpo": 2, "ppo": 2}
+QUICK = {"sft": 8, "rm": 8, "dpo": 4, "dpo_precomputed": 4, "kto": 4, "grpo": 2, "grpo_lora": 2, "ppo": 2}
 QUICK_COMPLETIONS = 16  # completions per GRPO / PPO step with --quick (2 prompts x G = 8 for GRPO); 64 otherwise
 
 
@@ -80,8 +81,9 @@ def run_one(name: str, work: Path, size: str, steps: int, repeats: int, threads:
     if name in ("dpo", "dpo_precomputed"):
         return dpo_throughput.run_case(work, size, steps, precompute=name == "dpo_precomputed", repeats=repeats,
                                        threads=threads)
-    if name == "grpo":
+    if name in ("grpo", "grpo_lora"):
         return grpo_step.run_case(work, size, steps, batch_size=completions, num_generations=8, max_new_tokens=64,
+                                  lora_r=8 if name == "grpo_lora" else 0,
                                   repeats=repeats, threads=threads)
     return ppo_step.run_case(work, size, steps, batch_size=completions, max_new_tokens=64, repeats=repeats,
                              threads=threads)
