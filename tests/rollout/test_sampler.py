@@ -131,19 +131,13 @@ def test_draw_inverse_cdf_by_hand():
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_preallocated_cache_matches_the_default_one(request, prompts, name):
+def test_preallocated_cache_matches_the_default_one(request, prompts, name, monkeypatch):
     """The buffer-backed cache is used for these models and changes no sampled token or log-prob."""
-    import alignkit.rollout.sampler as sampler
-
     model = _model(request, name)
     assert preallocated_cache(model, 32) is not None
     with_buffers = _run(model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(3))
-    original = sampler.preallocated_cache
-    sampler.preallocated_cache = lambda model, capacity: None
-    try:
-        default = _run(model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(3))
-    finally:
-        sampler.preallocated_cache = original
+    monkeypatch.setattr("alignkit.rollout.sampler.preallocated_cache", lambda model, capacity: None)
+    default = _run(model, prompts, temperature=1.0, generator=torch.Generator().manual_seed(3))
     assert torch.equal(with_buffers.completion_ids, default.completion_ids)
     torch.testing.assert_close(with_buffers.logprobs, default.logprobs, atol=1e-6, rtol=0)
 
