@@ -7,6 +7,8 @@ requirements are already alignkit's), never into the project environment.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import random
@@ -129,13 +131,84 @@ def add_case_arguments(parser) -> None:
     parser.add_argument("--work")
 
 
+class ModelClock:
+    """Seconds of a child's training spent inside the model's own compute, summed over every call
+    of transformers' decoder forward (`LlamaModel.forward`: policy, reference, value model, each
+    generation step) and of `Tensor.backward`, while `counting()` is open and outside evaluation
+    (alignkit's `loop.evaluate`, transformers' `Trainer.evaluate`).
+
+    Both libraries run the same decoder code, so train_s - model_s is what each library adds
+    around it: data, the output head and log-softmax, loss, sampling, optimiser, Python. TRL's
+    train_s / alignkit's model_s is the ceiling of the speed-up: what alignkit would show if
+    everything outside forward and backward took no time and the model's work stayed as it is.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.active = False
+
+    def install(self, lib: str) -> None:
+        """Patch the decoder, backward and `lib`'s evaluation only (importing the other library's
+        trainer would add its modules to this child's peak memory)."""
+        import torch
+        from transformers.models.llama import modeling_llama
+
+        modeling_llama.LlamaModel.forward = self._timed(modeling_llama.LlamaModel.forward)
+        torch.Tensor.backward = self._timed(torch.Tensor.backward)
+        if lib == "alignkit":
+            sys.path.insert(0, str(ROOT))
+            from alignkit.train import loop
+
+            loop.evaluate = self._paused(loop.evaluate)
+        else:
+            from transformers import Trainer
+
+            Trainer.evaluate = self._paused(Trainer.evaluate)
+
+    def _timed(self, fn):
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            if not self.active:
+                return fn(*a, **k)
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+    def _paused(self, fn):
+        @functools.wraps(fn)
+        def paused(*a, **k):
+            was, self.active = self.active, False
+            try:
+                return fn(*a, **k)
+            finally:
+                self.active = was
+        return paused
+
+    @contextlib.contextmanager
+    def counting(self):
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+
+MODEL_CLOCK = ModelClock()
+
+
 def child_main(args, children: dict[str, Callable]) -> None:
-    """The `--child LIB` side of a script: torch threads, the run, peak memory, one JSON line on stdout."""
+    """The `--child LIB` side of a script: torch threads, the run (its training inside
+    MODEL_CLOCK.counting()), peak memory, one JSON line on stdout."""
     import torch
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    MODEL_CLOCK.install(args.child)
     out = children[args.child](Path(args.work), args)
+    out["model_s"] = MODEL_CLOCK.seconds
     out["threads"] = torch.get_num_threads()
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
@@ -161,18 +234,21 @@ def alternate(script: str, argv: list[str], repeats: int, threads: int) -> dict[
 
 
 def summarise(rs: list[dict], units: float, rate_key: str) -> dict:
-    """One library's runs: `rate_key` = units / median train seconds, job rate, peak memory over the runs."""
+    """One library's runs: `rate_key` = units / median train seconds, job rate, peak memory over the
+    runs, and the seconds of training inside the model's forward and backward (ModelClock)."""
     train_s = statistics.median(r["train_s"] for r in rs)
     return {
         rate_key: round(units / train_s, 3),
         "train_s": [round(r["train_s"], 3) for r in rs],
+        "model_s": [round(r["model_s"], 3) for r in rs],
         f"job_{rate_key}": round(units / statistics.median(r["job_s"] for r in rs), 3),
         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1),
     }
 
 
 def side_by_side(case: dict, runs: dict[str, list[dict]], rate_key: str, summary: Callable[[str, list[dict]], dict]) -> dict:
-    """case["alignkit"], case["trl"] (None with case["reason"] when TRL has no such trainer), speedup, memory ratio."""
+    """case["alignkit"], case["trl"] (None with case["reason"] when TRL has no such trainer), speedup, memory
+    ratio, and the ceiling of the speed-up: TRL's median train_s / alignkit's median model_s (ModelClock)."""
     for lib, rs in runs.items():
         if rs and "unavailable" in rs[0]:
             case[lib], case["reason"] = None, f"{lib}: {rs[0]['unavailable']}"
@@ -181,8 +257,9 @@ def side_by_side(case: dict, runs: dict[str, list[dict]], rate_key: str, summary
     if case["alignkit"] and case["trl"]:
         case["speedup"] = round(case["alignkit"][rate_key] / case["trl"][rate_key], 3)
         case["memory_ratio"] = round(case["alignkit"]["peak_rss_mb"] / case["trl"]["peak_rss_mb"], 3)
+        case["ceiling"] = round(statistics.median(case["trl"]["train_s"]) / statistics.median(case["alignkit"]["model_s"]), 3)
     else:
-        case["speedup"] = case["memory_ratio"] = None
+        case["speedup"] = case["memory_ratio"] = case["ceiling"] = None
     return case
 
 

@@ -38,8 +38,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import (SIZES, TRL_DIR, TRL_VERSION, add_case_arguments, alternate, build_tiny, child_main,  # noqa: E402
-                    ensure_trl, preference_corpus, preference_pairs, preimport, side_by_side,
+from common import (MODEL_CLOCK, SIZES, TRL_DIR, TRL_VERSION, add_case_arguments, alternate, build_tiny,  # noqa: E402
+                    child_main, ensure_trl, preference_corpus, preference_pairs, preimport, side_by_side,
                     summarise, token_lengths, write_jsonl)
 
 N_EVAL = 64
@@ -76,12 +76,13 @@ def child_alignkit(work: Path, args) -> dict:
 
     dpo_precompute, dpo.precompute_reference = dpo.precompute_reference, timed_precompute
     start = time.perf_counter()
-    result = dpo.run(dpo.DPOConfig(
-        model=str(work / "model"), data=str(work / "train.jsonl"), eval_data=str(work / "eval.jsonl"),
-        output_dir=str(work / f"out-alignkit-{args.precompute}"), max_steps=args.steps, batch_size=args.batch_size,
-        max_length=args.max_length, lr=args.lr, beta=0.1, precompute_ref=bool(args.precompute),
-        log_steps=args.steps, lr_scheduler="constant", warmup_ratio=0.0, seed=0, precision="no",
-    ))
+    with MODEL_CLOCK.counting():  # a forward outside the optimiser steps and the reference pass is evaluation (paused)
+        result = dpo.run(dpo.DPOConfig(
+            model=str(work / "model"), data=str(work / "train.jsonl"), eval_data=str(work / "eval.jsonl"),
+            output_dir=str(work / f"out-alignkit-{args.precompute}"), max_steps=args.steps, batch_size=args.batch_size,
+            max_length=args.max_length, lr=args.lr, beta=0.1, precompute_ref=bool(args.precompute),
+            log_steps=args.steps, lr_scheduler="constant", warmup_ratio=0.0, seed=0, precision="no",
+        ))
     job_s = time.perf_counter() - start
     # The optimiser steps plus the reference pass over the training pairs, for both libraries.
     train_s = result.train_seconds + (precompute_s[0] if precompute_s else 0.0)
@@ -124,10 +125,12 @@ def child_trl(work: Path, args) -> dict:
         logging_steps=args.steps, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
         gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )
-    trainer = DPOTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=data["eval"],
-                         processing_class=tokenizer)
+    with MODEL_CLOCK.counting():  # the constructor's only forwards are the reference pass
+        trainer = DPOTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=data["eval"],
+                             processing_class=tokenizer)
     train_start = time.perf_counter()
-    trainer.train()
+    with MODEL_CLOCK.counting():
+        trainer.train()
     train_s = time.perf_counter() - train_start + (precompute_s[0] if precompute_s else 0.0)
     metrics = trainer.evaluate()
     trainer.save_model(str(work / f"out-trl-{args.precompute}"))

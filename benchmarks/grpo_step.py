@@ -52,8 +52,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, SIZES, TRL_DIR, TRL_VERSION, add_case_arguments, alternate, build_tiny,  # noqa: E402
-                    child_main, ensure_trl, preimport, side_by_side, summarise, token_lengths,
+from common import (MODEL_CLOCK, ROOT, SIZES, TRL_DIR, TRL_VERSION, add_case_arguments, alternate,  # noqa: E402
+                    build_tiny, child_main, ensure_trl, preimport, side_by_side, summarise, token_lengths,
                     write_jsonl)
 
 REWARD_SPEC = "grpo_step:digit_share"  # importable: benchmarks/ is on sys.path in the child
@@ -119,14 +119,15 @@ def child_alignkit(work: Path, args) -> dict:
 
     hf_logging.disable_progress_bar()
     start = time.perf_counter()
-    result = grpo.run(grpo.GRPOConfig(
-        model=str(work / "model"), data=str(work / "prompts.jsonl"), eval_fraction=0.0,
-        output_dir=str(work / "out-alignkit"), max_steps=args.steps, batch_size=args.batch_size, grad_accum=1,
-        num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, temperature=1.0,
-        reward=[REWARD_SPEC], lr=args.lr, beta=args.beta, clip_eps=0.2, loss_level="sequence", scale_rewards=True,
-        lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, log_steps=1, seed=0, precision="no",
-        lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
-    ))
+    with MODEL_CLOCK.counting():
+        result = grpo.run(grpo.GRPOConfig(
+            model=str(work / "model"), data=str(work / "prompts.jsonl"), eval_fraction=0.0,
+            output_dir=str(work / "out-alignkit"), max_steps=args.steps, batch_size=args.batch_size, grad_accum=1,
+            num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, temperature=1.0,
+            reward=[REWARD_SPEC], lr=args.lr, beta=args.beta, clip_eps=0.2, loss_level="sequence", scale_rewards=True,
+            lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, log_steps=1, seed=0, precision="no",
+            lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
+        ))
     job_s = time.perf_counter() - start
     steps = [h for h in result.history if "train/reward" in h]
     scored = importlib.import_module("grpo_step").SCORED  # the module alignkit imported the reward from
@@ -169,7 +170,8 @@ def child_trl(work: Path, args) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=grpo_step.digit_share, args=config, train_dataset=data,
                           processing_class=tokenizer, peft_config=peft_config)
     train_start = time.perf_counter()
-    trainer.train()
+    with MODEL_CLOCK.counting():
+        trainer.train()
     train_s = time.perf_counter() - train_start
     trainer.save_model(str(work / "out-trl"))
     job_s = time.perf_counter() - start

@@ -56,8 +56,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import (ROOT, SIZES, TRL_DIR, TRL_VERSION, add_case_arguments, alternate, build_tiny,  # noqa: E402
-                    child_main, ensure_trl, preference_corpus, preference_pairs, preimport,
+from common import (MODEL_CLOCK, ROOT, SIZES, TRL_DIR, TRL_VERSION, add_case_arguments, alternate,  # noqa: E402
+                    build_tiny, child_main, ensure_trl, preference_corpus, preference_pairs, preimport,
                     side_by_side, summarise, token_lengths, write_jsonl)
 
 N_EVAL = 64
@@ -172,13 +172,14 @@ def child_alignkit(work: Path, args) -> dict:
                   grad_accum=1, max_length=args.max_length, lr=args.lr, lr_scheduler="constant", warmup_ratio=0.0,
                   weight_decay=0.0, max_grad_norm=1.0, seed=0, precision="no", log_steps=args.steps)
     start = time.perf_counter()
-    if args.case == "sft":
-        result = sft.run(sft.SFTConfig(model=str(work / "model"), **common))
-    elif args.case == "rm":
-        result = reward.run(reward.RewardConfig(model=str(work / "rm-init"), normalize=False, **common))
-    else:
-        result = kto.run(kto.KTOConfig(model=str(work / "model"), eval_data=str(work / "eval.jsonl"), beta=0.1,
-                                       desirable_weight=1.0, undesirable_weight=1.0, **common))
+    with MODEL_CLOCK.counting():
+        if args.case == "sft":
+            result = sft.run(sft.SFTConfig(model=str(work / "model"), **common))
+        elif args.case == "rm":
+            result = reward.run(reward.RewardConfig(model=str(work / "rm-init"), normalize=False, **common))
+        else:
+            result = kto.run(kto.KTOConfig(model=str(work / "model"), eval_data=str(work / "eval.jsonl"), beta=0.1,
+                                           desirable_weight=1.0, undesirable_weight=1.0, **common))
     job_s = time.perf_counter() - start
     metrics = quality(args.case, work, out, args.max_length)
     if args.case == "kto":
@@ -221,7 +222,8 @@ def child_trl(work: Path, args) -> dict:
         trainer = KTOTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=data["eval"],
                              processing_class=tokenizer)
     train_start = time.perf_counter()
-    trainer.train()
+    with MODEL_CLOCK.counting():
+        trainer.train()
     train_s = time.perf_counter() - train_start
     eval_loss = trainer.evaluate()["eval_loss"] if args.case == "kto" else None
     trainer.save_model(str(out))

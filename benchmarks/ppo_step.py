@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ROOT, TRL_DIR, TRL_VERSION, add_case_arguments, alternate, child_main, ensure_trl,  # noqa: E402
-                    preimport, side_by_side)
+from common import (MODEL_CLOCK, ROOT, TRL_DIR, TRL_VERSION, add_case_arguments, alternate, child_main,  # noqa: E402
+                    ensure_trl, preimport, side_by_side)
 from grpo_step import REWARD_SPEC, build_fixture, rollout_summary  # noqa: E402
 
 
@@ -68,13 +68,14 @@ def child_alignkit(work: Path, args) -> dict:
 
     tqdm.auto.tqdm, ppo.save_model = timed_bar, timed_save
     start = time.perf_counter()
-    history = ppo.run(ppo.PPOConfig(
-        model=str(work / "model"), data=str(work / "prompts.jsonl"), output_dir=str(work / "out-alignkit"),
-        max_steps=args.steps, rollout_batch_size=args.batch_size, batch_size=args.minibatch, ppo_epochs=args.ppo_epochs,
-        max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, reward=[REWARD_SPEC], lr=args.lr,
-        beta=0.05, target_kl=0.0, gamma=1.0, lam=0.95, clip_eps=0.2, vf_clip=0.2, vf_coef=0.1, weight_decay=0.0,
-        max_grad_norm=1.0, log_steps=1, seed=0, precision="no",
-    ))
+    with MODEL_CLOCK.counting():
+        history = ppo.run(ppo.PPOConfig(
+            model=str(work / "model"), data=str(work / "prompts.jsonl"), output_dir=str(work / "out-alignkit"),
+            max_steps=args.steps, rollout_batch_size=args.batch_size, batch_size=args.minibatch, ppo_epochs=args.ppo_epochs,
+            max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, reward=[REWARD_SPEC], lr=args.lr,
+            beta=0.05, target_kl=0.0, gamma=1.0, lam=0.95, clip_eps=0.2, vf_clip=0.2, vf_coef=0.1, weight_decay=0.0,
+            max_grad_norm=1.0, log_steps=1, seed=0, precision="no",
+        ))
     job_s = time.perf_counter() - start
     if set(marks) != {"loop_start", "loop_end"}:
         raise RuntimeError(f"the step-loop clock missed its marks ({sorted(marks)}): ppo.run no longer creates a "

@@ -26,7 +26,9 @@ child runs torch on `--threads` threads (1 by default: on this shared 2-core mac
 threads collapsed under other people's load, see common.run_child). The rate is units / the
 median training time over the repeats; `speedup` = alignkit rate / TRL rate and
 `memory_ratio` = alignkit / TRL peak resident memory (ru_maxrss of each child, the largest
-over the repeats). Quote ratios from one invocation, not absolute figures across runs.
+over the repeats). `ceiling` = TRL's median training time / alignkit's median time inside
+the model's forward and backward (common.ModelClock): the speed-up alignkit would reach if
+its work outside the model took no time (the model's own work as it is). Quote ratios from one invocation, not absolute figures across runs.
 TRL 1.16 has no PPO trainer: that case records `"trl": null` and the exact ImportErrors.
 
 Sizes (common.SIZES; random Llama, intermediate 4 x hidden, tied embeddings, vocab 1024):
@@ -129,6 +131,13 @@ def fmt_quality(side: dict | None) -> str:
     return ", ".join(parts)
 
 
+def fmt_share(side: dict | None) -> str:
+    """The median share of training time spent inside the model's forward and backward."""
+    if not side or "model_s" not in side:
+        return "—"
+    return f"{statistics.median(side['model_s']) / statistics.median(side['train_s']):.0%}"
+
+
 def fmt_ratio(x) -> str:
     return "—" if x is None else f"{x:.2f}×"
 
@@ -146,7 +155,8 @@ def results_markdown(report: dict) -> str:
                   f"(by size: {', '.join(f'{n}: {f / 1e9:.1f}' for n, f in mm['by_size'].items())}); "
                   "MFU = 6 N T / training seconds / that peak (medium only).", ""]
     with_mfu = any("mfu" in (c.get("alignkit") or {}) for c in report["cases"])
-    head = ["case", "size", "params", "unit", "alignkit", "TRL", "speedup", "memory ratio", "quality alignkit", "quality TRL"]
+    head = ["case", "size", "params", "unit", "alignkit", "TRL", "speedup", "ceiling", "in model alignkit / TRL",
+            "memory ratio", "quality alignkit", "quality TRL"]
     if with_mfu:
         head += ["MFU alignkit", "MFU TRL"]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
@@ -154,7 +164,7 @@ def results_markdown(report: dict) -> str:
     for c in report["cases"]:
         if "error" in c:
             notes.append(f"{c['case']} / {c['size']}: failed: {c['error']}")
-            row = [c["case"], c["size"], "", "", "failed", "", "", "", "", ""] + (["", ""] if with_mfu else [])
+            row = [c["case"], c["size"], "", "", "failed"] + [""] * (len(head) - 5)
             lines.append("| " + " | ".join(row) + " |")
             continue
         a, t = c["alignkit"], c["trl"]
@@ -163,13 +173,19 @@ def results_markdown(report: dict) -> str:
             notes.append(f"{c['case']} / {c['size']}: no TRL figure: {c['reason']}")
             trl_rate = "— (see note)"
         row = [c["case"], c["size"], f"{c['params'] / 1e6:.2f}M", c["unit"], fmt_rate(a, c), trl_rate,
-               fmt_ratio(c["speedup"]), fmt_ratio(c["memory_ratio"]), fmt_quality(a), fmt_quality(t)]
+               fmt_ratio(c["speedup"]), fmt_ratio(c.get("ceiling")), " / ".join(fmt_share(s) for s in (a, t)),
+               fmt_ratio(c["memory_ratio"]), fmt_quality(a), fmt_quality(t)]
         if with_mfu:
             row += [f"{s['mfu']:.2%}" if s and "mfu" in s else "—" for s in (a, t)]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines += [f"- {n}" for n in notes]
-    lines += ["", "Memory ratio = alignkit / TRL peak resident memory of the child process (ru_maxrss). "
+    lines += ["", "In model = the share of the training time spent inside transformers' decoder forward "
+              "(every call: policy, reference, value model, each generated token) and backward (common.ModelClock); "
+              "the rest is each library's own work: data, output head and log-softmax, loss, sampling, optimiser, "
+              "Python. Ceiling = TRL's training time / alignkit's time in the model: the speed-up alignkit would "
+              "show if everything outside the model's forward and backward took no time. "
+              "Memory ratio = alignkit / TRL peak resident memory of the child process (ru_maxrss). "
               "Quality: sft held-out NLL per completion token; rm held-out pairwise accuracy; dpo held-out implicit-reward "
               "accuracy and loss (each library's own evaluation); kto held-out implicit-reward sign accuracy and each "
               "library's own held-out loss; grpo / ppo mean training reward over the first → last steps.", ""]
