@@ -18,7 +18,11 @@ COMMANDS = {
     "eval": ("alignkit.evaluate.policies", "policies side by side: gold/proxy reward, KL, win rate, diversity, Elo/BT arena"),
     "rl": ("alignkit.rl.cli", "RL from first principles: the cat gridworld, exact planning, Q-learning to PPO"),
     "demo": ("alignkit.pipeline", "the built-in recipe end to end on a CPU"),
+    "app": ("alignkit.app.server", "web app: labelling campaigns, a blind arena, leaderboard, admin (docs/app.md)"),
+    "export": ("alignkit.app.export", "a campaign's judgements as a dpo / rm / kto / ranking training file"),
 }
+# Commands whose modules need the `app` extra (FastAPI, SQLAlchemy, ...).
+NEEDS_APP_EXTRA = {"app", "export"}
 
 USAGE = "usage: alignkit COMMAND [--config run.yaml] [--key value ...]\n\ncommands:\n" + "\n".join(
     f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()
@@ -41,9 +45,17 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # per-file load/save bars; alignkit draws one bar per run
 
+    module, _, function = COMMANDS[argv[0]][0].partition(":")
     try:
-        module, _, function = COMMANDS[argv[0]][0].partition(":")
-        getattr(importlib.import_module(module), function or "main")(argv[1:])
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if argv[0] not in NEEDS_APP_EXTRA:
+            raise
+        print(f"alignkit {argv[0]}: needs the app extra ({e.name} is missing): pip install 'alignkit[app]'",
+              file=sys.stderr)
+        return 1
+    try:
+        getattr(loaded, function or "main")(argv[1:])
     except (ConfigError, DataError, TrainingError) as e:
         print(f"alignkit {argv[0]}: error: {e}", file=sys.stderr)
         return 1

@@ -69,7 +69,7 @@ def sample_and_score(model, tokenizer, examples: list[dict], n: int, reward_fns:
     one), each repeated n times; a prompt's group is never split. Completion k of the example
     with id i draws from its own generator seeded by (seed, i, k) (`completion_generators`):
     the samples do not depend on `batch_size` or on how the examples were shared out over
-    processes.
+    processes. With no `reward_fns` every reward is 0: plain generation (the app's contestants).
     """
     from alignkit.data import pad_batch
     from alignkit.rollout.rewards import score

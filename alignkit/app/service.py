@@ -1,0 +1,411 @@
+"""What the app does, as plain functions on a SQLAlchemy session: no HTTP here.
+
+Routes (server.py) parse, authorise and call these; tests call them directly. Each
+function that writes commits before it returns, so a route answers only after its
+write is durable. Errors a client can fix raise `AppError(status, message)`.
+
+Labelling: `next_item` hands an annotator the first item that still has room (fewer
+than `overlap` live assignments) and that they have not seen, with its responses in
+an order drawn once and stored (the side each response was shown on). `submit`
+stores one judgement per (item, annotator); with an idempotency key, a retried submit
+returns the stored result instead of a second row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from alignkit.app.db import Assignment, Battle, Campaign, Item, Judgement, Member, Response, User, utcnow
+
+KINDS = ("pairwise", "rank", "thumbs")
+CHOICES = {"pairwise": ("A", "B", "tie", "both_bad"), "thumbs": ("up", "down"), "rank": ("rank",)}
+VOTES = ("A", "B", "tie", "both_bad")
+_random = secrets.SystemRandom()  # sides and battle pairs: not predictable by an annotator
+
+
+class AppError(Exception):
+    """A request the client can fix: `status` is the HTTP status the route answers with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# ---------------------------------------------------------------- campaigns
+
+
+@dataclass
+class NewItem:
+    """A prompt and its responses (text, model name or None) for a new campaign."""
+
+    prompt: str
+    responses: list[tuple[str, str | None]]
+
+
+def create_campaign(session: Session, name: str, kind: str, items: list[NewItem], *, guidelines: str = "",
+                    overlap: int = 1, source: dict | None = None, members: list[str] = ()) -> Campaign:
+    """Store a campaign with its items; responses per item: 2 (pairwise), K >= 2 (rank), 1 (thumbs)."""
+    if kind not in KINDS:
+        raise AppError(422, f"campaign kind {kind!r} is not one of {', '.join(KINDS)}")
+    if not name or len(name) > 100 or not all(c.isalnum() or c in "-_." for c in name):
+        raise AppError(422, f"campaign name {name!r}: use 1-100 letters, digits, '-', '_' or '.'")
+    if overlap < 1:
+        raise AppError(422, f"overlap must be at least 1, got {overlap}")
+    if not items:
+        raise AppError(422, f"campaign {name!r} has no items")
+    sizes = {len(it.responses) for it in items}
+    want = {"pairwise": {2}, "thumbs": {1}}.get(kind)
+    if (want and sizes != want) or (kind == "rank" and (len(sizes) != 1 or min(sizes) < 2)):
+        expected = {"pairwise": "2", "thumbs": "1", "rank": "the same K >= 2"}[kind]
+        raise AppError(422, f"a {kind} campaign needs {expected} responses per item; got {sorted(sizes)}")
+    if session.scalar(select(Campaign.id).where(Campaign.name == name)) is not None:
+        raise AppError(409, f"a campaign named {name!r} exists")
+    campaign = Campaign(name=name, kind=kind, guidelines=guidelines, overlap=overlap, source=source or {})
+    session.add(campaign)
+    session.flush()
+    for position, it in enumerate(items):
+        item = Item(campaign_id=campaign.id, position=position, prompt=it.prompt, assigned=0)
+        session.add(item)
+        session.flush()
+        session.add_all(Response(item_id=item.id, position=j, text=text, model=model)
+                        for j, (text, model) in enumerate(it.responses))
+    for user_name in members:
+        user = session.scalar(select(User).where(User.name == user_name))
+        if user is None:
+            raise AppError(422, f"campaign {name!r}: no user named {user_name!r}")
+        session.add(Member(campaign_id=campaign.id, user_id=user.id))
+    session.commit()
+    return campaign
+
+
+def add_member(session: Session, campaign: Campaign, user: User) -> None:
+    if session.get(Member, (campaign.id, user.id)) is None:
+        session.add(Member(campaign_id=campaign.id, user_id=user.id))
+        session.commit()
+
+
+def campaign_for(session: Session, name: str, user: User) -> Campaign:
+    """The campaign `name` if `user` may label it (admins: every campaign), else 404 / 403."""
+    campaign = session.scalar(select(Campaign).where(Campaign.name == name))
+    if campaign is None:
+        raise AppError(404, f"no campaign named {name!r}")
+    if user.role != "admin" and session.get(Member, (campaign.id, user.id)) is None:
+        raise AppError(403, f"{user.name} is not an annotator of campaign {name!r}")
+    return campaign
+
+
+def visible_campaigns(session: Session, user: User) -> list[dict]:
+    """The campaigns `user` may label, with the number of items and of their own judgements."""
+    query = select(Campaign).order_by(Campaign.id)
+    if user.role != "admin":
+        query = query.join(Member, Member.campaign_id == Campaign.id).where(Member.user_id == user.id)
+    rows = []
+    for c in session.scalars(query):
+        items = session.scalar(select(func.count()).where(Item.campaign_id == c.id))
+        mine = session.scalar(select(func.count()).where(Judgement.campaign_id == c.id, Judgement.user_id == user.id))
+        total = session.scalar(select(func.count()).where(Judgement.campaign_id == c.id))
+        rows.append({"name": c.name, "kind": c.kind, "overlap": c.overlap, "items": items, "judged_by_you": mine,
+                     "judgements": total, "target": items * c.overlap})
+    return rows
+
+
+# ---------------------------------------------------------------- labelling
+
+
+def _release_expired(session: Session, campaign: Campaign, lease: dt.timedelta) -> None:
+    """Give back the slots of assignments shown but not judged within `lease` (an abandoned tab)."""
+    stale = session.execute(select(Assignment.id, Assignment.item_id).where(
+        Assignment.campaign_id == campaign.id, Assignment.done.is_(False),
+        Assignment.created_at < utcnow() - lease)).all()
+    for assignment_id, item_id in stale:
+        # rowcount guards the decrement: of two requests releasing the same row, one frees its slot
+        if session.execute(delete(Assignment).where(Assignment.id == assignment_id,
+                                                    Assignment.done.is_(False))).rowcount == 1:
+            session.execute(update(Item).where(Item.id == item_id).values(assigned=Item.assigned - 1))
+
+
+def _item_view(session: Session, campaign: Campaign, assignment: Assignment) -> dict:
+    item = session.get(Item, assignment.item_id)
+    texts = dict(session.execute(select(Response.id, Response.text).where(Response.item_id == item.id)).all())
+    done = session.scalar(select(func.count()).where(Judgement.campaign_id == campaign.id,
+                                                     Judgement.user_id == assignment.user_id))
+    return {"item_id": item.id, "kind": campaign.kind, "prompt": item.prompt,
+            "responses": [texts[i] for i in assignment.shown], "done_by_you": done}
+
+
+def _acquire(session: Session, campaign: Campaign, item_id: int, user: User) -> Assignment | None:
+    """Take one of the item's `overlap` slots for `user` and draw the order its responses are shown in."""
+    taken = session.execute(update(Item).where(Item.id == item_id, Item.assigned < campaign.overlap)
+                            .values(assigned=Item.assigned + 1)).rowcount
+    if taken != 1:
+        return None
+    ids = list(session.scalars(select(Response.id).where(Response.item_id == item_id).order_by(Response.position)))
+    _random.shuffle(ids)
+    assignment = Assignment(campaign_id=campaign.id, item_id=item_id, user_id=user.id, shown=ids, done=False)
+    session.add(assignment)
+    session.flush()
+    return assignment
+
+
+def next_item(session: Session, campaign: Campaign, user: User, lease: dt.timedelta = dt.timedelta(hours=1)) -> dict | None:
+    """The item `user` should judge next, or None when none is left for them.
+
+    An open assignment is returned again (a reload shows the same item, same sides);
+    otherwise the first item, by position, with a free slot that `user` never had.
+    """
+    open_ = session.scalar(select(Assignment).where(Assignment.campaign_id == campaign.id,
+                                                    Assignment.user_id == user.id, Assignment.done.is_(False))
+                           .order_by(Assignment.id).limit(1))
+    if open_ is not None:
+        return _item_view(session, campaign, open_)
+    _release_expired(session, campaign, lease)
+    mine = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.campaign_id == campaign.id)
+    for _ in range(20):  # another annotator may take the last slot between the select and the update
+        item_id = session.scalar(select(Item.id).where(Item.campaign_id == campaign.id,
+                                                       Item.assigned < campaign.overlap, Item.id.not_in(mine))
+                                 .order_by(Item.position).limit(1))
+        if item_id is None:
+            session.commit()
+            return None
+        try:
+            assignment = _acquire(session, campaign, item_id, user)
+        except IntegrityError:  # the same user, twice at once: the other request holds it
+            session.rollback()
+            return next_item(session, campaign, user, lease)
+        if assignment is not None:
+            session.commit()
+            return _item_view(session, campaign, assignment)
+    session.commit()
+    return None
+
+
+def _judgement_result(j: Judgement) -> dict:
+    return {"judgement_id": j.id, "item_id": j.item_id, "choice": j.choice, "shown": j.shown, "ranking": j.ranking}
+
+
+def _decision(kind: str, shown: list[int], choice: str | None, ranking: list[int] | None) -> tuple[str, list | None]:
+    """(choice, ranking as response ids best first) from what the annotator sent; positions are 0-based slots."""
+    if kind == "rank":
+        k = len(shown)
+        if not isinstance(ranking, list) or sorted(ranking) != list(range(k)):
+            raise AppError(422, f"'ranking' must order the {k} shown slots 0..{k - 1} best first, got {ranking!r}")
+        return "rank", [shown[i] for i in ranking]
+    if choice not in CHOICES[kind]:
+        raise AppError(422, f"'choice' must be one of {', '.join(CHOICES[kind])} for a {kind} item, got {choice!r}")
+    if kind == "pairwise" and choice in ("A", "B"):
+        winner = 0 if choice == "A" else 1
+        return choice, [shown[winner], shown[1 - winner]]
+    return choice, None
+
+
+def submit(session: Session, campaign: Campaign, user: User, item_id: int, *, choice: str | None = None,
+           ranking: list[int] | None = None, idempotency_key: str | None = None,
+           seconds: float | None = None) -> tuple[dict, bool]:
+    """Store `user`'s judgement of an item; returns (result, replayed).
+
+    A key seen before for this user returns the stored result (replayed = True) and
+    stores nothing. A second judgement of the same item under another key is a 409.
+    """
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 200:
+        raise AppError(422, "Idempotency-Key must be 1 to 200 characters")
+
+    def replay() -> tuple[dict, bool] | None:
+        if idempotency_key is None:
+            return None
+        j = session.scalar(select(Judgement).where(Judgement.user_id == user.id,
+                                                   Judgement.idempotency_key == idempotency_key))
+        if j is None:
+            return None
+        if j.item_id != item_id:
+            raise AppError(422, f"Idempotency-Key {idempotency_key!r} was used for item {j.item_id}, not {item_id}")
+        return _judgement_result(j), True
+
+    if (stored := replay()) is not None:
+        return stored
+    assignment = session.scalar(select(Assignment).where(Assignment.item_id == item_id,
+                                                         Assignment.user_id == user.id))
+    if assignment is None or assignment.campaign_id != campaign.id:
+        raise AppError(409, f"item {item_id} is not assigned to {user.name} in campaign {campaign.name!r}"
+                            " (ask for the next item first)")
+    if assignment.done:
+        raise AppError(409, f"{user.name} has already judged item {item_id}")
+    decided, ranked = _decision(campaign.kind, assignment.shown, choice, ranking)
+    j = Judgement(campaign_id=campaign.id, item_id=item_id, user_id=user.id, choice=decided,
+                  shown=assignment.shown, ranking=ranked, idempotency_key=idempotency_key, seconds=seconds)
+    session.add(j)
+    # rowcount guards against a concurrent request (another key) judging the same assignment
+    if session.execute(update(Assignment).where(Assignment.id == assignment.id, Assignment.done.is_(False))
+                       .values(done=True)).rowcount != 1:
+        session.rollback()
+        raise AppError(409, f"{user.name} has already judged item {item_id}")
+    try:
+        session.commit()
+    except IntegrityError:  # the same key, retried while the first attempt was still running
+        session.rollback()
+        if (stored := replay()) is not None:
+            return stored
+        raise AppError(409, f"{user.name} has already judged item {item_id}") from None
+    return _judgement_result(j), False
+
+
+# ---------------------------------------------------------------- arena
+
+
+def battle_outcome(vote: str) -> float:
+    """The score of A in a battle: 1 (A), 0 (B), 1/2 (tie or both bad, as Chatbot Arena counts them)."""
+    return {"A": 1.0, "B": 0.0, "tie": 0.5, "both_bad": 0.5}[vote]
+
+
+def pick_pair(names: list[str]) -> tuple[str, str]:
+    """Two distinct contestants, uniformly at random, in random order."""
+    if len(names) < 2:
+        raise AppError(409, "the arena needs at least two contestants")
+    a, b = _random.sample(names, 2)
+    return a, b
+
+
+def create_battle(session: Session, user: User, prompt: str, model_a: str, model_b: str, response_a: str,
+                  response_b: str) -> dict:
+    battle = Battle(user_id=user.id, prompt=prompt, model_a=model_a, model_b=model_b, response_a=response_a,
+                    response_b=response_b)
+    session.add(battle)
+    session.commit()
+    return {"battle_id": battle.id, "prompt": prompt, "responses": [response_a, response_b]}
+
+
+def vote(session: Session, user: User, battle_id: int, choice: str, idempotency_key: str | None = None) -> tuple[dict, bool]:
+    """Record the one vote of a battle and reveal both names; returns (result, replayed)."""
+    if choice not in VOTES:
+        raise AppError(422, f"'vote' must be one of {', '.join(VOTES)}, got {choice!r}")
+    battle = session.get(Battle, battle_id)
+    if battle is None or battle.user_id != user.id:
+        raise AppError(404, f"no battle {battle_id} of {user.name}")
+    changed = session.execute(update(Battle).where(Battle.id == battle_id, Battle.vote.is_(None))
+                              .values(vote=choice, vote_key=idempotency_key, voted_at=utcnow())).rowcount
+    session.commit()
+    session.refresh(battle)
+    if changed != 1 and not (idempotency_key is not None and battle.vote_key == idempotency_key):
+        raise AppError(409, f"battle {battle_id} already has its vote")
+    return {"battle_id": battle.id, "vote": battle.vote, "model_a": battle.model_a, "model_b": battle.model_b}, changed != 1
+
+
+def arena_battles(session: Session) -> list[tuple[str, str, float]]:
+    """Every voted battle as (a, b, score of a), in vote order: the input of `evaluate.arena`."""
+    rows = session.execute(select(Battle.model_a, Battle.model_b, Battle.vote).where(Battle.vote.is_not(None))
+                           .order_by(Battle.voted_at, Battle.id)).all()
+    return [(a, b, battle_outcome(v)) for a, b, v in rows]
+
+
+def arena_leaderboard(session: Session, rounds: int = 200, seed: int = 0) -> list[dict]:
+    """`alignkit eval`'s leaderboard (Elo, Bradley-Terry with bootstrap intervals) on the votes."""
+    from alignkit.evaluate import arena
+
+    battles = arena_battles(session)
+    if not battles:
+        return []
+    return arena.leaderboard(battles, rounds=rounds, seed=seed)
+
+
+def random_choice(values: list):
+    return _random.choice(values)
+
+
+# ---------------------------------------------------------------- accounts and the admin page
+
+
+def user_named(session: Session, name: str, missing_ok: bool = False) -> User | None:
+    user = session.scalar(select(User).where(User.name == name))
+    if user is None and not missing_ok:
+        raise AppError(404, f"no user named {name!r}")
+    return user
+
+
+def campaign_named(session: Session, name: str) -> Campaign | None:
+    return session.scalar(select(Campaign).where(Campaign.name == name))
+
+
+def users(session: Session) -> list[dict]:
+    return [{"id": u.id, "name": u.name, "role": u.role, "password": u.password_hash is not None}
+            for u in session.scalars(select(User).order_by(User.id))]
+
+
+def items_from_json(items) -> list[NewItem]:
+    """Uploaded items: [{"prompt": str, "responses": [str, ...], "models": [str | null, ...]?}, ...]."""
+    if not isinstance(items, list) or not items:
+        raise AppError(422, "'items' must be a non-empty list of {prompt, responses[, models]}")
+    out = []
+    for i, it in enumerate(items):
+        where = f"items[{i}]"
+        if not isinstance(it, dict) or not isinstance(it.get("prompt"), str):
+            raise AppError(422, f"{where}: 'prompt' must be a string")
+        responses = it.get("responses")
+        if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
+            raise AppError(422, f"{where}: 'responses' must be a non-empty list of strings")
+        models = it.get("models") or [None] * len(responses)
+        if not isinstance(models, list) or len(models) != len(responses):
+            raise AppError(422, f"{where}: 'models' must name each of the {len(responses)} responses")
+        out.append(NewItem(it["prompt"], list(zip(responses, models))))
+    return out
+
+
+def agreement_label(kind: str, choice: str, ranking: list[int] | None) -> str:
+    """What two annotators agree on, whatever sides they were shown: the winner's response id, the
+    tie / both-bad / thumbs choice, or the whole ranking (nominal)."""
+    if kind == "pairwise":
+        return f"response {ranking[0]}" if ranking else choice
+    if kind == "rank":
+        return ">".join(map(str, ranking))
+    return choice
+
+
+def campaign_stats(session: Session, campaign: Campaign) -> dict:
+    """Progress per annotator and, on items judged by two or more, agreement: Cohen's kappa per pair
+    of annotators, Krippendorff's alpha over all, and each annotator's agreement with the majority of
+    the others (a careless annotator shows as an outlier)."""
+    from alignkit.app import agreement
+
+    rows = session.execute(select(Judgement.item_id, User.name, Judgement.choice, Judgement.ranking)
+                           .join(User, User.id == Judgement.user_id)
+                           .where(Judgement.campaign_id == campaign.id).order_by(Judgement.id)).all()
+    items = session.scalar(select(func.count()).where(Item.campaign_id == campaign.id))
+    labels = [(item, name, agreement_label(campaign.kind, choice, ranking)) for item, name, choice, ranking in rows]
+    per_item: dict[int, list[str]] = {}
+    for item, _, label in labels:
+        per_item.setdefault(item, []).append(label)
+    overlapping = [v for v in per_item.values() if len(v) >= 2]
+    alpha = None
+    if overlapping:
+        try:
+            alpha = agreement.krippendorff_alpha(overlapping)
+        except ValueError:
+            alpha = None
+    majority = agreement.majority_agreement(labels)
+    annotators = {}
+    for _, name, _ in labels:
+        annotators.setdefault(name, 0)
+        annotators[name] += 1
+    choices: dict[str, int] = {}
+    for _, _, choice, _ in rows:
+        choices[choice] = choices.get(choice, 0) + 1
+    kappas = [{"annotators": list(pair), **v} for pair, v in agreement.pairwise_kappas(labels).items()]
+    return {
+        "name": campaign.name, "kind": campaign.kind, "overlap": campaign.overlap, "items": items,
+        "judgements": len(rows), "target": items * campaign.overlap, "choices": choices,
+        "items_with_overlap": len(overlapping), "alpha": alpha, "kappas": kappas,
+        "annotators": [{"name": n, "judgements": c, "majority_items": majority.get(n, {}).get("items", 0),
+                        "majority_agreement": majority.get(n, {}).get("agreement")}
+                       for n, c in sorted(annotators.items())],
+    }
+
+
+def admin_stats(session: Session) -> dict:
+    return {"campaigns": [campaign_stats(session, c) for c in session.scalars(select(Campaign).order_by(Campaign.id))],
+            "battles": session.scalar(select(func.count()).select_from(Battle)),
+            "votes": session.scalar(select(func.count()).where(Battle.vote.is_not(None)))}
