@@ -61,3 +61,20 @@ def test_tensorboard_logging_writes_events(tiny_model_dir, tmp_path):
     sft.run(sft.SFTConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "o"),
                           max_steps=2, batch_size=4, log_steps=1, logging="tensorboard"))
     assert list((tmp_path / "o").rglob("events.out.tfevents.*"))
+
+
+def test_trainers_and_the_package_never_import_the_app_stack():
+    """`import alignkit` and every trainer stay free of the web framework, the database and the HTTP client."""
+    code = ("import sys, alignkit, alignkit.cli, alignkit.train.dpo, alignkit.train.grpo, alignkit.evaluate.policies; "
+            "print(sorted(m for m in ('fastapi', 'sqlalchemy', 'openai', 'uvicorn', 'alembic') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_app_commands_in_the_usage_and_their_help():
+    usage = subprocess.run([sys.executable, "-m", "alignkit"], capture_output=True, text=True, timeout=120).stdout
+    assert "app " in usage and "export " in usage
+    help_ = subprocess.run([sys.executable, "-m", "alignkit", "export", "--help"], capture_output=True, text=True,
+                           timeout=120).stdout
+    assert "--campaign" in help_ and "ranking" in help_

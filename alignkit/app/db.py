@@ -66,6 +66,8 @@ class Item(Base):
     """One prompt with the responses to judge: 2 (pairwise), K (rank) or 1 (thumbs)."""
 
     __tablename__ = "items"
+    # next_item's search: the first item by position among those with a free slot
+    __table_args__ = (Index("ix_items_free", "campaign_id", "assigned", "position"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
     position: Mapped[int] = mapped_column(Integer)
@@ -86,7 +88,9 @@ class Assignment(Base):
     """An item handed to an annotator, with the order its responses were shown in (randomised once)."""
 
     __tablename__ = "assignments"
-    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+    __table_args__ = (UniqueConstraint("item_id", "user_id"),
+                      Index("ix_assignments_open", "campaign_id", "done", "created_at"),  # expired leases
+                      Index("ix_assignments_user_open", "user_id", "campaign_id", "done"))  # an annotator's open item
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
@@ -107,7 +111,8 @@ class Judgement(Base):
 
     __tablename__ = "judgements"
     __table_args__ = (UniqueConstraint("item_id", "user_id"), UniqueConstraint("user_id", "idempotency_key"),
-                      Index("ix_judgements_campaign", "campaign_id", "id"))
+                      Index("ix_judgements_campaign", "campaign_id", "id"),
+                      Index("ix_judgements_campaign_user", "campaign_id", "user_id"))  # done_by_you
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"))
@@ -143,8 +148,11 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20,
-                               max_overflow=40)
+        # One connection: every transaction takes the write lock (BEGIN IMMEDIATE below), so a second
+        # connection could only wait, in SQLite's busy handler, which polls with sleeps of up to 100 ms.
+        # Waiting for the pool's one connection instead wakes the next request the moment it is free.
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=1,
+                               max_overflow=0, pool_timeout=30)
 
         @event.listens_for(engine, "connect")
         def _pragmas(conn, _):  # per connection: WAL persists in the file, the rest does not

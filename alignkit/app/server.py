@@ -37,6 +37,63 @@ class LoginRequired(Exception):
     pass
 
 
+SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"same-origin"))
+
+
+class FormCsrfAndHeaders:
+    """Reads a form post's csrf_token before the route's dependencies run (they cannot await the body)
+    into `request.state.form_csrf`, and adds SECURITY_HEADERS to every response that lacks them.
+
+    A plain ASGI middleware: Starlette's `@app.middleware("http")` runs each request through an
+    extra task and memory stream, a cost every API call paid."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+        if scope["method"] in UNSAFE and content_type.startswith(b"application/x-www-form-urlencoded"):
+            from urllib.parse import parse_qs
+
+            chunks, more = [], True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":  # the client went away
+                    return
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            body = b"".join(chunks)
+            scope.setdefault("state", {})["form_csrf"] = (
+                parse_qs(body.decode("utf-8", "replace")).get("csrf_token") or [None])[0]
+            receive = _replay(body, receive)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", ())}
+                message["headers"] = [*message.get("headers", ()),
+                                      *((k, v) for k, v in SECURITY_HEADERS if k not in present)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI `receive` that hands the app the already-read `body`, then defers to `receive`."""
+    sent = False
+
+    async def again():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again
+
+
 def render_markdown(text: str) -> str:
     """Campaign guidelines as HTML; raw HTML in the source is escaped, never passed through."""
     from markdown_it import MarkdownIt
@@ -54,9 +111,21 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
     templates = Jinja2Templates(directory=HERE / "templates")
     lease = dt.timedelta(minutes=cfg.lease_minutes)
 
-    def db():
-        with sessions() as session:
+    # Database work never waits for the event loop or a worker thread while it holds a transaction
+    # (on SQLite every transaction holds the write lock, BEGIN IMMEDIATE): the user lookup ends its
+    # transaction at once, routes that touch the database are sync (one worker thread from their
+    # first query to their commit), async routes hand database work to a thread, and the session is
+    # closed on the event loop. Otherwise, with more concurrent requests than worker threads, every
+    # thread can end up waiting for the lock of a request that waits for a thread.
+    async def db():
+        session = sessions()
+        try:
             yield session
+        finally:
+            session.close()  # a rollback at most: never waits for a lock
+
+    async def json_body(request: Request) -> dict:
+        return await _json(request)
 
     def csrf_token(request: Request) -> str:
         if "csrf" not in request.session:
@@ -67,11 +136,13 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
             user = auth.user_by_token(session, header[7:].strip())
+            session.commit()  # end the read: see db()
             if user is None:
                 raise AppError(401, "invalid bearer token")
             return user
         uid = request.session.get("uid")
         user = session.get(User, uid) if uid is not None else None
+        session.commit()
         if user is not None and request.method in UNSAFE:
             given = request.headers.get("x-csrf-token")
             if given is None and request.headers.get("content-type", "").startswith(
@@ -81,40 +152,29 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
                 raise AppError(403, "missing or wrong CSRF token")
         return user
 
-    def api_user(user: User | None = Depends(optional_user)) -> User:
+    # The checks below touch no database: async, so FastAPI runs them on the event loop instead of
+    # sending each to a worker thread and back.
+    async def api_user(user: User | None = Depends(optional_user)) -> User:
         if user is None:
             raise AppError(401, "log in, or send Authorization: Bearer <invite token>")
         return user
 
-    def api_admin(user: User = Depends(api_user)) -> User:
+    async def api_admin(user: User = Depends(api_user)) -> User:
         if user.role != "admin":
             raise AppError(403, "admins only")
         return user
 
-    def page_user(request: Request, user: User | None = Depends(optional_user)) -> User:
+    async def page_user(request: Request, user: User | None = Depends(optional_user)) -> User:
         if user is None:
             raise LoginRequired()
         return user
 
-    def page_admin(user: User = Depends(page_user)) -> User:
+    async def page_admin(user: User = Depends(page_user)) -> User:
         if user.role != "admin":
             raise AppError(403, "admins only")
         return user
 
-    @app.middleware("http")
-    async def form_csrf(request: Request, call_next):
-        """Read a form post's csrf_token before the route's dependencies run (they cannot await the body)."""
-        if request.method in UNSAFE and request.headers.get("content-type", "").startswith(
-                "application/x-www-form-urlencoded"):
-            from urllib.parse import parse_qs
-
-            body = await request.body()
-            request.state.form_csrf = (parse_qs(body.decode("utf-8", "replace")).get("csrf_token") or [None])[0]
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        return response
+    app.add_middleware(FormCsrfAndHeaders)
 
     @app.exception_handler(AppError)
     async def app_error(request: Request, exc: AppError):
@@ -146,8 +206,8 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
         return page(request, "login.html", None, error=None)
 
     @app.post("/login")
-    def login(request: Request, name: str = Form(...), password: str = Form(...), csrf_token_: str = Form(alias="csrf_token"),
-              session: Session = Depends(db)):
+    def login(request: Request, name: str = Form(...), password: str = Form(...),
+              csrf_token_: str = Form("", alias="csrf_token"), session: Session = Depends(db)):
         if not auth.csrf_matches(request.session.get("csrf"), csrf_token_):
             raise AppError(403, "missing or wrong CSRF token")
         user = auth.user_by_password(session, name, password)
@@ -223,8 +283,8 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
         return {"campaigns": service.visible_campaigns(session, user)}
 
     @app.post("/api/campaigns", status_code=201)
-    async def api_create_campaign(request: Request, user: User = Depends(api_admin), session: Session = Depends(db)):
-        body = await _json(request)
+    def api_create_campaign(user: User = Depends(api_admin), session: Session = Depends(db),
+                            body: dict = Depends(json_body)):
         items = service.items_from_json(body.get("items"))
         c = service.create_campaign(session, str(body.get("name", "")), str(body.get("kind", "")), items,
                                     guidelines=str(body.get("guidelines", "")), overlap=_int(body, "overlap", 1),
@@ -237,9 +297,8 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
         return {"item": service.next_item(session, c, user, lease)}
 
     @app.post("/api/campaigns/{campaign}/judgements", status_code=201)
-    async def api_submit(request: Request, campaign: str, user: User = Depends(api_user),
-                         session: Session = Depends(db)):
-        body = await _json(request)
+    def api_submit(request: Request, campaign: str, user: User = Depends(api_user), session: Session = Depends(db),
+                   body: dict = Depends(json_body)):
         c = service.campaign_for(session, campaign, user)
         result, replayed = service.submit(
             session, c, user, _int(body, "item_id"), choice=body.get("choice"), ranking=body.get("ranking"),
@@ -259,17 +318,17 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
         a, b = service.pick_pair(list(contestants))
         from starlette.concurrency import run_in_threadpool
 
+        seed = service.random_seed()  # a fresh draw per battle: the same prompt need not get the same answers
         try:  # generation runs off the event loop: other requests go on meanwhile
-            response_a = (await run_in_threadpool(contestants[a].generate, [prompt]))[0]
-            response_b = (await run_in_threadpool(contestants[b].generate, [prompt]))[0]
+            response_a = (await run_in_threadpool(contestants[a].generate, [prompt], seed))[0]
+            response_b = (await run_in_threadpool(contestants[b].generate, [prompt], seed))[0]
         except Exception as e:  # noqa: BLE001 - an endpoint can fail in many ways; the voter sees which way
             raise AppError(502, f"a contestant failed to answer: {type(e).__name__}: {e}") from None
-        return service.create_battle(session, user, prompt, a, b, response_a, response_b)
+        return await run_in_threadpool(service.create_battle, session, user, prompt, a, b, response_a, response_b)
 
     @app.post("/api/arena/battles/{battle_id}/vote")
-    async def api_vote(request: Request, battle_id: int, user: User = Depends(api_user),
-                       session: Session = Depends(db)):
-        body = await _json(request)
+    def api_vote(request: Request, battle_id: int, user: User = Depends(api_user), session: Session = Depends(db),
+                 body: dict = Depends(json_body)):
         result, replayed = service.vote(session, user, battle_id, body.get("vote"),
                                         request.headers.get("idempotency-key"))
         return JSONResponse(result, headers={"Idempotent-Replayed": "true"} if replayed else None)
@@ -284,8 +343,8 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
         return service.admin_stats(session)
 
     @app.post("/api/users", status_code=201)
-    async def api_create_user(request: Request, user: User = Depends(api_admin), session: Session = Depends(db)):
-        body = await _json(request)
+    def api_create_user(request: Request, user: User = Depends(api_admin), session: Session = Depends(db),
+                        body: dict = Depends(json_body)):
         try:
             new, token = auth.create_user(session, str(body.get("name", "")), str(body.get("role", "annotator")),
                                           body.get("password") or None)

@@ -93,10 +93,13 @@ def add_member(session: Session, campaign: Campaign, user: User) -> None:
 
 def campaign_for(session: Session, name: str, user: User) -> Campaign:
     """The campaign `name` if `user` may label it (admins: every campaign), else 404 / 403."""
-    campaign = session.scalar(select(Campaign).where(Campaign.name == name))
-    if campaign is None:
+    # one statement, not two: every labelling request starts here
+    row = session.execute(select(Campaign, Member.user_id).where(Campaign.name == name).outerjoin(
+        Member, (Member.campaign_id == Campaign.id) & (Member.user_id == user.id))).first()
+    if row is None:
         raise AppError(404, f"no campaign named {name!r}")
-    if user.role != "admin" and session.get(Member, (campaign.id, user.id)) is None:
+    campaign, member = row
+    if user.role != "admin" and member is None:
         raise AppError(403, f"{user.name} is not an annotator of campaign {name!r}")
     return campaign
 
@@ -128,22 +131,25 @@ def _release_expired(session: Session, campaign: Campaign, lease: dt.timedelta) 
         # rowcount guards the decrement: of two requests releasing the same row, one frees its slot
         if session.execute(delete(Assignment).where(Assignment.id == assignment_id,
                                                     Assignment.done.is_(False))).rowcount == 1:
-            session.execute(update(Item).where(Item.id == item_id).values(assigned=Item.assigned - 1))
+            session.execute(update(Item).where(Item.id == item_id).values(assigned=Item.assigned - 1)
+                            .execution_options(synchronize_session=False))
 
 
 def _item_view(session: Session, campaign: Campaign, assignment: Assignment) -> dict:
-    item = session.get(Item, assignment.item_id)
-    texts = dict(session.execute(select(Response.id, Response.text).where(Response.item_id == item.id)).all())
+    rows = session.execute(select(Item.prompt, Response.id, Response.text).join(Response, Response.item_id == Item.id)
+                           .where(Item.id == assignment.item_id)).all()
+    texts = {response_id: text for _, response_id, text in rows}
     done = session.scalar(select(func.count()).where(Judgement.campaign_id == campaign.id,
                                                      Judgement.user_id == assignment.user_id))
-    return {"item_id": item.id, "kind": campaign.kind, "prompt": item.prompt,
+    return {"item_id": assignment.item_id, "kind": campaign.kind, "prompt": rows[0].prompt,
             "responses": [texts[i] for i in assignment.shown], "done_by_you": done}
 
 
 def _acquire(session: Session, campaign: Campaign, item_id: int, user: User) -> Assignment | None:
     """Take one of the item's `overlap` slots for `user` and draw the order its responses are shown in."""
     taken = session.execute(update(Item).where(Item.id == item_id, Item.assigned < campaign.overlap)
-                            .values(assigned=Item.assigned + 1)).rowcount
+                            .values(assigned=Item.assigned + 1)
+                            .execution_options(synchronize_session=False)).rowcount  # no Item is loaded here
     if taken != 1:
         return None
     ids = list(session.scalars(select(Response.id).where(Response.item_id == item_id).order_by(Response.position)))
@@ -164,13 +170,21 @@ def next_item(session: Session, campaign: Campaign, user: User, lease: dt.timede
                                                     Assignment.user_id == user.id, Assignment.done.is_(False))
                            .order_by(Assignment.id).limit(1))
     if open_ is not None:
-        return _item_view(session, campaign, open_)
+        view = _item_view(session, campaign, open_)
+        session.commit()  # end the transaction here, not when the request's session closes
+        return view
     _release_expired(session, campaign, lease)
     mine = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.campaign_id == campaign.id)
     for _ in range(20):  # another annotator may take the last slot between the select and the update
+        # `assigned IN (0 .. overlap-1)`, not `assigned < overlap`: with overlap 1 an equality, so the
+        # index (campaign_id, assigned, position) hands over the first free item without a scan.
+        # FOR UPDATE SKIP LOCKED (PostgreSQL; SQLite runs one writer at a time and ignores it): requests
+        # at the same moment take different items, instead of all waiting on the first one's row lock
+        # and all but one retrying.
         item_id = session.scalar(select(Item.id).where(Item.campaign_id == campaign.id,
-                                                       Item.assigned < campaign.overlap, Item.id.not_in(mine))
-                                 .order_by(Item.position).limit(1))
+                                                       Item.assigned.in_(range(campaign.overlap)),
+                                                       Item.id.not_in(mine))
+                                 .order_by(Item.position).limit(1).with_for_update(skip_locked=True, of=Item))
         if item_id is None:
             session.commit()
             return None
@@ -180,8 +194,9 @@ def next_item(session: Session, campaign: Campaign, user: User, lease: dt.timede
             session.rollback()
             return next_item(session, campaign, user, lease)
         if assignment is not None:
+            view = _item_view(session, campaign, assignment)
             session.commit()
-            return _item_view(session, campaign, assignment)
+            return view
     session.commit()
     return None
 
@@ -317,6 +332,10 @@ def random_choice(values: list):
     return _random.choice(values)
 
 
+def random_seed() -> int:
+    return _random.randrange(2**31)
+
+
 # ---------------------------------------------------------------- accounts and the admin page
 
 
@@ -355,13 +374,15 @@ def items_from_json(items) -> list[NewItem]:
     return out
 
 
-def agreement_label(kind: str, choice: str, ranking: list[int] | None) -> str:
-    """What two annotators agree on, whatever sides they were shown: the winner's response id, the
-    tie / both-bad / thumbs choice, or the whole ranking (nominal)."""
+def agreement_label(kind: str, choice: str, ranking: list[int] | None, position: dict[int, int]) -> str:
+    """What two annotators agree on, whatever sides they were shown: which of the item's responses won
+    (by its stored position: "first" / "second"), tie / both_bad, the thumbs choice, or the whole
+    ranking as positions ("2>0>1"), a nominal category. Positions, not response ids, so that the
+    categories are shared across items and chance agreement is estimated over the whole campaign."""
     if kind == "pairwise":
-        return f"response {ranking[0]}" if ranking else choice
+        return ("first", "second")[position[ranking[0]]] if ranking else choice
     if kind == "rank":
-        return ">".join(map(str, ranking))
+        return ">".join(str(position[r]) for r in ranking)
     return choice
 
 
@@ -375,7 +396,10 @@ def campaign_stats(session: Session, campaign: Campaign) -> dict:
                            .join(User, User.id == Judgement.user_id)
                            .where(Judgement.campaign_id == campaign.id).order_by(Judgement.id)).all()
     items = session.scalar(select(func.count()).where(Item.campaign_id == campaign.id))
-    labels = [(item, name, agreement_label(campaign.kind, choice, ranking)) for item, name, choice, ranking in rows]
+    position = dict(session.execute(select(Response.id, Response.position).join(Item, Item.id == Response.item_id)
+                                    .where(Item.campaign_id == campaign.id)).all())
+    labels = [(item, name, agreement_label(campaign.kind, choice, ranking, position))
+              for item, name, choice, ranking in rows]
     per_item: dict[int, list[str]] = {}
     for item, _, label in labels:
         per_item.setdefault(item, []).append(label)

@@ -200,3 +200,25 @@ def test_the_server_refuses_a_missing_or_default_secret(tmp_path):
     for secret in ("", "changeme", "x" * 40, "short-but-random-7Gq"):
         with pytest.raises(SecretError):
             prepare(cfg, environ={"ALIGNKIT_APP_SECRET": secret, "ALIGNKIT_ADMIN_PASSWORD": "long-enough"})
+
+
+def test_admin_agreement_equals_hand_computed_kappa_and_alpha(app):
+    items = [{"prompt": f"q{i}", "responses": [f"first {i}", f"second {i}"]} for i in range(4)]
+    create(app.admin, "agree", "pairwise", items, overlap=2, annotators=["alice", "bob"])
+    wanted = {"alice": ["first", "first", "second", "tie"], "bob": ["first", "second", "second", "tie"]}
+    for name, labels in wanted.items():
+        client = app.client(name)
+        while (item := next_item(client, "agree")) is not None:
+            i = int(item["prompt"][1:])
+            label = labels[i]
+            choice = label if label == "tie" else "AB"[item["responses"].index(f"{label} {i}")]
+            assert judge(client, "agree", item, f"{name}{i}", choice=choice).status_code == 201
+    stats = app.admin.get("/api/admin/stats").json()["campaigns"][0]
+    # Cohen: p_o = 3/4; marginals alice (first 2, second 1, tie 1), bob (1, 2, 1):
+    # p_e = (2*1 + 1*2 + 1*1) / 16 = 5/16; kappa = (3/4 - 5/16) / (1 - 5/16) = 7/11.
+    assert stats["kappas"] == [{"annotators": ["alice", "bob"], "items": 4, "kappa": pytest.approx(7 / 11)}]
+    # Krippendorff (nominal): o_ff = 2, o_fs = o_sf = 1, o_ss = 2, o_tt = 2; n = (3, 3, 2), n = 8;
+    # alpha = 1 - (n - 1) * (o_fs + o_sf) / (n^2 - sum n_c^2) = 1 - 7 * 2 / (64 - 22) = 2/3.
+    assert stats["alpha"] == pytest.approx(2 / 3)
+    assert [a["majority_agreement"] for a in stats["annotators"]] == [0.75, 0.75]
+    assert app.client("alice").get("/api/admin/stats").status_code == 403
