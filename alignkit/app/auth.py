@@ -103,10 +103,11 @@ def user_by_password(session: Session, name: str, password: str) -> User | None:
     return user if verify_password(user.password_hash, password) else None
 
 
-def user_by_token(session: Session, token: str) -> User | None:
+def user_by_token(session: Session, token: str):
+    """The account of a bearer / invite token as a row (id, name, role), or None."""
     if not token:
         return None
-    return session.scalar(select(User).where(User.token_hash == token_digest(token)))
+    return session.execute(select(User.id, User.name, User.role).where(User.token_hash == token_digest(token))).first()
 
 
 def csrf_matches(expected: str | None, given: str | None) -> bool:

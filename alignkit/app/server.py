@@ -14,13 +14,16 @@ import datetime as dt
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Form, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
 from alignkit.app import auth, service
@@ -30,6 +33,7 @@ from alignkit.app.db import User
 from alignkit.app.service import AppError
 
 HERE = Path(__file__).parent
+ACCOUNT_CACHE_SECONDS = 5.0
 UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
 
 
@@ -124,6 +128,15 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
         finally:
             session.close()  # a rollback at most: never waits for a lock
 
+    # SQLite runs one transaction at a time (one pooled connection, BEGIN IMMEDIATE), and a short one
+    # costs less than the hop to a worker thread and back, plus the two threads' contention for the
+    # GIL: on SQLite the hot routes run their transaction on the event loop, without awaiting inside
+    # it. PostgreSQL runs transactions side by side, so there they go to worker threads.
+    inline_db = sessions.kw["bind"].dialect.name == "sqlite"
+
+    async def in_db(work):
+        return work() if inline_db else await run_in_threadpool(work)
+
     async def json_body(request: Request) -> dict:
         return await _json(request)
 
@@ -132,17 +145,41 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
             request.session["csrf"] = secrets.token_urlsafe(32)
         return request.session["csrf"]
 
-    def optional_user(request: Request, session: Session = Depends(db)) -> User | None:
+    # Who sent a request, remembered for a few seconds: most requests then reach their route with no
+    # database round trip and no extra hop to a worker thread. A replaced invite token (or a deleted
+    # account) stops working within ACCOUNT_CACHE_SECONDS.
+    accounts: dict[tuple, tuple[float, object]] = {}
+
+    def lookup_account(key: tuple):
+        with sessions() as session:
+            if key[0] == "token":
+                return session.execute(select(User.id, User.name, User.role)
+                                       .where(User.token_hash == key[1])).first()
+            return session.execute(select(User.id, User.name, User.role).where(User.id == key[1])).first()
+
+    async def account(key: tuple):
+        now = time.monotonic()
+        hit = accounts.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        user = await in_db(lambda: lookup_account(key))
+        if len(accounts) > 10_000:
+            accounts.clear()
+        accounts[key] = (now + ACCOUNT_CACHE_SECONDS, user)
+        return user
+
+    async def optional_user(request: Request):
+        """The caller as a row (id, name, role), or None when anonymous; checks the CSRF token of
+        cookie-authenticated requests that change state."""
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
-            user = auth.user_by_token(session, header[7:].strip())
-            session.commit()  # end the read: see db()
+            token = header[7:].strip()
+            user = await account(("token", auth.token_digest(token))) if token else None
             if user is None:
                 raise AppError(401, "invalid bearer token")
             return user
         uid = request.session.get("uid")
-        user = session.get(User, uid) if uid is not None else None
-        session.commit()
+        user = await account(("uid", uid)) if uid is not None else None
         if user is not None and request.method in UNSAFE:
             given = request.headers.get("x-csrf-token")
             if given is None and request.headers.get("content-type", "").startswith(
@@ -291,18 +328,26 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
                                     source={"uploaded_by": user.name}, members=list(body.get("annotators", [])))
         return {"name": c.name, "kind": c.kind, "items": len(items), "overlap": c.overlap}
 
+    # The two labelling routes every vote takes run their database work through `in_db`.
     @app.get("/api/campaigns/{campaign}/next")
-    def api_next(campaign: str, user: User = Depends(api_user), session: Session = Depends(db)):
-        c = service.campaign_for(session, campaign, user)
-        return {"item": service.next_item(session, c, user, lease)}
+    async def api_next(campaign: str, user: User = Depends(api_user)):
+        def work():
+            with sessions() as session:
+                c = service.campaign_for(session, campaign, user)
+                return {"item": service.next_item(session, c, user, lease)}
+        return JSONResponse(await in_db(work))
 
     @app.post("/api/campaigns/{campaign}/judgements", status_code=201)
-    def api_submit(request: Request, campaign: str, user: User = Depends(api_user), session: Session = Depends(db),
-                   body: dict = Depends(json_body)):
-        c = service.campaign_for(session, campaign, user)
-        result, replayed = service.submit(
-            session, c, user, _int(body, "item_id"), choice=body.get("choice"), ranking=body.get("ranking"),
-            idempotency_key=request.headers.get("idempotency-key"), seconds=_float(body, "seconds"))
+    async def api_submit(request: Request, campaign: str, user: User = Depends(api_user),
+                         body: dict = Depends(json_body)):
+        key, item_id, seconds = request.headers.get("idempotency-key"), _int(body, "item_id"), _float(body, "seconds")
+
+        def work():
+            with sessions() as session:
+                c = service.campaign_for(session, campaign, user)
+                return service.submit(session, c, user, item_id, choice=body.get("choice"),
+                                      ranking=body.get("ranking"), idempotency_key=key, seconds=seconds)
+        result, replayed = await in_db(work)
         return JSONResponse(result, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
     @app.post("/api/arena/battles", status_code=201)
@@ -316,7 +361,6 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
                 raise AppError(422, "type a prompt: this arena has no prompt set")
             prompt = service.random_choice(arena_prompts)
         a, b = service.pick_pair(list(contestants))
-        from starlette.concurrency import run_in_threadpool
 
         seed = service.random_seed()  # a fresh draw per battle: the same prompt need not get the same answers
         try:  # generation runs off the event loop: other requests go on meanwhile

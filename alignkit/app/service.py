@@ -14,11 +14,12 @@ returns the stored result instead of a second row.
 from __future__ import annotations
 
 import datetime as dt
-import random
+import math
+import time
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -91,17 +92,15 @@ def add_member(session: Session, campaign: Campaign, user: User) -> None:
         session.commit()
 
 
-def campaign_for(session: Session, name: str, user: User) -> Campaign:
-    """The campaign `name` if `user` may label it (admins: every campaign), else 404 / 403."""
-    # one statement, not two: every labelling request starts here
-    row = session.execute(select(Campaign, Member.user_id).where(Campaign.name == name).outerjoin(
-        Member, (Member.campaign_id == Campaign.id) & (Member.user_id == user.id))).first()
+def campaign_for(session: Session, name: str, user):
+    """The campaign `name` (a row: id, name, kind, overlap, guidelines) if `user` may label it (admins:
+    every campaign), else 404 / 403."""
+    row = session.connection().execute(_CAMPAIGN_FOR, {"name": name, "uid": user.id}).first()
     if row is None:
         raise AppError(404, f"no campaign named {name!r}")
-    campaign, member = row
-    if user.role != "admin" and member is None:
+    if user.role != "admin" and row.member is None:
         raise AppError(403, f"{user.name} is not an annotator of campaign {name!r}")
-    return campaign
+    return row
 
 
 def visible_campaigns(session: Session, user: User) -> list[dict]:
@@ -122,87 +121,120 @@ def visible_campaigns(session: Session, user: User) -> list[dict]:
 # ---------------------------------------------------------------- labelling
 
 
-def _release_expired(session: Session, campaign: Campaign, lease: dt.timedelta) -> None:
-    """Give back the slots of assignments shown but not judged within `lease` (an abandoned tab)."""
-    stale = session.execute(select(Assignment.id, Assignment.item_id).where(
-        Assignment.campaign_id == campaign.id, Assignment.done.is_(False),
-        Assignment.created_at < utcnow() - lease)).all()
+_last_sweep: dict[tuple[int, int], float] = {}  # (engine, campaign) -> when this process last swept it
+
+
+def _release_expired(session: Session, campaign, lease: dt.timedelta) -> None:
+    """Give back the slots of assignments shown but not judged within `lease` (an abandoned tab).
+
+    Swept at most every lease / 10 (10 s at most) per campaign and process: a slot comes back a
+    little after its lease ends, and the sweep's query stays off the hot path."""
+    key, now = (id(session.get_bind()), campaign.id), time.monotonic()
+    if now - _last_sweep.get(key, -math.inf) < min(10.0, lease.total_seconds() / 10):
+        return
+    _last_sweep[key] = now
+    conn = session.connection()
+    stale = conn.execute(_STALE, {"campaign": campaign.id, "before": utcnow() - lease}).all()
     for assignment_id, item_id in stale:
         # rowcount guards the decrement: of two requests releasing the same row, one frees its slot
-        if session.execute(delete(Assignment).where(Assignment.id == assignment_id,
-                                                    Assignment.done.is_(False))).rowcount == 1:
-            session.execute(update(Item).where(Item.id == item_id).values(assigned=Item.assigned - 1)
-                            .execution_options(synchronize_session=False))
+        if conn.execute(_DROP_ASSIGNMENT, {"assignment": assignment_id}).rowcount == 1:
+            conn.execute(_FREE_SLOT, {"item": item_id})
 
 
-def _item_view(session: Session, campaign: Campaign, assignment: Assignment) -> dict:
-    rows = session.execute(select(Item.prompt, Response.id, Response.text).join(Response, Response.item_id == Item.id)
-                           .where(Item.id == assignment.item_id)).all()
+# The labelling hot path (campaign lookup, next item, submit) runs statements built once, here, on
+# the session's Core connection: building the statements and ORM objects per request cost more
+# CPU than running them, and the server's throughput is bound by that CPU.
+_b = bindparam
+_CAMPAIGN_FOR = (select(Campaign.id, Campaign.name, Campaign.kind, Campaign.overlap, Campaign.guidelines,
+                        Member.user_id.label("member"))
+                 .where(Campaign.name == _b("name"))
+                 .outerjoin(Member, (Member.campaign_id == Campaign.id) & (Member.user_id == _b("uid"))))
+_OPEN_ASSIGNMENT = (select(Assignment.item_id, Assignment.shown)
+                    .where(Assignment.campaign_id == _b("campaign"), Assignment.user_id == _b("user"),
+                           Assignment.done.is_(False)).order_by(Assignment.id).limit(1))
+# `assigned IN (0 .. overlap-1)`, not `assigned < overlap`: with overlap 1 an equality, so the index
+# (campaign_id, assigned, position) hands over the first free item without a scan. FOR UPDATE SKIP
+# LOCKED (PostgreSQL; SQLite runs one writer at a time and ignores it): requests at the same moment
+# take different items instead of queueing on the first one's row lock.
+_FREE_ITEM = (select(Item.id)
+              .where(Item.campaign_id == _b("campaign"), Item.assigned.in_(_b("slots", expanding=True)),
+                     Item.id.not_in(select(Assignment.item_id).where(Assignment.user_id == _b("user"),
+                                                                     Assignment.campaign_id == _b("campaign"))))
+              .order_by(Item.position).limit(1).with_for_update(skip_locked=True, of=Item))
+_STALE = select(Assignment.id, Assignment.item_id).where(
+    Assignment.campaign_id == _b("campaign"), Assignment.done.is_(False), Assignment.created_at < _b("before"))
+_DROP_ASSIGNMENT = delete(Assignment).where(Assignment.id == _b("assignment"), Assignment.done.is_(False))
+_FREE_SLOT = update(Item).where(Item.id == _b("item")).values(assigned=Item.assigned - 1)
+_TAKE_SLOT = (update(Item).where(Item.id == _b("item"), Item.assigned < _b("overlap"))
+              .values(assigned=Item.assigned + 1))
+_RESPONSE_IDS = select(Response.id).where(Response.item_id == _b("item")).order_by(Response.position)
+_ITEM_VIEW = (select(Item.prompt, Response.id, Response.text).join(Response, Response.item_id == Item.id)
+              .where(Item.id == _b("item")))
+_DONE_BY = select(func.count()).where(Judgement.campaign_id == _b("campaign"), Judgement.user_id == _b("user"))
+_BY_KEY = (select(Judgement.id, Judgement.item_id, Judgement.choice, Judgement.shown, Judgement.ranking)
+           .where(Judgement.user_id == _b("user"), Judgement.idempotency_key == _b("key")))
+_ASSIGNMENT_OF = (select(Assignment.id, Assignment.campaign_id, Assignment.shown, Assignment.done)
+                  .where(Assignment.item_id == _b("item"), Assignment.user_id == _b("user")))
+_INSERT_ASSIGNMENT = insert(Assignment)
+_INSERT_JUDGEMENT = insert(Judgement).returning(Judgement.id)
+_FINISH = update(Assignment).where(Assignment.id == _b("assignment"), Assignment.done.is_(False)).values(done=True)
+
+
+def _item_view(conn, campaign, user_id: int, item_id: int, shown: list[int]) -> dict:
+    rows = conn.execute(_ITEM_VIEW, {"item": item_id}).all()
     texts = {response_id: text for _, response_id, text in rows}
-    done = session.scalar(select(func.count()).where(Judgement.campaign_id == campaign.id,
-                                                     Judgement.user_id == assignment.user_id))
-    return {"item_id": assignment.item_id, "kind": campaign.kind, "prompt": rows[0].prompt,
-            "responses": [texts[i] for i in assignment.shown], "done_by_you": done}
+    done = conn.execute(_DONE_BY, {"campaign": campaign.id, "user": user_id}).scalar()
+    return {"item_id": item_id, "kind": campaign.kind, "prompt": rows[0].prompt,
+            "responses": [texts[i] for i in shown], "done_by_you": done}
 
 
-def _acquire(session: Session, campaign: Campaign, item_id: int, user: User) -> Assignment | None:
-    """Take one of the item's `overlap` slots for `user` and draw the order its responses are shown in."""
-    taken = session.execute(update(Item).where(Item.id == item_id, Item.assigned < campaign.overlap)
-                            .values(assigned=Item.assigned + 1)
-                            .execution_options(synchronize_session=False)).rowcount  # no Item is loaded here
-    if taken != 1:
+def _acquire(conn, campaign, item_id: int, user) -> list[int] | None:
+    """Take one of the item's `overlap` slots for `user`; returns the order its responses are shown in
+    (drawn here, stored with the assignment), or None when the slots are gone."""
+    if conn.execute(_TAKE_SLOT, {"item": item_id, "overlap": campaign.overlap}).rowcount != 1:
         return None
-    ids = list(session.scalars(select(Response.id).where(Response.item_id == item_id).order_by(Response.position)))
-    _random.shuffle(ids)
-    assignment = Assignment(campaign_id=campaign.id, item_id=item_id, user_id=user.id, shown=ids, done=False)
-    session.add(assignment)
-    session.flush()
-    return assignment
+    shown = list(conn.execute(_RESPONSE_IDS, {"item": item_id}).scalars())
+    _random.shuffle(shown)
+    conn.execute(_INSERT_ASSIGNMENT, {"campaign_id": campaign.id, "item_id": item_id, "user_id": user.id,
+                                      "shown": shown, "done": False})
+    return shown
 
 
-def next_item(session: Session, campaign: Campaign, user: User, lease: dt.timedelta = dt.timedelta(hours=1)) -> dict | None:
+def next_item(session: Session, campaign, user, lease: dt.timedelta = dt.timedelta(hours=1)) -> dict | None:
     """The item `user` should judge next, or None when none is left for them.
 
     An open assignment is returned again (a reload shows the same item, same sides);
     otherwise the first item, by position, with a free slot that `user` never had.
     """
-    open_ = session.scalar(select(Assignment).where(Assignment.campaign_id == campaign.id,
-                                                    Assignment.user_id == user.id, Assignment.done.is_(False))
-                           .order_by(Assignment.id).limit(1))
+    conn = session.connection()
+    open_ = conn.execute(_OPEN_ASSIGNMENT, {"campaign": campaign.id, "user": user.id}).first()
     if open_ is not None:
-        view = _item_view(session, campaign, open_)
+        view = _item_view(conn, campaign, user.id, open_.item_id, open_.shown)
         session.commit()  # end the transaction here, not when the request's session closes
         return view
     _release_expired(session, campaign, lease)
-    mine = select(Assignment.item_id).where(Assignment.user_id == user.id, Assignment.campaign_id == campaign.id)
+    params = {"campaign": campaign.id, "user": user.id, "slots": list(range(campaign.overlap))}
     for _ in range(20):  # another annotator may take the last slot between the select and the update
-        # `assigned IN (0 .. overlap-1)`, not `assigned < overlap`: with overlap 1 an equality, so the
-        # index (campaign_id, assigned, position) hands over the first free item without a scan.
-        # FOR UPDATE SKIP LOCKED (PostgreSQL; SQLite runs one writer at a time and ignores it): requests
-        # at the same moment take different items, instead of all waiting on the first one's row lock
-        # and all but one retrying.
-        item_id = session.scalar(select(Item.id).where(Item.campaign_id == campaign.id,
-                                                       Item.assigned.in_(range(campaign.overlap)),
-                                                       Item.id.not_in(mine))
-                                 .order_by(Item.position).limit(1).with_for_update(skip_locked=True, of=Item))
+        item_id = conn.execute(_FREE_ITEM, params).scalar()
         if item_id is None:
             session.commit()
             return None
         try:
-            assignment = _acquire(session, campaign, item_id, user)
+            shown = _acquire(conn, campaign, item_id, user)
         except IntegrityError:  # the same user, twice at once: the other request holds it
             session.rollback()
             return next_item(session, campaign, user, lease)
-        if assignment is not None:
-            view = _item_view(session, campaign, assignment)
+        if shown is not None:
+            view = _item_view(conn, campaign, user.id, item_id, shown)
             session.commit()
             return view
     session.commit()
     return None
 
 
-def _judgement_result(j: Judgement) -> dict:
-    return {"judgement_id": j.id, "item_id": j.item_id, "choice": j.choice, "shown": j.shown, "ranking": j.ranking}
+def _judgement_result(row) -> dict:
+    return {"judgement_id": row.id, "item_id": row.item_id, "choice": row.choice, "shown": row.shown,
+            "ranking": row.ranking}
 
 
 def _decision(kind: str, shown: list[int], choice: str | None, ranking: list[int] | None) -> tuple[str, list | None]:
@@ -220,7 +252,7 @@ def _decision(kind: str, shown: list[int], choice: str | None, ranking: list[int
     return choice, None
 
 
-def submit(session: Session, campaign: Campaign, user: User, item_id: int, *, choice: str | None = None,
+def submit(session: Session, campaign, user, item_id: int, *, choice: str | None = None,
            ranking: list[int] | None = None, idempotency_key: str | None = None,
            seconds: float | None = None) -> tuple[dict, bool]:
     """Store `user`'s judgement of an item; returns (result, replayed).
@@ -234,40 +266,49 @@ def submit(session: Session, campaign: Campaign, user: User, item_id: int, *, ch
     def replay() -> tuple[dict, bool] | None:
         if idempotency_key is None:
             return None
-        j = session.scalar(select(Judgement).where(Judgement.user_id == user.id,
-                                                   Judgement.idempotency_key == idempotency_key))
-        if j is None:
+        row = session.connection().execute(_BY_KEY, {"user": user.id, "key": idempotency_key}).first()
+        if row is None:
             return None
-        if j.item_id != item_id:
-            raise AppError(422, f"Idempotency-Key {idempotency_key!r} was used for item {j.item_id}, not {item_id}")
-        return _judgement_result(j), True
+        if row.item_id != item_id:
+            raise AppError(422, f"Idempotency-Key {idempotency_key!r} was used for item {row.item_id}, not {item_id}")
+        return _judgement_result(row), True
 
     if (stored := replay()) is not None:
+        session.commit()
         return stored
-    assignment = session.scalar(select(Assignment).where(Assignment.item_id == item_id,
-                                                         Assignment.user_id == user.id))
+    conn = session.connection()
+    assignment = conn.execute(_ASSIGNMENT_OF, {"item": item_id, "user": user.id}).first()
     if assignment is None or assignment.campaign_id != campaign.id:
+        session.rollback()
         raise AppError(409, f"item {item_id} is not assigned to {user.name} in campaign {campaign.name!r}"
                             " (ask for the next item first)")
     if assignment.done:
-        raise AppError(409, f"{user.name} has already judged item {item_id}")
-    decided, ranked = _decision(campaign.kind, assignment.shown, choice, ranking)
-    j = Judgement(campaign_id=campaign.id, item_id=item_id, user_id=user.id, choice=decided,
-                  shown=assignment.shown, ranking=ranked, idempotency_key=idempotency_key, seconds=seconds)
-    session.add(j)
-    # rowcount guards against a concurrent request (another key) judging the same assignment
-    if session.execute(update(Assignment).where(Assignment.id == assignment.id, Assignment.done.is_(False))
-                       .values(done=True)).rowcount != 1:
         session.rollback()
         raise AppError(409, f"{user.name} has already judged item {item_id}")
     try:
+        decided, ranked = _decision(campaign.kind, assignment.shown, choice, ranking)
+    except AppError:
+        session.rollback()
+        raise
+    try:
+        judgement_id = conn.execute(_INSERT_JUDGEMENT, {
+            "campaign_id": campaign.id, "item_id": item_id, "user_id": user.id, "choice": decided,
+            "shown": assignment.shown, "ranking": ranked, "idempotency_key": idempotency_key,
+            "seconds": seconds}).scalar_one()
+        # rowcount guards against a concurrent request (another key) judging the same assignment
+        finished = conn.execute(_FINISH, {"assignment": assignment.id}).rowcount
+        if finished != 1:
+            session.rollback()
+            raise AppError(409, f"{user.name} has already judged item {item_id}")
         session.commit()
     except IntegrityError:  # the same key, retried while the first attempt was still running
         session.rollback()
         if (stored := replay()) is not None:
+            session.commit()
             return stored
         raise AppError(409, f"{user.name} has already judged item {item_id}") from None
-    return _judgement_result(j), False
+    return {"judgement_id": judgement_id, "item_id": item_id, "choice": decided, "shown": assignment.shown,
+            "ranking": ranked}, False
 
 
 # ---------------------------------------------------------------- arena

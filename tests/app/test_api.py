@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 
 import pytest
 from sqlalchemy import select
@@ -222,3 +223,17 @@ def test_admin_agreement_equals_hand_computed_kappa_and_alpha(app):
     assert stats["alpha"] == pytest.approx(2 / 3)
     assert [a["majority_agreement"] for a in stats["annotators"]] == [0.75, 0.75]
     assert app.client("alice").get("/api/admin/stats").status_code == 403
+
+
+def test_an_abandoned_item_goes_back_to_the_pool_after_its_lease(make_app):
+    app = make_app(lease_minutes=1e-6)  # every assignment expires at once
+    admin = app.client("admin")
+    alice, bob = app.client("alice"), app.client("bob")
+    create(admin, "lease", "thumbs", [{"prompt": "only", "responses": ["r"]}])
+    first = next_item(alice, "lease")
+    time.sleep(0.01)
+    taken = next_item(bob, "lease")  # alice's slot expired: bob gets the item
+    assert taken is not None and taken["item_id"] == first["item_id"]
+    assert judge(bob, "lease", taken, "b", choice="up").status_code == 201
+    # alice's late submit finds her assignment gone, and the item's one slot taken
+    assert judge(alice, "lease", first, "a", choice="down").status_code == 409
