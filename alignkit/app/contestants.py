@@ -59,16 +59,25 @@ class Contestant:
                 out.append(r.choices[0].text)
         return out
 
+    def _load(self):
+        if self._loaded is None:
+            from alignkit.models.load import load_causal_lm, load_tokenizer
+
+            self._loaded = (load_causal_lm(self.spec).eval(), load_tokenizer(self.spec))
+        return self._loaded
+
+    def load(self) -> None:
+        """Load a checkpoint now (the server does, before it answers), not at its first battle."""
+        if not self.is_endpoint:
+            with self._lock:
+                self._load()
+
     def _generate_local(self, prompts: list[str], seed: int) -> list[str]:
         from alignkit.data import tokenize_prompts
         from alignkit.rollout.best_of_n import sample_and_score
 
         with self._lock:  # one model in memory per contestant; one generation on it at a time
-            if self._loaded is None:
-                from alignkit.models.load import load_causal_lm, load_tokenizer
-
-                self._loaded = (load_causal_lm(self.spec).eval(), load_tokenizer(self.spec))
-            model, tokenizer = self._loaded
+            model, tokenizer = self._load()
             examples, _ = tokenize_prompts([{"prompt": p} for p in prompts], tokenizer, max_length=2**62)
             samples = sample_and_score(model, tokenizer, examples, 1, [], [], max_new_tokens=self.max_new_tokens,
                                        temperature=self.temperature, seed=seed)

@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -115,19 +115,10 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
     templates = Jinja2Templates(directory=HERE / "templates")
     lease = dt.timedelta(minutes=cfg.lease_minutes)
 
-    # Database work never waits for the event loop or a worker thread while it holds a transaction
-    # (on SQLite every transaction holds the write lock, BEGIN IMMEDIATE): the user lookup ends its
-    # transaction at once, routes that touch the database are sync (one worker thread from their
-    # first query to their commit), async routes hand database work to a thread, and the session is
-    # closed on the event loop. Otherwise, with more concurrent requests than worker threads, every
-    # thread can end up waiting for the lock of a request that waits for a thread.
-    async def db():
-        session = sessions()
-        try:
-            yield session
-        finally:
-            session.close()  # a rollback at most: never waits for a lock
-
+    # A session lives inside one synchronous stretch of code: a sync route's body (one worker thread)
+    # or an `in_db` call. It never stays open across an await or between the threadpool and the event
+    # loop: on SQLite every transaction holds the write lock and the pool's one connection, and a
+    # session left open for the loop to close could wait for a loop that waits for its connection.
     # SQLite runs one transaction at a time (one pooled connection, BEGIN IMMEDIATE), and a short one
     # costs less than the hop to a worker thread and back, plus the two threads' contention for the
     # GIL: on SQLite the hot routes run their transaction on the event loop, without awaiting inside
@@ -234,9 +225,10 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
         return {"ok": True}
 
     @app.get("/", response_class=HTMLResponse)
-    def index(request: Request, user: User = Depends(page_user), session: Session = Depends(db)):
-        return page(request, "index.html", user, campaigns=service.visible_campaigns(session, user),
-                    arena=len(contestants) >= 2)
+    def index(request: Request, user: User = Depends(page_user)):
+        with sessions() as session:
+            return page(request, "index.html", user, campaigns=service.visible_campaigns(session, user),
+                        arena=len(contestants) >= 2)
 
     @app.get("/login", response_class=HTMLResponse)
     def login_page(request: Request):
@@ -244,25 +236,27 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
 
     @app.post("/login")
     def login(request: Request, name: str = Form(...), password: str = Form(...),
-              csrf_token_: str = Form("", alias="csrf_token"), session: Session = Depends(db)):
-        if not auth.csrf_matches(request.session.get("csrf"), csrf_token_):
-            raise AppError(403, "missing or wrong CSRF token")
-        user = auth.user_by_password(session, name, password)
-        if user is None:
-            return templates.TemplateResponse(request, "login.html", {"user": None, "csrf": csrf_token(request),
-                                              "error": "wrong name or password"}, status_code=401)
-        request.session.clear()  # a new session on login: no fixation
-        request.session["uid"] = user.id
-        return RedirectResponse("/", status_code=303)
+              csrf_token_: str = Form("", alias="csrf_token")):
+        with sessions() as session:
+            if not auth.csrf_matches(request.session.get("csrf"), csrf_token_):
+                raise AppError(403, "missing or wrong CSRF token")
+            user = auth.user_by_password(session, name, password)
+            if user is None:
+                return templates.TemplateResponse(request, "login.html", {"user": None, "csrf": csrf_token(request),
+                                                  "error": "wrong name or password"}, status_code=401)
+            request.session.clear()  # a new session on login: no fixation
+            request.session["uid"] = user.id
+            return RedirectResponse("/", status_code=303)
 
     @app.get("/invite/{token}")
-    def invite(request: Request, token: str, session: Session = Depends(db)):
-        user = auth.user_by_token(session, token)
-        if user is None:
-            raise AppError(404, "this invite link is not valid (ask for a new one)")
-        request.session.clear()
-        request.session["uid"] = user.id
-        return RedirectResponse("/", status_code=303)
+    def invite(request: Request, token: str):
+        with sessions() as session:
+            user = auth.user_by_token(session, token)
+            if user is None:
+                raise AppError(404, "this invite link is not valid (ask for a new one)")
+            request.session.clear()
+            request.session["uid"] = user.id
+            return RedirectResponse("/", status_code=303)
 
     @app.post("/logout")
     def logout(request: Request, user: User = Depends(page_user)):
@@ -270,44 +264,53 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
         return RedirectResponse("/login", status_code=303)
 
     @app.get("/label/{campaign}", response_class=HTMLResponse)
-    def label_page(request: Request, campaign: str, user: User = Depends(page_user), session: Session = Depends(db)):
-        c = service.campaign_for(session, campaign, user)
-        return page(request, "label.html", user, campaign=c, guidelines=render_markdown(c.guidelines))
+    def label_page(request: Request, campaign: str, user: User = Depends(page_user)):
+        with sessions() as session:
+            c = service.campaign_for(session, campaign, user)
+            return page(request, "label.html", user, campaign=c, guidelines=render_markdown(c.guidelines))
 
     @app.get("/arena", response_class=HTMLResponse)
     def arena_page(request: Request, user: User = Depends(page_user)):
         return page(request, "arena.html", user, contestants=len(contestants), has_prompts=bool(arena_prompts))
 
+    def leaderboard() -> tuple[int, list[dict]]:
+        """(votes, rows); the fit runs after the session closes: it is CPU, not database work."""
+        with sessions() as session:
+            battles = service.arena_battles(session)
+        return len(battles), service.leaderboard_of(battles, cfg.bootstrap_rounds, cfg.seed)
+
     @app.get("/leaderboard", response_class=HTMLResponse)
-    def leaderboard_page(request: Request, user: User = Depends(page_user), session: Session = Depends(db)):
-        rows = service.arena_leaderboard(session, cfg.bootstrap_rounds, cfg.seed)
-        return page(request, "leaderboard.html", user, rows=rows, votes=len(service.arena_battles(session)))
+    def leaderboard_page(request: Request, user: User = Depends(page_user)):
+        votes, rows = leaderboard()
+        return page(request, "leaderboard.html", user, rows=rows, votes=votes)
 
     @app.get("/admin", response_class=HTMLResponse)
-    def admin_page(request: Request, user: User = Depends(page_admin), session: Session = Depends(db)):
-        invite_url = request.session.pop("new_invite", None)
-        return page(request, "admin.html", user, stats=service.admin_stats(session), invite_url=invite_url,
-                    users=service.users(session))
+    def admin_page(request: Request, user: User = Depends(page_admin)):
+        with sessions() as session:
+            invite_url = request.session.pop("new_invite", None)
+            return page(request, "admin.html", user, stats=service.admin_stats(session), invite_url=invite_url,
+                        users=service.users(session))
 
     @app.post("/admin/users")
     def admin_create_user(request: Request, name: str = Form(...), role: str = Form("annotator"),
                           password: str = Form(""), campaign: str = Form(""),
-                          user: User = Depends(page_admin), session: Session = Depends(db)):
-        try:
-            new, token = auth.create_user(session, name, role, password or None)
-        except ValueError as e:
-            raise AppError(422, str(e)) from None
-        if campaign:
-            service.add_member(session, service.campaign_for(session, campaign, user), new)
-        request.session["new_invite"] = f"{request.base_url}invite/{token}"
-        return RedirectResponse("/admin", status_code=303)
+                          user: User = Depends(page_admin)):
+        with sessions() as session:
+            try:
+                new, token = auth.create_user(session, name, role, password or None)
+            except ValueError as e:
+                raise AppError(422, str(e)) from None
+            if campaign:
+                service.add_member(session, service.campaign_for(session, campaign, user), new)
+            request.session["new_invite"] = f"{request.base_url}invite/{token}"
+            return RedirectResponse("/admin", status_code=303)
 
     @app.post("/admin/members")
-    def admin_add_member(name: str = Form(...), campaign: str = Form(...), user: User = Depends(page_admin),
-                         session: Session = Depends(db)):
-        member = service.user_named(session, name)
-        service.add_member(session, service.campaign_for(session, campaign, user), member)
-        return RedirectResponse("/admin", status_code=303)
+    def admin_add_member(name: str = Form(...), campaign: str = Form(...), user: User = Depends(page_admin)):
+        with sessions() as session:
+            member = service.user_named(session, name)
+            service.add_member(session, service.campaign_for(session, campaign, user), member)
+            return RedirectResponse("/admin", status_code=303)
 
     # ------------------------------------------------------------ JSON API
 
@@ -316,17 +319,19 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
         return {"name": user.name, "role": user.role}
 
     @app.get("/api/campaigns")
-    def api_campaigns(user: User = Depends(api_user), session: Session = Depends(db)):
-        return {"campaigns": service.visible_campaigns(session, user)}
+    def api_campaigns(user: User = Depends(api_user)):
+        with sessions() as session:
+            return {"campaigns": service.visible_campaigns(session, user)}
 
     @app.post("/api/campaigns", status_code=201)
-    def api_create_campaign(user: User = Depends(api_admin), session: Session = Depends(db),
+    def api_create_campaign(user: User = Depends(api_admin),
                             body: dict = Depends(json_body)):
-        items = service.items_from_json(body.get("items"))
-        c = service.create_campaign(session, str(body.get("name", "")), str(body.get("kind", "")), items,
-                                    guidelines=str(body.get("guidelines", "")), overlap=_int(body, "overlap", 1),
-                                    source={"uploaded_by": user.name}, members=list(body.get("annotators", [])))
-        return {"name": c.name, "kind": c.kind, "items": len(items), "overlap": c.overlap}
+        with sessions() as session:
+            items = service.items_from_json(body.get("items"))
+            c = service.create_campaign(session, str(body.get("name", "")), str(body.get("kind", "")), items,
+                                        guidelines=str(body.get("guidelines", "")), overlap=_int(body, "overlap", 1),
+                                        source={"uploaded_by": user.name}, members=list(body.get("annotators", [])))
+            return {"name": c.name, "kind": c.kind, "items": len(items), "overlap": c.overlap}
 
     # The two labelling routes every vote takes run their database work through `in_db`.
     @app.get("/api/campaigns/{campaign}/next")
@@ -351,7 +356,7 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
         return JSONResponse(result, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
     @app.post("/api/arena/battles", status_code=201)
-    async def api_battle(request: Request, user: User = Depends(api_user), session: Session = Depends(db)):
+    async def api_battle(request: Request, user: User = Depends(api_user)):
         body = await _json(request, allow_empty=True)
         prompt = body.get("prompt") or ""
         if not isinstance(prompt, str) or len(prompt) > 4000:
@@ -361,42 +366,48 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
                 raise AppError(422, "type a prompt: this arena has no prompt set")
             prompt = service.random_choice(arena_prompts)
         a, b = service.pick_pair(list(contestants))
-
         seed = service.random_seed()  # a fresh draw per battle: the same prompt need not get the same answers
-        try:  # generation runs off the event loop: other requests go on meanwhile
+        try:  # generation runs off the event loop, and outside any transaction: other requests go on meanwhile
             response_a = (await run_in_threadpool(contestants[a].generate, [prompt], seed))[0]
             response_b = (await run_in_threadpool(contestants[b].generate, [prompt], seed))[0]
         except Exception as e:  # noqa: BLE001 - an endpoint can fail in many ways; the voter sees which way
             raise AppError(502, f"a contestant failed to answer: {type(e).__name__}: {e}") from None
-        return await run_in_threadpool(service.create_battle, session, user, prompt, a, b, response_a, response_b)
+
+        def store():
+            with sessions() as session:
+                return service.create_battle(session, user, prompt, a, b, response_a, response_b)
+        return await in_db(store)
 
     @app.post("/api/arena/battles/{battle_id}/vote")
-    def api_vote(request: Request, battle_id: int, user: User = Depends(api_user), session: Session = Depends(db),
+    def api_vote(request: Request, battle_id: int, user: User = Depends(api_user),
                  body: dict = Depends(json_body)):
-        result, replayed = service.vote(session, user, battle_id, body.get("vote"),
-                                        request.headers.get("idempotency-key"))
-        return JSONResponse(result, headers={"Idempotent-Replayed": "true"} if replayed else None)
+        with sessions() as session:
+            result, replayed = service.vote(session, user, battle_id, body.get("vote"),
+                                            request.headers.get("idempotency-key"))
+            return JSONResponse(result, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
     @app.get("/api/leaderboard")
-    def api_leaderboard(user: User = Depends(api_user), session: Session = Depends(db)):
-        return {"votes": len(service.arena_battles(session)),
-                "rows": service.arena_leaderboard(session, cfg.bootstrap_rounds, cfg.seed)}
+    def api_leaderboard(user: User = Depends(api_user)):
+        votes, rows = leaderboard()
+        return {"votes": votes, "rows": rows}
 
     @app.get("/api/admin/stats")
-    def api_stats(user: User = Depends(api_admin), session: Session = Depends(db)):
-        return service.admin_stats(session)
+    def api_stats(user: User = Depends(api_admin)):
+        with sessions() as session:
+            return service.admin_stats(session)
 
     @app.post("/api/users", status_code=201)
-    def api_create_user(request: Request, user: User = Depends(api_admin), session: Session = Depends(db),
+    def api_create_user(request: Request, user: User = Depends(api_admin),
                         body: dict = Depends(json_body)):
-        try:
-            new, token = auth.create_user(session, str(body.get("name", "")), str(body.get("role", "annotator")),
-                                          body.get("password") or None)
-        except ValueError as e:
-            raise AppError(422, str(e)) from None
-        for name in body.get("campaigns", []):
-            service.add_member(session, service.campaign_for(session, name, user), new)
-        return {"name": new.name, "role": new.role, "token": token, "invite_url": f"{request.base_url}invite/{token}"}
+        with sessions() as session:
+            try:
+                new, token = auth.create_user(session, str(body.get("name", "")), str(body.get("role", "annotator")),
+                                              body.get("password") or None)
+            except ValueError as e:
+                raise AppError(422, str(e)) from None
+            for name in body.get("campaigns", []):
+                service.add_member(session, service.campaign_for(session, name, user), new)
+            return {"name": new.name, "role": new.role, "token": token, "invite_url": f"{request.base_url}invite/{token}"}
 
     return app
 
@@ -435,8 +446,9 @@ def _float(body: dict, key: str) -> float | None:
 # ---------------------------------------------------------------- start-up
 
 
-def prepare(cfg: AppConfig, environ=os.environ) -> tuple[FastAPI, list[str]]:
-    """Check the secret, migrate the database, create accounts and campaigns; returns (app, messages)."""
+def prepare(cfg: AppConfig, environ=os.environ, preload: bool = False) -> tuple[FastAPI, list[str]]:
+    """Check the secret, migrate the database, create accounts and campaigns, and with `preload` load
+    the arena's checkpoints; returns (app, messages)."""
     from alignkit.app import campaigns as campaign_files
     from alignkit.app.config import CampaignConfig
     from alignkit.app.contestants import parse_contestants
@@ -472,6 +484,9 @@ def prepare(cfg: AppConfig, environ=os.environ) -> tuple[FastAPI, list[str]]:
                                     overlap=spec.overlap, source=source, members=spec.annotators)
             messages.append(f"created campaign {spec.name!r}: {len(items)} {spec.kind} items, overlap {spec.overlap}")
     if contestants:
+        if preload:
+            for c in contestants.values():
+                c.load()
         messages.append(f"arena: {', '.join(contestants)}")
     return create_app(cfg, secret, sessions, contestants, arena_prompts), messages
 
@@ -482,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse_config(Config, sys.argv[1:] if argv is None else argv, prog="alignkit app")
     try:
-        app, messages = prepare(cfg)
+        app, messages = prepare(cfg, preload=True)
     except (auth.SecretError, AppError, ValueError) as e:
         raise ConfigError(str(getattr(e, "message", e))) from None
     for m in messages:

@@ -359,14 +359,11 @@ def arena_battles(session: Session) -> list[tuple[str, str, float]]:
     return [(a, b, battle_outcome(v)) for a, b, v in rows]
 
 
-def arena_leaderboard(session: Session, rounds: int = 200, seed: int = 0) -> list[dict]:
+def leaderboard_of(battles: list[tuple[str, str, float]], rounds: int = 200, seed: int = 0) -> list[dict]:
     """`alignkit eval`'s leaderboard (Elo, Bradley-Terry with bootstrap intervals) on the votes."""
     from alignkit.evaluate import arena
 
-    battles = arena_battles(session)
-    if not battles:
-        return []
-    return arena.leaderboard(battles, rounds=rounds, seed=seed)
+    return arena.leaderboard(battles, rounds=rounds, seed=seed) if battles else []
 
 
 def random_choice(values: list):

@@ -83,6 +83,16 @@ class Site:
         page.wait_for_url(self.url + "/")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def patient_expect():
+    """A busy 2-core CI machine answers slower than Playwright's 5 s default; wait up to 30 s."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)
+    yield
+    expect.set_options(timeout=5_000)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("browser")
