@@ -304,7 +304,10 @@ def test_rejection_sampling_two_processes_equal_one_process(tiny_model_dir, tmp_
     assert rounds[0]["samples"] == 28 and rounds[0] == rounds[1]
     diff = max_abs_diff(tmp_path / "one", tmp_path / "two")
     print(f"bon 2x(fine-tuning batch 2) vs 1x(batch 4), 7 prompts x 4 samples: max |dw| = {diff:.3g}")
-    assert diff < TOL
+    # Two AdamW steps at lr 1e-2: Adam divides each gradient by its own RMS, so a near-zero gradient
+    # summed in another order on 2 processes can move a weight by a visible fraction of lr. Measured
+    # 2.9e-6 (stop 13) and 1.3e-5 (a CI run); 1e-4 is 1% of one step, far below a wrong split's ~lr.
+    assert diff < 1e-4
 
 
 PPO_SYNC_SCRIPT = """
