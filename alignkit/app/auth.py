@@ -103,11 +103,14 @@ def user_by_password(session: Session, name: str, password: str) -> User | None:
     return user if verify_password(user.password_hash, password) else None
 
 
+def user_by_digest(session: Session, digest: str):
+    """The account whose token has this SHA-256 digest, as a row (id, name, role), or None."""
+    return session.execute(select(User.id, User.name, User.role).where(User.token_hash == digest)).first()
+
+
 def user_by_token(session: Session, token: str):
     """The account of a bearer / invite token as a row (id, name, role), or None."""
-    if not token:
-        return None
-    return session.execute(select(User.id, User.name, User.role).where(User.token_hash == token_digest(token))).first()
+    return user_by_digest(session, token_digest(token)) if token else None
 
 
 def csrf_matches(expected: str | None, given: str | None) -> bool:

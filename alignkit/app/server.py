@@ -144,8 +144,7 @@ def create_app(cfg: AppConfig, secret: str, sessions: sessionmaker, contestants:
     def lookup_account(key: tuple):
         with sessions() as session:
             if key[0] == "token":
-                return session.execute(select(User.id, User.name, User.role)
-                                       .where(User.token_hash == key[1])).first()
+                return auth.user_by_digest(session, key[1])
             return session.execute(select(User.id, User.name, User.role).where(User.id == key[1])).first()
 
     async def account(key: tuple):
