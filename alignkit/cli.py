@@ -59,4 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, TrainingError) as e:
         print(f"alignkit {argv[0]}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Tear down torch.distributed before the interpreter exits: a gloo group left alive aborts
+    each process at exit ("terminate called without an active exception", exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
