@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -29,35 +30,86 @@ USAGE = "usage: alignkit COMMAND [--config run.yaml] [--key value ...]\n\ncomman
 ) + "\n\n`alignkit COMMAND --help` lists every key of that command."
 
 
+def _one_line(command: str, e: BaseException) -> str:
+    """`e`'s message on one line, without a repeated `COMMAND: ` prefix."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        message = f"{e.filename}: {e.strerror}"
+    else:
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return message.removeprefix(f"{command}: ") or type(e).__name__
+
+
+def _raised_by_alignkit(e: BaseException) -> bool:
+    """Whether `e` was raised by alignkit's own code (its checks), not by a library it calls."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("alignkit")
+
+
+def _interrupted(command: str) -> str:
+    from alignkit import config
+
+    cfg = config.last_parsed
+    line = f"alignkit {command}: interrupted"
+    if getattr(cfg, "output_dir", "") and getattr(cfg, "save_steps", 0):
+        line += f"; --resume auto continues from the latest checkpoint in {cfg.output_dir}"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `alignkit COMMAND ...`; every user mistake ends in one `error:` line and a non-zero code.
+
+    ALIGNKIT_DEBUG=1 re-raises instead, with the traceback.
+    """
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    if argv[0] in ("-V", "--version"):
+        from alignkit import __version__
+
+        print(f"alignkit {__version__}")
+        return 0
     if argv[0] not in COMMANDS:
         print(f"alignkit: unknown command '{argv[0]}'\n\n{USAGE}", file=sys.stderr)
         return 2
-    from transformers.utils import logging as hf_logging
-
-    from alignkit.config import ConfigError
-    from alignkit.data import DataError
-    from alignkit.train.loop import TrainingError
-
-    hf_logging.disable_progress_bar()  # per-file load/save bars; alignkit draws one bar per run
-
-    module, _, function = COMMANDS[argv[0]][0].partition(":")
+    command = argv[0]
+    debug = os.environ.get("ALIGNKIT_DEBUG", "") not in ("", "0")
+    module, _, function = COMMANDS[command][0].partition(":")
     try:
-        loaded = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if argv[0] not in NEEDS_APP_EXTRA:
-            raise
-        print(f"alignkit {argv[0]}: needs the app extra ({e.name} is missing): pip install 'alignkit[app]'",
-              file=sys.stderr)
-        return 1
-    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-file load/save bars; alignkit draws one bar per run
+        try:
+            loaded = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if command not in NEEDS_APP_EXTRA:
+                raise
+            print(f"alignkit {command}: needs the app extra ({e.name} is missing): pip install 'alignkit[app]'",
+                  file=sys.stderr)
+            return 1
         getattr(loaded, function or "main")(argv[1:])
-    except (ConfigError, DataError, TrainingError) as e:
-        print(f"alignkit {argv[0]}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(_interrupted(command), file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        from alignkit.config import ConfigError
+        from alignkit.data import DataError
+        from alignkit.models.load import ModelNotFoundError
+        from alignkit.rollout.rewards import RewardError
+        from alignkit.train.loop import TrainingError
+
+        known = (ConfigError, DataError, TrainingError, RewardError, ModelNotFoundError, OSError)
+        if isinstance(e, known) or (isinstance(e, ValueError) and _raised_by_alignkit(e)):
+            print(f"alignkit {command}: error: {_one_line(command, e)}", file=sys.stderr)
+        else:
+            print(f"alignkit {command}: error: {type(e).__name__}: {_one_line(command, e)} "
+                  "(ALIGNKIT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     finally:
         end_process_group()

@@ -22,11 +22,54 @@ class ConfigError(ValueError):
     pass
 
 
+# Keys people bring from transformers / TRL configs, and what alignkit calls them.
+FOREIGN_KEYS = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length",
+    "logging_steps": "log_steps",
+    "model_name_or_path": "model",
+}
+UNSUPPORTED_KEYS = {"save_total_limit": "not supported yet: every checkpoint is kept"}
+
+last_parsed = None
+"""The config `parse_config` built last (the command line reads output_dir / save_steps from it on Ctrl-C)."""
+
+
+def _unknown_key(key: str, fields: set[str], prefix: str = "") -> str:
+    """`unknown key 'KEY' ...` with a pointer: alignkit's name for a TRL key, or the closest field."""
+    if key in UNSUPPORTED_KEYS:
+        return f"unknown key '{prefix}{key}' ({UNSUPPORTED_KEYS[key]})"
+    if FOREIGN_KEYS.get(key) in fields:
+        return f"unknown key '{prefix}{key}' (alignkit calls it '{prefix}{FOREIGN_KEYS[key]}')"
+    hint = difflib.get_close_matches(key, fields, n=1)
+    return f"unknown key '{prefix}{key}'" + (f" (did you mean '{prefix}{hint[0]}'?)" if hint else "")
+
+
+def _check_cli_keys(cls, argv: list[str]) -> None:
+    """One line for an unknown `--key` before tyro sees it (tyro's own report is a boxed page)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    flags = {f"no_{f.name}" for f in dataclasses.fields(cls)}
+    for token in argv:
+        if not token.startswith("--") or token == "--":
+            continue
+        key = token.split("=", 1)[0][2:].replace("-", "_")
+        if key in fields or key in flags or key in ("help", "config"):
+            continue
+        raise ConfigError(_unknown_key(key, fields, "--"))
+
+
 def _yaml_args(cls, path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as e:
@@ -40,9 +83,7 @@ def _yaml_args(cls, path: Path) -> list[str]:
     for key_node, value_node in root.value:
         key, line = key_node.value, key_node.start_mark.line + 1
         if key not in fields:
-            hint = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"{path}:{line}: unknown key '{key}' for {cls.__name__}{hint}")
+            raise ConfigError(f"{path}:{line}: {_unknown_key(key, fields)}")
         try:  # the safe loader: a !!python/... tag is an error and runs nothing
             value = yaml.safe_load(yaml.serialize(value_node))
         except yaml.YAMLError as e:
@@ -58,9 +99,15 @@ def _yaml_args(cls, path: Path) -> list[str]:
 
 
 def parse_config(cls: type[T], argv: list[str], prog: str | None = None) -> T:
-    """Build `cls` from `--config FILE.yaml` (optional) and `--key value` overrides."""
+    """Build `cls` from `--config FILE.yaml` (optional) and `--key value` overrides.
+
+    Unknown keys fail in one line before tyro parses, and the built config's
+    `validate()` (when it has one) runs after: tyro would wrap an error raised in
+    `__post_init__` in its own multi-line report.
+    """
     import tyro
 
+    global last_parsed
     argv = list(argv)
     yaml_args: list[str] = []
     if "--config" in argv:
@@ -69,9 +116,21 @@ def parse_config(cls: type[T], argv: list[str], prog: str | None = None) -> T:
             raise ConfigError("--config needs a YAML file path")
         yaml_args = _yaml_args(cls, Path(argv[i + 1]))
         del argv[i : i + 2]
-    return tyro.cli(
-        cls,
-        args=yaml_args + argv,
-        prog=prog,
-        description=cls.__doc__,
-    )
+    _check_cli_keys(cls, argv)
+    description = (f"{cls.__doc__}\n\n--config FILE.yaml: read keys from a YAML file first "
+                   "(`key: value` per line); `--key value` on the command line wins.")
+    cfg = tyro.cli(cls, args=yaml_args + argv, prog=prog, description=description)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    last_parsed = cfg
+    return cfg
+
+
+def require(cfg, *keys: str) -> None:
+    """A ConfigError naming every key in `keys` left empty, before anything is loaded."""
+    missing = [k for k in keys if not getattr(cfg, k)]
+    if missing:
+        names = ", ".join(missing)
+        example = " ".join(f"--{k} ..." for k in missing)
+        raise ConfigError(f"missing required key{'s' if len(missing) > 1 else ''} {names} "
+                          f"(give {example}, or set {'them' if len(missing) > 1 else 'it'} in --config run.yaml)")

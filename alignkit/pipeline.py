@@ -32,6 +32,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import shutil
 import sys
 import time
 import typing
@@ -166,6 +167,10 @@ class Recipe:
         if self.cfg.stages and stage.split("-")[0] not in self.cfg.stages:
             return
         print(f"\n{header}: {description}", flush=True)
+        # An unfinished stage (no marker: interrupted) reruns from scratch; its half-written
+        # folder is the recipe's own, and a trainer refuses an output_dir holding a run's outputs.
+        if folder.exists():
+            shutil.rmtree(folder)
         start = time.perf_counter()
         summary = fn(folder) or {}
         summary["seconds"] = round(time.perf_counter() - start, 1)

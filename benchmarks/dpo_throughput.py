@@ -79,7 +79,7 @@ def child_alignkit(work: Path, args) -> dict:
     with MODEL_CLOCK.counting():  # a forward outside the optimiser steps and the reference pass is evaluation (paused)
         result = dpo.run(dpo.DPOConfig(
             model=str(work / "model"), data=str(work / "train.jsonl"), eval_data=str(work / "eval.jsonl"),
-            output_dir=str(work / f"out-alignkit-{args.precompute}"), max_steps=args.steps, batch_size=args.batch_size,
+            output_dir=str(work / f"out-alignkit-{args.precompute}"), overwrite=True, max_steps=args.steps, batch_size=args.batch_size,
             max_length=args.max_length, lr=args.lr, beta=0.1, precompute_ref=bool(args.precompute),
             log_steps=args.steps, lr_scheduler="constant", warmup_ratio=0.0, seed=0, precision="no",
         ))

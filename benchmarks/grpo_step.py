@@ -122,7 +122,7 @@ def child_alignkit(work: Path, args) -> dict:
     with MODEL_CLOCK.counting():
         result = grpo.run(grpo.GRPOConfig(
             model=str(work / "model"), data=str(work / "prompts.jsonl"), eval_fraction=0.0,
-            output_dir=str(work / "out-alignkit"), max_steps=args.steps, batch_size=args.batch_size, grad_accum=1,
+            output_dir=str(work / "out-alignkit"), overwrite=True, max_steps=args.steps, batch_size=args.batch_size, grad_accum=1,
             num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, temperature=1.0,
             reward=[REWARD_SPEC], lr=args.lr, beta=args.beta, clip_eps=0.2, loss_level="sequence", scale_rewards=True,
             lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, log_steps=1, seed=0, precision="no",

@@ -168,7 +168,7 @@ def child_alignkit(work: Path, args) -> dict:
     preimport("alignkit.models.reward")
     hf_logging.disable_progress_bar()
     out = work / f"out-alignkit-{args.case}"
-    common = dict(data=str(work / "train.jsonl"), output_dir=str(out), max_steps=args.steps, batch_size=args.batch_size,
+    common = dict(data=str(work / "train.jsonl"), output_dir=str(out), overwrite=True, max_steps=args.steps, batch_size=args.batch_size,
                   grad_accum=1, max_length=args.max_length, lr=args.lr, lr_scheduler="constant", warmup_ratio=0.0,
                   weight_decay=0.0, max_grad_norm=1.0, seed=0, precision="no", log_steps=args.steps)
     start = time.perf_counter()

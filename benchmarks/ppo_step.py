@@ -70,7 +70,7 @@ def child_alignkit(work: Path, args) -> dict:
     start = time.perf_counter()
     with MODEL_CLOCK.counting():
         history = ppo.run(ppo.PPOConfig(
-            model=str(work / "model"), data=str(work / "prompts.jsonl"), output_dir=str(work / "out-alignkit"),
+            model=str(work / "model"), data=str(work / "prompts.jsonl"), output_dir=str(work / "out-alignkit"), overwrite=True,
             max_steps=args.steps, rollout_batch_size=args.batch_size, batch_size=args.minibatch, ppo_epochs=args.ppo_epochs,
             max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, reward=[REWARD_SPEC], lr=args.lr,
             beta=0.05, target_kl=0.0, gamma=1.0, lam=0.95, clip_eps=0.2, vf_clip=0.2, vf_coef=0.1, weight_decay=0.0,

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from alignkit.config import require
+
 
 @dataclass
 class EvalConfig:
@@ -142,9 +144,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     from alignkit.rollout.best_of_n import as_reward_fns, sample_and_score
     from alignkit.rollout.rewards import load_reward_fn
 
+    require(cfg, "models", "prompts", "reward")
     models = _named_models(cfg.models)
-    if len(models) < 1 or not cfg.prompts or not cfg.reward:
-        raise ValueError("eval: set `models`, `prompts` and `reward` (the gold reward)")
     reference = cfg.reference or next(iter(models))
     if reference not in models:
         raise ValueError(f"eval: reference {reference!r} is not one of the models ({', '.join(models)})")

@@ -2,13 +2,74 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
+from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotFoundError(ValueError):
+    """A model path or Hub id that names nothing loadable; the message is one line naming it."""
+
+
+def _looks_local(path: str) -> bool:
+    """A string meant as a directory rather than a Hub id ("org/name" or "name")."""
+    if path.startswith((".", "/", "~")) or path.endswith(("/", os.sep)):
+        return True
+    parts = re.split(r"[/\\]", path)
+    # A Hub id has at most one slash; a longer path, or one whose first part is here, is local.
+    return len(parts) > 2 or (len(parts) > 1 and Path(parts[0]).exists())
+
+
+def check_model_path(path: str, markers: tuple[str, ...] = ("config.json",)) -> None:
+    """Fail in one line, before anything is loaded, on a local path that holds no model.
+
+    A directory must hold one of `markers`. A string that looks like a Hub id and is
+    not a local directory is left to the Hub.
+    """
+    path = str(path)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not any((local / m).is_file() for m in markers):
+            raise ModelNotFoundError(f"model '{path}': no config.json (not a save_pretrained directory)")
+    elif local.exists():
+        raise ModelNotFoundError(f"model '{path}': is a file, not a save_pretrained directory")
+    elif _looks_local(path):
+        raise ModelNotFoundError(f"model '{path}': no such directory")
+
+
+@contextlib.contextmanager
+def hub_errors(path: str):
+    """Turn the Hub's multi-paragraph "couldn't connect" / "not a valid model identifier" into one line."""
+    try:
+        yield
+    except OSError as e:
+        from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+        cause: BaseException | None = e
+        for _ in range(20):  # the chain of causes, bounded in case it loops
+            if cause is None:
+                break
+            if isinstance(cause, LocalEntryNotFoundError):
+                why = "HF_HUB_OFFLINE=1 is set" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else (
+                    "no network?")
+                raise ModelNotFoundError(
+                    f"model '{path}': not found locally and the Hub cannot be reached ({why})") from e
+            if isinstance(cause, GatedRepoError):  # a subclass of RepositoryNotFoundError
+                raise ModelNotFoundError(f"model '{path}': gated on the Hub (accept its terms on the model page, "
+                                         "then `hf auth login`)") from e
+            if isinstance(cause, RepositoryNotFoundError):
+                raise ModelNotFoundError(f"model '{path}': no such local directory and no such Hub model "
+                                         "(a private one needs `hf auth login`)") from e
+            cause = cause.__cause__ or cause.__context__
+        raise
 
 
 def load_tokenizer(path: str):
@@ -20,7 +81,9 @@ def load_tokenizer(path: str):
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_model_path(path, ("config.json", "tokenizer_config.json", "tokenizer.json"))
+    with hub_errors(str(path)):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{path}: tokenizer has neither a pad nor an EOS token")
@@ -38,7 +101,9 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str | torch.device
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    check_model_path(path)
+    with hub_errors(str(path)):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     return model.to(device) if device is not None else model
 
 

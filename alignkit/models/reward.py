@@ -20,15 +20,17 @@ def load_reward_backbone(path: str, dtype: str = "float32"):
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from alignkit.models.load import DTYPES
+    from alignkit.models.load import DTYPES, check_model_path, hub_errors
 
+    check_model_path(path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
     # Loading a causal LM reports its missing `score` head at length; a fresh head is the point here.
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+        with hub_errors(path):
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
     finally:
         hf_logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:  # its forward needs one to batch; alignkit's tokenizers pad with EOS

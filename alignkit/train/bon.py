@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+from alignkit.config import require
 from alignkit.rollout.best_of_n import Samples, sample_and_score
 from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary
 from alignkit.train.loop import (
@@ -35,7 +36,9 @@ from alignkit.train.loop import (
     latest_checkpoint,
     load_trainable_model,
     make_accelerator,
+    resolve_resume,
     train,
+    write_config,
 )
 from alignkit.train.online import OnlineConfig
 
@@ -182,15 +185,14 @@ def run(cfg: BoNConfig) -> BoNResult:
     from alignkit.models.load import load_causal_lm, load_tokenizer
     from alignkit.rollout.best_of_n import as_reward_fns
 
-    if not cfg.model:
-        raise ValueError("bon: set `model` (a save_pretrained directory or a Hub id)")
-    if not cfg.reward:
-        raise ValueError("bon: set `reward` (a reward-model directory or a module:function callable)")
+    require(cfg, "model", "reward", "data")
     if cfg.num_samples < 1 or cfg.rounds < 1:
         raise ValueError(f"bon: num_samples ({cfg.num_samples}) and rounds ({cfg.rounds}) must be at least 1")
     if cfg.resume not in ("", "auto"):
         raise ValueError("bon: resume takes 'auto' (finished rounds are skipped, the unfinished one resumes "
                          "from its latest checkpoint); a single checkpoint path does not say which round")
+    if not cfg.resume:
+        resolve_resume(cfg)  # claims output_dir: refuses another run's outputs, or clears them with overwrite
     train_records, eval_records = load_train_eval(cfg, "prompts")
     tokenizer = load_tokenizer(cfg.model)
     examples, report = tokenize_prompts(train_records, tokenizer, cfg.max_length, cfg.truncation)
@@ -202,6 +204,9 @@ def run(cfg: BoNConfig) -> BoNResult:
     def say(message: str) -> None:
         if accelerator.is_main_process:
             print(message, flush=True)
+
+    if accelerator.is_main_process:
+        write_config(cfg, out)
 
     # resume=auto: the rounds that finished are read back, and the next one starts from
     # the last finished model. Sampling depends only on that model and (seed, round).

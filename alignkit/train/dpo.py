@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
+from alignkit.config import require
 from alignkit.losses import dpo_loss
 from alignkit.models.forward import sequence_logprobs
 from alignkit.train.common import load_train_eval, print_summary, say
@@ -67,8 +68,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     from alignkit.data.tokenize import pad_shared_prompt
     from alignkit.models.load import load_tokenizer
 
-    if not cfg.model:
-        raise ValueError("dpo: set `model` (a save_pretrained directory or a Hub id)")
+    require(cfg, "model", "data")
     train_records, eval_records = load_train_eval(cfg, "preference")
     resume_from = resolve_resume(cfg)
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)

@@ -36,6 +36,7 @@ from typing import Literal
 
 import torch
 
+from alignkit.config import require
 from alignkit.losses import aggregate, clipped_policy_loss, kl_penalty_loss
 from alignkit.models.forward import forward_logprobs
 from alignkit.ops import advantage_estimator, masked_sum
@@ -77,6 +78,17 @@ class GRPOConfig(OnlineConfig):
     """Storage dtype of a loaded reference copy (bfloat16 / float16: half its memory)."""
     eval_fraction: float = 0.1
     """Fraction of prompts held out for the greedy-reward evaluation when `eval_data` is empty."""
+
+    def validate(self) -> None:
+        from alignkit.config import ConfigError
+
+        super().validate()
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 (a group baseline needs two samples), "
+                              f"got {self.num_generations}")
+        if self.batch_size % self.num_generations:
+            raise ConfigError(f"batch_size ({self.batch_size}) counts completions and must be a multiple "
+                              f"of num_generations ({self.num_generations})")
 
 
 def kl_penalised_rewards(rewards, logprobs, ref_logprobs, mask, beta: float):
@@ -234,10 +246,7 @@ def run(cfg: GRPOConfig) -> TrainResult:
     from alignkit.rollout.rewards import load_reward_fn
 
     name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
-    if not cfg.model:
-        raise ValueError(f"{name}: set `model` (a save_pretrained directory or a Hub id)")
-    if not cfg.reward:
-        raise ValueError(f"{name}: set `reward` (a reward-model directory or a module:function callable)")
+    require(cfg, "model", "reward", "data")
     if cfg.batch_size % cfg.num_generations:
         raise ValueError(f"{name}: batch_size ({cfg.batch_size}) counts completions and must be a multiple "
                          f"of num_generations ({cfg.num_generations})")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from alignkit.config import require
 from alignkit.losses import kto_default_weights, kto_loss, kto_reference_point
 from alignkit.models.forward import sequence_logprobs
 from alignkit.train.common import load_train_eval, print_summary, say
@@ -111,8 +112,7 @@ def run(cfg: KTOConfig) -> TrainResult:
     from alignkit.data import tokenize_sft
     from alignkit.models.load import load_tokenizer
 
-    if not cfg.model:
-        raise ValueError("kto: set `model` (a save_pretrained directory or a Hub id)")
+    require(cfg, "model", "data")
     train_records, eval_records = load_train_eval(cfg, "unpaired")
     resume_from = resolve_resume(cfg)
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)

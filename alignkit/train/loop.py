@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import math
@@ -91,10 +92,31 @@ class TrainConfig:
     """Save a resumable checkpoint every N optimiser steps (0: only the final model)."""
     resume: str = ""
     """'auto' = the latest complete checkpoint in output_dir, or a checkpoint path."""
+    overwrite: bool = False
+    """Clear an output_dir that holds an earlier run's outputs (refused if it holds files a run never writes)."""
     allow_resume_mismatch: bool = False
     """Resume even if the data, process count or batch geometry changed."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient stops training, or skips that step leaving weights unchanged."""
+
+    def validate(self) -> None:
+        """A ConfigError naming the first key out of range (`parse_config` calls this after tyro)."""
+        from alignkit.config import ConfigError
+
+        checks = [
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"),  # also false for nan
+            ("max_steps", self.max_steps >= 0, ">= 0"),
+            ("epochs", self.epochs >= 0, ">= 0"),
+            ("max_length", self.max_length >= 1, ">= 1"),
+            ("log_steps", self.log_steps >= 1, ">= 1"),
+            ("save_steps", self.save_steps >= 0, ">= 0"),
+            ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
+        ]
+        for key, ok, wanted in checks:
+            if not ok:
+                raise ConfigError(f"{key} must be {wanted}, got {getattr(self, key)}")
 
 
 class TrainingError(RuntimeError):
@@ -115,11 +137,27 @@ class TrainResult:
     precision: str = "no"
 
 
+def _row_step(line: str) -> float:
+    """A metrics.jsonl row's step; inf for a blank or half-written line (a kill mid-write), which is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricLog:
     """Where a run's metric records go: `history`, metrics.jsonl (main process) and the trackers."""
 
-    def __init__(self, accelerator, path: Path, history: list[dict]):
+    def __init__(self, accelerator, path: Path, history: list[dict], start_step: int = 0):
+        """A fresh run (`start_step` 0) starts the file empty; a resumed one keeps the rows up to
+        `start_step` and drops later ones, written by a run killed after its last checkpoint,
+        so that every step appears once."""
         self.accelerator, self.path, self.history = accelerator, path, history
+        if accelerator.is_main_process and path.exists():
+            keep = [line for line in path.read_text().splitlines() if start_step > 0 and _row_step(line) <= start_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, path)  # atomic: a kill now leaves the old file or the new one
 
     def __call__(self, record: dict) -> None:
         self.history.append(record)
@@ -204,6 +242,60 @@ def rank_micro_batches(indices: list[int], lengths: list[int], rank: int, world:
 
 
 MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
+
+# What a run writes into output_dir: the files that mark a folder as some run's outputs, and
+# the (wider) set of names `overwrite` may delete. save_pretrained's names, the LoRA adapter,
+# pretrain's tiny init/, PPO's value/ critic, bon's rounds, a tensorboard log folder per trainer.
+RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", "model.safetensors", "config.json", f"{CHECKPOINT_PREFIX}*")
+RUN_WRITES = RUN_MARKERS + (
+    "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "generation_config.json",
+    "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "adapter", "init", "value", "round-*", "rounds.jsonl", "*.tmp",
+)
+
+
+def _is_tensorboard_dir(path: Path) -> bool:
+    return path.is_dir() and all(p.is_dir() or p.name.startswith("events.out.tfevents") for p in path.rglob("*"))
+
+
+def run_outputs(folder: Path) -> list[str]:
+    """Names in `folder` that mark it as some run's outputs (sorted; empty for a missing folder)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if any(fnmatch.fnmatch(p.name, m) for m in RUN_MARKERS))
+
+
+def clear_run_outputs(folder: Path) -> None:
+    """Empty `folder` for `overwrite`, only when everything in it is something a run writes
+    (RUN_WRITES, or a folder of tensorboard event files): a folder that also holds the user's
+    own files is refused untouched, never half-deleted."""
+    if not folder.is_dir():
+        return
+    entries = sorted(folder.iterdir())
+    foreign = [p.name for p in entries
+               if not any(fnmatch.fnmatch(p.name, m) for m in RUN_WRITES) and not _is_tensorboard_dir(p)]
+    if foreign:
+        raise TrainingError(
+            f"overwrite: {folder} holds files a run never writes ({', '.join(foreign[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}); not clearing it. Remove them or pick another output_dir.")
+    for p in entries:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def config_dict(cfg) -> dict:
+    """The config as plain JSON values, keys in field order (what config.yaml and trainer_state.json hold)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def write_config(cfg, folder: Path) -> None:
+    """folder/config.yaml: the run's resolved config, keys in field order; `--config` reads it back."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (CONFIG_FILE + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    os.replace(tmp, folder / CONFIG_FILE)
 
 
 def _sha256(path: Path) -> str:
@@ -236,24 +328,64 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The intact checkpoint with the highest step in `output_dir` (a half-written one is passed over)."""
+def latest_checkpoint(output_dir: str | Path, skipped: list[str] | None = None) -> Path | None:
+    """The intact checkpoint with the highest step in `output_dir`. A newer half-written or
+    corrupt one is passed over, and `skipped` (when given) gets a line saying which and why."""
     root = Path(output_dir)
     if not root.is_dir():
         return None
     found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     for path in sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), reverse=True):
-        if checkpoint_problem(path) is None:
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
+        if skipped is not None:
+            skipped.append(f"resume auto: skipped {path}: {problem}")
     return None
 
 
+def _is_main_process() -> bool:
+    # Called before the Accelerator exists: torchrun and accelerate launch set RANK.
+    return os.environ.get("RANK", "0") == "0"
+
+
 def resolve_resume(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run."""
+    """The checkpoint to resume from (None: a fresh run), after claiming `cfg.output_dir`.
+
+    A run owns its output_dir. A fresh run refuses a folder holding another run's outputs
+    (`run_outputs`) unless `overwrite`, which clears it (`clear_run_outputs`). `resume auto`
+    with no intact checkpoint starts fresh in an empty or missing folder and refuses one
+    that holds outputs (a finished run, or one killed before its first checkpoint).
+    Checks and clearing happen on the main process only; called before any loading.
+    """
+    out = Path(cfg.output_dir)
+    main = _is_main_process()
+    if cfg.resume and cfg.overwrite:
+        raise TrainingError("resume and overwrite exclude each other: resume continues the run in "
+                            f"{out}, overwrite deletes it")
     if not cfg.resume:
+        if main and cfg.overwrite:
+            clear_run_outputs(out)
+        elif main and run_outputs(out):
+            raise TrainingError(
+                f"{out} already holds a run's outputs ({', '.join(run_outputs(out)[:4])}): a run owns its "
+                "output_dir. Pass --overwrite to clear it first, --resume auto to continue that run, "
+                "or pick another output_dir.")
         return None
     if cfg.resume == "auto":
-        return latest_checkpoint(cfg.output_dir)
+        skipped: list[str] = []
+        path = latest_checkpoint(out, skipped)
+        if main:
+            for line in skipped:
+                print(line, flush=True)
+        if path is None and main:
+            if run_outputs(out):
+                raise TrainingError(
+                    f"resume auto: {out} holds a run's outputs ({', '.join(run_outputs(out)[:4])}) but no "
+                    "complete checkpoint to resume from (a finished run, or one stopped before its first "
+                    "save_steps checkpoint). Pass --overwrite without --resume to start over there.")
+            print(f"resume auto: no checkpoint in {out}, starting fresh", flush=True)
+        return path
     path = Path(cfg.resume)
     problem = checkpoint_problem(path)
     if problem:
@@ -357,12 +489,24 @@ def save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, st
     return final
 
 
+# Config keys a resume may change: how long to run, where the outputs and logs go, and the
+# resume switches themselves. output_dir: a checkpoint may be resumed into a new folder.
+RESUME_FREE_KEYS = frozenset({"max_steps", "epochs", "resume", "overwrite", "logging", "log_steps", "eval_steps",
+                              "save_steps", "allow_resume_mismatch", "output_dir"})
+
+
 def _check_resume_meta(saved: dict, meta: dict, path: Path, allow: bool) -> None:
     changed = [f"{k}: {saved.get(k)!r} -> {meta[k]!r}" for k in ("data_fingerprint", "world_size", "batch_size", "grad_accum") if saved.get(k) != meta[k]]
+    old, new = saved.get("config"), meta.get("config")
+    if old is not None and new is not None:  # checkpoints written before the config was saved have none
+        new = json.loads(json.dumps(new, default=str))
+        changed += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in dict.fromkeys([*new, *old])
+                    if k not in RESUME_FREE_KEYS and k not in ("batch_size", "grad_accum") and old.get(k) != new.get(k)]
     if changed and not allow:
         raise TrainingError(
-            f"resume from {path}: the run changed ({'; '.join(changed)}). The data position of a "
-            "resumed run would not match an uninterrupted one; set allow_resume_mismatch=true if intended."
+            f"resume from {path}: the run changed ({'; '.join(changed)}). Only the duration keys "
+            f"({', '.join(sorted(RESUME_FREE_KEYS))}) may change on resume: anything else would not "
+            "continue the same run; set allow_resume_mismatch=true if intended."
         )
 
 
@@ -530,12 +674,14 @@ def train(
 
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, out)
+        if resume_from is not None:
+            print(f"resuming from {resume_from} (step {start_step} of {total_steps})", flush=True)
     if cfg.logging != "none":
         accelerator.init_trackers(name, config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
     result = TrainResult(output_dir=out, steps=total_steps, device=str(accelerator.device),
                          precision=accelerator.mixed_precision)
-    log = MetricLog(accelerator, out / "metrics.jsonl", result.history)
+    log = MetricLog(accelerator, out / "metrics.jsonl", result.history, start_step)
 
     if eval_examples and start_step == 0:
         ev = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)

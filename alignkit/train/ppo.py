@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.config import require
 from alignkit.losses import aggregate, clipped_policy_loss, clipped_value_loss
 from alignkit.models.forward import forward_logprobs
 from alignkit.models.reward import token_values
@@ -37,7 +38,7 @@ from alignkit.ops import adaptive_kl_beta, entropy_from_logits, gae, masked_mean
 from alignkit.train.common import load_train_eval, say
 from alignkit.train.loop import (MetricLog, data_fingerprint, load_trainable_model, make_accelerator, plan_steps,
                                   resolve_resume, restore_training_state, save_checkpoint, save_model, save_weights,
-                                  step_indices)
+                                  step_indices, write_config)
 from alignkit.train.online import OnlineConfig
 from alignkit.train.reference import make_reference
 
@@ -176,8 +177,7 @@ def run(cfg: PPOConfig):
     from alignkit.rollout.sampler import sample
     from transformers import get_scheduler
 
-    if not cfg.model or not cfg.reward:
-        raise ValueError("ppo: set `model` and `reward` (a reward-model directory or a module:function callable)")
+    require(cfg, "model", "reward", "data")
     weights = cfg.reward_weights or [1.0] * len(cfg.reward)
     records, _ = load_train_eval(dataclasses.replace(cfg, eval_fraction=0.0), "prompts")
     resume_from = resolve_resume(cfg)  # a corrupt or half-written checkpoint stops here, before any loading
@@ -211,9 +211,11 @@ def run(cfg: PPOConfig):
                                        cfg.allow_resume_mismatch)
         start_step, beta = saved["step"], saved["beta"]
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        write_config(cfg, out)
+    accelerator.wait_for_everyone()
     history: list[dict] = []
-    log = MetricLog(accelerator, out / "metrics.jsonl", history)
+    log = MetricLog(accelerator, out / "metrics.jsonl", history, start_step)
     say(f"ppo: {len(examples)} prompts, {cfg.rollout_batch_size} per step, {cfg.ppo_epochs} epochs of "
         f"minibatches of {cfg.batch_size}; critic from {critic_source}; {report}"
         + (f"; resumed from {resume_from} at step {start_step}" if resume_from else ""))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary, say
 from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, resolve_resume, train
@@ -54,11 +55,15 @@ def run(cfg: PretrainConfig) -> TrainResult:
 
     train_records, eval_records = load_train_eval(cfg, "text")
     resume_from = resolve_resume(cfg)
-    if cfg.model == "tiny" and resume_from is None:
-        tokenizer = train_tokenizer((r["text"] for r in train_records), cfg.tiny_vocab_size)
-        init = build_tiny_llama(tokenizer, cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads,
-                                max_position_embeddings=max(cfg.max_length, 128), seed=cfg.seed)
-        cfg = replace(cfg, model=str(save_tiny(init, tokenizer, f"{cfg.output_dir}/init")))
+    if cfg.model == "tiny":
+        init_dir = Path(cfg.output_dir) / "init"
+        if resume_from is None:
+            tokenizer = train_tokenizer((r["text"] for r in train_records), cfg.tiny_vocab_size)
+            init = build_tiny_llama(tokenizer, cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads,
+                                    max_position_embeddings=max(cfg.max_length, 128), seed=cfg.seed)
+            save_tiny(init, tokenizer, init_dir)
+        # a resumed run names the same init/ as the run it continues (resume compares configs)
+        cfg = replace(cfg, model=str(init_dir))
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
     model = load_trainable_model(cfg, resume_from)
 

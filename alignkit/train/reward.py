@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from alignkit.config import require
 from alignkit.losses import bradley_terry_loss, ranking_pairs
 from alignkit.models.reward import batch_rewards, load_reward_backbone
 from alignkit.train.common import load_train_eval, print_summary, say
@@ -84,8 +85,7 @@ def run(cfg: RewardConfig) -> TrainResult:
     from alignkit.data import tokenize_responses
     from alignkit.models.load import load_tokenizer
 
-    if not cfg.model:
-        raise ValueError("rm: set `model` (a save_pretrained directory or a Hub id)")
+    require(cfg, "model", "data")
     if cfg.lora_r > 0:
         raise ValueError("rm: LoRA reward models are not supported yet; set lora_r=0")
     train_records, eval_records = load_train_eval(cfg, cfg.data_kind)

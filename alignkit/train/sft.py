@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from alignkit.config import require
 from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary, say
 from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, resolve_resume, train
 
@@ -31,8 +32,7 @@ def run(cfg: SFTConfig) -> TrainResult:
     from alignkit.data import pack_examples, pad_batch, tokenize_sft
     from alignkit.models.load import load_tokenizer
 
-    if not cfg.model:
-        raise ValueError("sft: set `model` (a save_pretrained directory or a Hub id)")
+    require(cfg, "model", "data")
     train_records, eval_records = load_train_eval(cfg, "sft")
     resume_from = resolve_resume(cfg)
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
