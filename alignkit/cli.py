@@ -34,6 +34,8 @@ def _one_line(command: str, e: BaseException) -> str:
     """`e`'s message on one line, without a repeated `COMMAND: ` prefix."""
     if isinstance(e, OSError) and e.strerror and e.filename:
         message = f"{e.filename}: {e.strerror}"
+    elif len(getattr(e, "errors", ())) > 1 or "\nthese rows look like" in str(e):
+        message = str(e)  # a DataError's block: one bad row per line, then the hint
     else:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     return message.removeprefix(f"{command}: ") or type(e).__name__

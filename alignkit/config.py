@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import yaml
 
@@ -31,8 +32,14 @@ FOREIGN_KEYS = {
     "max_seq_length": "max_length",
     "logging_steps": "log_steps",
     "model_name_or_path": "model",
+    "lr_scheduler_type": "lr_scheduler",
+    "report_to": "logging",
+    "max_completion_length": "max_new_tokens",
+    "resume_from_checkpoint": "resume",
+    "bf16": "precision",
+    "fp16": "precision",
+    "overwrite_output_dir": "overwrite",
 }
-UNSUPPORTED_KEYS = {"save_total_limit": "not supported yet: every checkpoint is kept"}
 
 last_parsed = None
 """The config `parse_config` built last (the command line reads output_dir / save_steps from it on Ctrl-C)."""
@@ -40,8 +47,6 @@ last_parsed = None
 
 def _unknown_key(key: str, fields: set[str], prefix: str = "") -> str:
     """`unknown key 'KEY' ...` with a pointer: alignkit's name for a TRL key, or the closest field."""
-    if key in UNSUPPORTED_KEYS:
-        return f"unknown key '{prefix}{key}' ({UNSUPPORTED_KEYS[key]})"
     if FOREIGN_KEYS.get(key) in fields:
         return f"unknown key '{prefix}{key}' (alignkit calls it '{prefix}{FOREIGN_KEYS[key]}')"
     hint = difflib.get_close_matches(key, fields, n=1)
@@ -52,11 +57,19 @@ def _check_cli_keys(cls, argv: list[str]) -> None:
     """One line for an unknown `--key` before tyro sees it (tyro's own report is a boxed page)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     flags = {f"no_{f.name}" for f in dataclasses.fields(cls)}
-    for token in argv:
+    for i, token in enumerate(argv):
         if not token.startswith("--") or token == "--":
             continue
         key = token.split("=", 1)[0][2:].replace("-", "_")
-        if key in fields or key in flags or key in ("help", "config"):
+        if key in fields:
+            values = [token.split("=", 1)[1]] if "=" in token else []
+            for value in argv[i + 1:] if not values else []:
+                if value.startswith("--"):
+                    break
+                values.append(value)
+            _check_values(cls, key, values, f"--{key}")
+            continue
+        if key in flags or key in ("help", "config"):
             continue
         raise ConfigError(_unknown_key(key, fields, "--"))
 
@@ -94,8 +107,39 @@ def _yaml_args(cls, path: Path) -> list[str]:
             args.append(f"--{key}" if value else f"--no-{key}")
             continue
         values = value if isinstance(value, list) else [value]
-        args += [f"--{key}", *("None" if v is None else str(v) for v in values)]
+        values = ["None" if v is None else str(v) for v in values]
+        _check_values(cls, key, values, f"{path}:{line}: key '{key}'")
+        args += [f"--{key}", *values]
     return args
+
+
+def _value_problem(annotation, value: str) -> str | None:
+    """Why `value` (a command-line token) is not a valid `annotation`, or None."""
+    if typing.get_origin(annotation) is Literal:
+        choices = [str(c) for c in typing.get_args(annotation)]
+        return None if value in choices else f"expected one of {', '.join(choices)}, got {value!r}"
+    for kind, word in ((int, "an integer"), (float, "a number")):
+        if annotation is kind:
+            try:
+                kind(value)
+            except ValueError:
+                return f"expected {word}, got {value!r}"
+    return None
+
+
+def _check_values(cls, key: str, values: list[str], where: str) -> None:
+    """One line for a value tyro would reject with its boxed page (`--batch_size abc`)."""
+    annotation = typing.get_type_hints(cls).get(key)
+    if annotation is None or annotation is bool:
+        return
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+    elif len(values) != 1:
+        raise ConfigError(f"{where}: takes one value, got {len(values)}")
+    for value in values:
+        problem = _value_problem(annotation, value)
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
 
 
 def parse_config(cls: type[T], argv: list[str], prog: str | None = None) -> T:
@@ -119,7 +163,8 @@ def parse_config(cls: type[T], argv: list[str], prog: str | None = None) -> T:
     _check_cli_keys(cls, argv)
     description = (f"{cls.__doc__}\n\n--config FILE.yaml: read keys from a YAML file first "
                    "(`key: value` per line); `--key value` on the command line wins.")
-    cfg = tyro.cli(cls, args=yaml_args + argv, prog=prog, description=description)
+    # use_underscores: --help shows --max_steps, as the README and YAML files write it (--max-steps still parses)
+    cfg = tyro.cli(cls, args=yaml_args + argv, prog=prog, description=description, use_underscores=True)
     if hasattr(cfg, "validate"):
         cfg.validate()
     last_parsed = cfg

@@ -325,6 +325,7 @@ def sentiment_stages(cfg: DemoConfig) -> dict:
             models=policies(), prompts=str(data / "prompts_eval.jsonl"), reward=[gold], proxy_reward=rm_path,
             reference="sft", text_data=str(data / "heldout_text.jsonl"), samples_per_prompt=p["samples_per_prompt"],
             max_new_tokens=p["max_new_tokens"], seed=seed, output=str(folder / "eval.json")))
+        print(eval_line(result, folder), flush=True)
         return {"leaderboard": [r["model"] for r in result["leaderboard"]]}
 
     stages = [
@@ -344,6 +345,12 @@ def sentiment_stages(cfg: DemoConfig) -> dict:
     stages += [("eval", "every policy on held-out prompts, and the arena", run_eval),
                ("report", "the HTML report", lambda folder: make_report(root))]
     return {"recipe": recipe, "stages": stages}
+
+
+def eval_line(result: dict, folder: Path) -> str:
+    """The eval stage's one line; its table is printed once, in the summary at the end."""
+    return (f"evaluated {len(result['models'])} policies on {result['prompts']} prompts -> {folder / 'eval.json'} "
+            f"(table in the summary at the end)")
 
 
 def make_report(root: Path) -> dict:
@@ -421,6 +428,7 @@ def arithmetic_stages(cfg: DemoConfig) -> dict:
             models=models, prompts=str(data / "prompts_eval.jsonl"), reward=[gold], reference="sft",
             text_data=str(data / "heldout_text.jsonl"), samples_per_prompt=p["samples_per_prompt"],
             max_new_tokens=p["max_new_tokens"], temperature=1.0, seed=seed, output=str(folder / "eval.json")))
+        print(eval_line(result, folder), flush=True)
         return {"leaderboard": [r["model"] for r in result["leaderboard"]]}
 
     stages = [

@@ -33,7 +33,6 @@ CASES = [
     (["--eval_fraction", "1"], "eval_fraction must be in [0, 1)"),
     (["--learning_rate", "1e-4"], "unknown key '--learning_rate' (alignkit calls it '--lr')"),
     (["--per_device_train_batch_size", "4"], "alignkit calls it '--batch_size'"),
-    (["--save_total_limit", "2"], "not supported yet"),
     (["--lrr", "0.1"], "unknown key '--lrr' (did you mean '--lr'?)"),
 ]
 

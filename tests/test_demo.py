@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from alignkit.evaluate.policies import format_table
 from alignkit.pipeline import DemoConfig, run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,9 @@ def test_sentiment_demo_aligns_and_resumes_after_a_kill(tmp_path, capsys):
     for stage in ("data", "pretrain", "sft", "preferences", "rm"):
         assert f"{stage}: finished earlier" in printed, stage
     assert (out / "rm" / "stage.json").stat().st_mtime_ns == rm_stamp  # not redone
+    # each table once: the eval stage leaves its table to the summary at the end
+    table = format_table(summary["eval"]).splitlines()
+    assert printed.count(table[0]) == 1 and printed.count("BT rating (95% CI)") == 1, printed[-3000:]
 
     models = summary["eval"]["models"]
     gold = {name: m["gold"] for name, m in models.items()}

@@ -1,7 +1,7 @@
 """Data: loading and checking records (file:line errors), chat templates, tokenisation with loss masks."""
 
 from alignkit.data.chat import render_prompt, split_prompt_completion
-from alignkit.data.formats import DataError, load_records
+from alignkit.data.formats import DataError, identical_pairs, load_records
 from alignkit.data.tokenize import (
     TruncationReport,
     pack_examples,
@@ -16,6 +16,7 @@ from alignkit.data.tokenize import (
 __all__ = [
     "DataError",
     "load_records",
+    "identical_pairs",
     "split_prompt_completion",
     "render_prompt",
     "tokenize_sft",

@@ -5,7 +5,11 @@
 
 Sources: a `.jsonl`, `.json`, `.parquet` or `.csv` file; an in-memory list of dicts;
 a `datasets.Dataset`; a directory written by `Dataset.save_to_disk`; or anything else
-`datasets.load_dataset(source, split=split)` accepts (a Hub name, a data directory).
+`datasets.load_dataset(source, config_name, split=split)` accepts (a Hub name, a data
+directory). A name that ends in a short word after a dot (`data.txt`, `x.jsonl.gz`) is a
+file, never a Hub name: missing, it is "file not found"; there, an unknown file type.
+`org/name` and `org/name-2.5` are Hub names. When `datasets` cannot find the split or
+config asked for, the error lists those there are.
 
 Kinds and their fields (TRL's names, so public datasets load unchanged):
 
@@ -14,6 +18,7 @@ Kinds and their fields (TRL's names, so public datasets load unchanged):
 | text       | `text`                                                                  |
 | sft        | `prompt` + `completion` (both strings or both message lists), or `messages` |
 | preference | `prompt`, `chosen`, `rejected` (all strings, or all message lists)      |
+|            | or `chosen`, `rejected` that start with the prompt (as HH-RLHF ships)   |
 | ranking    | `prompt`, `responses` (>= 2 strings, best first), optional `scores`     |
 | unpaired   | `prompt`, `completion`, `label` (bool; true = thumbs up)                |
 | prompts    | `prompt` (extra fields such as `answer` pass through to reward functions) |
@@ -23,6 +28,12 @@ assistant, tool. Where a message list is the completion (`messages`, `completion
 `chosen`, `rejected`) its last message must be a non-empty assistant message.
 With `scores`, `responses` (and `scores`) come back sorted best first, ties in input order.
 `label` also accepts the strings true/false/1/0 (any case), as CSV stores it.
+Preference rows without `prompt` (absent or null) come back with it taken from the start
+of `chosen` and `rejected`, which keep only the rest: for strings the prompt is their
+longest common prefix cut back to its last whitespace character, which then starts both
+completions (`"\n\nHuman: hi\n\nAssistant:"` + `" Hello!"`); for message lists it is
+their longest common run of leading messages, leaving each at least its last message.
+A pair with chosen == rejected is not an error here: see `identical_pairs`.
 In CSV, list-valued fields (`messages`, `responses`, `scores`) are JSON-encoded cells.
 
 Every record comes back as a plain dict with all its fields (extra fields kept) plus
@@ -33,16 +44,21 @@ where the row starts; the header is line 1); `path:row N` for Parquet and datase
 row is checked, and if any are bad one `DataError` lists them all (the first 50), one
 `path:LINE: field 'name': problem` line each, under a line like
 `data/train.jsonl: 3 bad rows (of 120):`; `.errors` holds one `DataError` per bad row.
-A single bad row gives the same one-line error as before. Problems with the file as a
-whole (missing, empty, not UTF-8, not JSON at all) stop at once with a single error.
+A single bad row gives the same one-line error as before. When every row is bad and
+their fields are those of one other kind (`prompt` + `responses` loaded as preference),
+one last line says so and which command takes them. Problems with the file as a whole
+(missing, empty, not UTF-8, not JSON at all, CSV in a `.jsonl` file, a Hub that cannot
+be reached) stop at once with a single error.
 """
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -112,13 +128,17 @@ def _type_name(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _preview(value: Any, limit: int = 60) -> str:
     """`repr(value)` cut to `limit` characters, for error messages."""
     try:
         text = repr(value)
     except Exception:  # an int too long for str(), a recursion, a broken __repr__
         text = f"<{_type_name(value)}>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return _cut(text, limit)
 
 
 def _json_problem(error: Exception) -> str:
@@ -143,7 +163,29 @@ def _decode_utf8(data: bytes, path: str) -> str:
         ) from None
 
 
+# A CSV header line: two or more comma-separated names, maybe quoted (`prompt,chosen,rejected`).
+_CSV_HEADER = re.compile(r'\s*("?)[A-Za-z_]\w*\1(\s*,\s*("?)[A-Za-z_]\w*\3)+\s*')
+
+
+def _check_not_csv(text: str, path: str, instead: str) -> None:
+    """One error for a CSV file under a JSON name, rather than "invalid JSON" on every row.
+
+    A CSV header is never valid JSON, so this needs no JSON parse first.
+    """
+    found = re.search(r"\S", text)
+    if found is None:
+        return
+    start = text.rfind("\n", 0, found.start()) + 1
+    end = text.find("\n", start)
+    line = text[start:end if end >= 0 else len(text)]
+    if _CSV_HEADER.fullmatch(line):
+        number = text.count("\n", 0, start) + 1
+        raise DataError(path, None, f"looks like CSV (line {number}: `{_cut(line.strip())}`), not {instead}; "
+                                    "rename it to .csv")
+
+
 def _read_jsonl(text: str, path: str) -> Iterator[tuple[str, Any]]:
+    _check_not_csv(text, path, "JSON Lines")
     # split("\n"), not splitlines(): JSON strings may hold U+2028 etc., which are not line breaks here.
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -168,6 +210,7 @@ def _read_json(text: str, path: str) -> Iterator[tuple[str, Any]]:
     try:
         document = json.loads(text)
     except json.JSONDecodeError as e:
+        _check_not_csv(text, path, "JSON")
         raise DataError(f"{path}:{e.lineno}", "<json>", f"invalid JSON: {_json_problem(e)}") from None
     except (ValueError, RecursionError) as e:  # no position for these
         raise DataError(path, "<json>", f"invalid JSON: {_json_problem(e)}") from None
@@ -258,52 +301,100 @@ def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
         yield f"{path}:row {number}", row
 
 
-def _read_dataset(source: Any, split: str) -> tuple[str, Iterable[tuple[str, Any]]]:
+def _listed_names(text: str) -> str | None:
+    """The first Python list literal in an exception's text (`... one of ['train_prefs']`), as `a, b`."""
+    found = re.search(r"\[[^\[\]]*\]", text)
+    try:
+        return ", ".join(map(str, ast.literal_eval(found.group()))) if found else None
+    except (ValueError, SyntaxError):
+        return None
+
+
+def _load_dataset_problem(error: Exception, split: str, config_name: str | None) -> str:
+    """What `datasets.load_dataset` failed on, in one line: a split or config that is not
+    there (with those that are), a Hub that cannot be reached, a name the Hub does not know."""
+    import datasets
+
+    text, names = str(error), _listed_names(str(error))
+    if names is not None:
+        if text.startswith("Unknown split"):
+            return f"no split {split!r}; splits: {names}"
+        if text.startswith("BuilderConfig") and "not found" in text:
+            return f"no config {config_name!r}; configs: {names}"
+        if text.startswith("Config name is missing"):
+            return f"name a config, this dataset has several: {names}"
+    # datasets turns a failed Hub request into a builtin ConnectionError (OfflineModeIsEnabled is one too).
+    if isinstance(error, ConnectionError):
+        why = "HF_HUB_OFFLINE=1 is set" if datasets.config.HF_HUB_OFFLINE else "no network?"
+        return f"not a local file or folder, and the Hub cannot be reached ({why})"
+    if isinstance(error, datasets.exceptions.DatasetNotFoundError):
+        return "not a local file or folder, and no dataset of that name on the Hub (or it is private or gated)"
+    return f"could not load dataset: {type(error).__name__}: {error}"
+
+
+def _no_config(name: str, config_name: str | None) -> None:
+    if config_name is not None:  # refused, not ignored: the user meant it to pick something
+        raise DataError(name, None, f"config name {config_name!r} given, but only a dataset loaded by name or "
+                                    "from a data folder (datasets.load_dataset) has configs")
+
+
+def _read_dataset(source: Any, split: str, config_name: str | None) -> tuple[str, Iterable[tuple[str, Any]]]:
     import datasets
 
     if isinstance(source, datasets.Dataset):
         name, dataset = "<dataset>", source
+        _no_config(name, config_name)
     else:
         name = str(source)
         directory = Path(name)
-        try:
-            if (directory / "state.json").is_file() or (directory / "dataset_dict.json").is_file():
+        if (directory / "state.json").is_file() or (directory / "dataset_dict.json").is_file():
+            _no_config(name, config_name)
+            try:
                 dataset = datasets.load_from_disk(name)  # written by save_to_disk
-                if isinstance(dataset, datasets.DatasetDict):
-                    if split not in dataset:
-                        raise DataError(name, None, f"no split {split!r}; splits: {', '.join(dataset)}")
-                    dataset = dataset[split]
-            else:
-                dataset = datasets.load_dataset(name, split=split)
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(name, None, f"could not load dataset: {type(e).__name__}: {e}") from None
+            except Exception as e:
+                raise DataError(name, None, f"could not load dataset: {type(e).__name__}: {e}") from None
+            if isinstance(dataset, datasets.DatasetDict):
+                if split not in dataset:
+                    raise DataError(name, None, f"no split {split!r}; splits: {', '.join(dataset)}")
+                dataset = dataset[split]
+        else:
+            try:
+                dataset = datasets.load_dataset(name, config_name, split=split)
+            except Exception as e:
+                raise DataError(name, None, _load_dataset_problem(e, split, config_name)) from None
     rows = ((f"{name}:row {number}", row) for number, row in enumerate(dataset, 1))
     return name, rows
 
 
-def _read(source: Any, split: str) -> tuple[str, Iterable[tuple[str, Any]]]:
+# A file name's last suffix is a short word (`.txt`, `.gz`); `org/name-2.5` is a Hub name.
+_FILE_SUFFIX = re.compile(r"\.[a-z][a-z0-9]{0,4}")
+
+
+def _read(source: Any, split: str, config_name: str | None) -> tuple[str, Iterable[tuple[str, Any]]]:
     """(name of the source, iterator of (where, raw record))."""
     if isinstance(source, (list, tuple)):
+        _no_config("<list>", config_name)
         return "<list>", ((f"<list>:item {n}", item) for n, item in enumerate(source, 1))
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         name = str(source)
         suffix = path.suffix.lower()
-        # A Hub name is "name" or "org/name": a path that is absolute or starts with "." or "~" is local.
+        # A Hub name is "name" or "org/name": a path that is absolute or starts with "." or "~" is local,
+        # and so is a name with a file suffix, unless it is a folder (a data directory or save_to_disk).
         local = path.is_absolute() or name.startswith((".", "~"))
-        if path.is_file() or suffix in FILE_SUFFIXES or (local and not path.exists()):
+        named_as_file = suffix in FILE_SUFFIXES or (_FILE_SUFFIX.fullmatch(suffix) and not path.is_dir())
+        if path.is_file() or named_as_file or (local and not path.exists()):
             if not path.is_file():
                 raise DataError(name, None, "not a file" if path.exists() else "file not found")
             if suffix not in FILE_SUFFIXES:
                 raise DataError(name, None, f"unknown file type {suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}")
+            _no_config(name, config_name)
             if suffix == ".parquet":
                 return name, _read_parquet(name)
             text = _decode_utf8(path.read_bytes(), name)
             reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix]
             return name, reader(text, name)
-    return _read_dataset(source, split)
+    return _read_dataset(source, split, config_name)
 
 
 # ---------------------------------------------------------------- checking
@@ -358,10 +449,10 @@ def _check_text_or_messages(value: Any, where: str, field: str, *, is_completion
     raise DataError(where, field, f"expected a string or a list of messages, got {_type_name(value)}")
 
 
-def _check_same_form(form: str, prompt_form: str, value: Any, where: str, field: str) -> None:
+def _check_same_form(form: str, prompt_form: str, value: Any, where: str, field: str, like: str = "prompt") -> None:
     if form != prompt_form:
         wanted = "a string" if prompt_form == "string" else "a list of messages"
-        raise DataError(where, field, f"expected {wanted} like 'prompt', got {_type_name(value)}")
+        raise DataError(where, field, f"expected {wanted} like '{like}', got {_type_name(value)}")
 
 
 def _check_text(record: dict, where: str) -> None:
@@ -386,8 +477,35 @@ def _check_sft(record: dict, where: str) -> None:
         _check_prompt_completion(record, where, "sft", needs)
 
 
+def _take_prompt_from_pair(record: dict, where: str) -> None:
+    """Split HH-RLHF's layout (no `prompt`; the conversation so far starts both `chosen` and
+    `rejected`) into the explicit one, in place.
+
+    Strings: prompt = longest common prefix cut back to its last whitespace character, so
+    each completion starts with that whitespace and its first word. Message lists: prompt =
+    the longest common run of leading messages, short of the last message of either list.
+    """
+    chosen, rejected = record["chosen"], record["rejected"]
+    form = _check_text_or_messages(chosen, where, "chosen", is_completion=True)
+    _check_same_form(_check_text_or_messages(rejected, where, "rejected", is_completion=True),
+                     form, rejected, where, "rejected", like="chosen")
+    if form == "string":
+        shared = os.path.commonprefix([chosen, rejected])
+        cut = max((i for i, char in enumerate(shared) if char.isspace()), default=0)
+    else:  # a completion keeps at least one message, even when chosen == rejected
+        cut = 0
+        while cut < min(len(chosen), len(rejected)) - 1 and chosen[cut] == rejected[cut]:
+            cut += 1
+    prompt = chosen[:cut]
+    if not prompt or (form == "string" and not prompt.strip()):
+        raise DataError(where, "prompt", "missing, and chosen/rejected share no prefix to take it from")
+    record["prompt"], record["chosen"], record["rejected"] = prompt, chosen[cut:], rejected[cut:]
+
+
 def _check_preference(record: dict, where: str) -> None:
     needs = "'prompt', 'chosen' and 'rejected'"
+    if record.get("prompt") is None and "chosen" in record and "rejected" in record:
+        _take_prompt_from_pair(record, where)
     fields = [_require(record, where, name, "preference", needs) for name in ("prompt", "chosen", "rejected")]
     prompt_form = _check_text_or_messages(fields[0], where, "prompt", is_completion=False)
     for name, value in zip(("chosen", "rejected"), fields[1:]):
@@ -451,6 +569,41 @@ CHECKS: dict[str, Callable[[dict, str], None]] = {
     "unpaired": _check_unpaired,
     "prompts": _check_prompts,
 }
+# The fields that make a row look like each kind (one tuple per layout), and the command that takes it:
+# when every row fails as one kind and each has the fields of the same other kind, the error says so.
+KIND_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "text": (("text",),),
+    "sft": (("prompt", "completion"), ("messages",)),
+    "preference": (("prompt", "chosen", "rejected"), ("chosen", "rejected")),
+    "ranking": (("prompt", "responses"),),
+    "unpaired": (("prompt", "completion", "label"),),
+    "prompts": (("prompt",),),
+}
+KIND_COMMANDS = {
+    "text": "use `alignkit pretrain`",
+    "sft": "use `alignkit sft`",
+    "preference": "use `alignkit dpo` or `alignkit rm`",
+    "ranking": "for `alignkit rm` pass --data_kind ranking",
+    "unpaired": "use `alignkit kto`",
+    "prompts": "use an online method (`alignkit grpo`, `ppo`, `rloo`, `bon`)",
+}
+
+
+def _looks_like(raw: Any, kind: str) -> tuple[str, tuple[str, ...]] | None:
+    """(other kind, its layout) that a row which failed as `kind` has the fields of, or None.
+
+    None where `kind`'s own fields are there (its values are what is wrong). Of the layouts
+    present, one inside a larger one (`prompt` inside `prompt, completion, label`) does not
+    count, and exactly one kind must be left. A None value counts as absent, as in a table.
+    """
+    fields = {key for key, value in raw.items() if value is not None} if isinstance(raw, dict) else set()
+    present = [(k, layout) for k, layouts in KIND_FIELDS.items() for layout in layouts if fields >= set(layout)]
+    if any(k == kind for k, _ in present):
+        return None
+    widest = [(k, layout) for k, layout in present if not any(set(layout) < set(other) for _, other in present)]
+    return widest[0] if len({k for k, _ in widest}) == 1 else None
+
+
 # Fields that hold lists; a CSV cell can only hold a string, so there they are JSON-encoded.
 CSV_LIST_FIELDS = {"sft": ("messages",), "ranking": ("responses", "scores")}
 
@@ -469,26 +622,29 @@ def _decode_csv_lists(record: dict, where: str, kind: str) -> None:
             raise DataError(where, field, f"expected a JSON-encoded list in this CSV cell: {_json_problem(e)}") from None
 
 
-def load_records(source: Any, kind: str, *, split: str = "train") -> list[dict]:
+def load_records(source: Any, kind: str, *, split: str = "train", config_name: str | None = None) -> list[dict]:
     """Read and check every record of `source` as `kind`; see the module docstring.
 
-    Returns plain dicts (all fields, extras kept) with `"_where"` added. Checks every
-    record, then raises one `DataError` naming file, line and field of each bad one
-    (`.errors` has them all); raises at once for a file that cannot be read at all;
-    raises `ValueError` for an unknown `kind`.
+    `split` and `config_name` pick the part of a `datasets` source (`config_name` is
+    refused for other sources). Returns plain dicts (all fields, extras kept) with
+    `"_where"` added. Checks every record, then raises one `DataError` naming file, line
+    and field of each bad one (`.errors` has them all); raises at once for a file that
+    cannot be read at all; raises `ValueError` for an unknown `kind`.
     """
     if kind not in CHECKS:
         raise ValueError(f"unknown data kind {kind!r}; valid kinds: {', '.join(CHECKS)}")
     check = CHECKS[kind]
-    name, rows = _read(source, split)
+    name, rows = _read(source, split, config_name)
     from_csv = isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv"
     records: list[dict] = []
     errors: list[DataError] = []
     total = 0
+    looks_like = []  # per bad row, the other kind it has the fields of (see _looks_like)
     for where, raw in rows:
         total += 1
         if isinstance(raw, _BadRow):  # a row the reader could not read (a bad JSON line, ...)
             errors.append(raw.error)
+            looks_like.append(None)
             continue
         try:
             if not isinstance(raw, dict):
@@ -499,11 +655,25 @@ def load_records(source: Any, kind: str, *, split: str = "train") -> list[dict]:
             check(record, where)
         except DataError as e:
             errors.append(e.with_traceback(None))  # a kept traceback would keep every frame alive
+            looks_like.append(_looks_like(raw, kind))
             continue
         record["_where"] = where
         records.append(record)
     if errors:
-        raise DataError.for_rows(name, errors, total)
+        error = DataError.for_rows(name, errors, total)
+        if not records and looks_like[0] and all(k and k[0] == looks_like[0][0] for k in looks_like):
+            other, layout = looks_like[0]
+            error.args = (f"{error.args[0]}\nthese rows look like {other} data ({', '.join(layout)}): "
+                          f"{KIND_COMMANDS[other]}",)
+        raise error
     if not records:
         raise DataError(name, None, "no records")
     return records
+
+
+def identical_pairs(records: list[dict]) -> list[str]:
+    """The `_where` of each preference record whose chosen equals rejected (string or message list).
+
+    Such a pair carries no preference: its DPO / Bradley-Terry gradient is exactly 0.
+    """
+    return [record["_where"] for record in records if record["chosen"] == record["rejected"]]

@@ -36,6 +36,7 @@ class TruncationReport:
     prompt_truncated: int = 0
     completion_truncated: int = 0
     tokens_dropped: int = 0
+    rows_truncated: int = 0  # examples that lost any token
     kind: str = "sft"
 
     def __str__(self) -> str:
@@ -56,6 +57,13 @@ class TruncationReport:
 
     def merge(self, other: TruncationReport) -> TruncationReport:
         return self + other
+
+    def check_not_all_truncated(self, source: str, max_length: int) -> None:
+        """A DataError when every example lost tokens: nothing whole would be trained on."""
+        if self.examples > 0 and self.rows_truncated == self.examples:
+            raise DataError(str(source), None, (
+                f"every one of the {self.examples:,} {self.kind} examples is longer than max_length={max_length} "
+                f"and was truncated ({self.tokens_dropped:,} tokens dropped); raise max_length"))
 
 
 def _batch_ids(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -120,6 +128,7 @@ def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int,
         if excess > 0 and truncation == "error":
             raise _too_long(records[i], len(p) + len(c), max_length)
         if excess > 0:
+            report.rows_truncated += 1
             keep = 1 if (p and bos is not None and p[0] == bos) else 0  # the leading BOS stays
             drop = min(excess, len(p) - keep)
             if drop > 0:
@@ -153,6 +162,7 @@ def tokenize_prompts(records: list[dict], tokenizer: Any, max_length: int,
                 raise _too_long(record, len(ids), max_length)
             keep = 1 if bos is not None and ids[0] == bos else 0
             report.prompt_truncated += 1
+            report.rows_truncated += 1
             report.tokens_dropped += len(ids) - max_length
             ids = ids[:keep] + ids[len(ids) - max_length + keep :]
         extra = {k: v for k, v in record.items() if k not in ("prompt", "_where")}
@@ -301,6 +311,7 @@ def tokenize_text(
         for ids in documents:
             if len(ids) > max_length:
                 report.completion_truncated += 1
+                report.rows_truncated += 1
                 report.tokens_dropped += len(ids) - max_length
             blocks.append(ids[:max_length])
     report.examples = len(blocks)

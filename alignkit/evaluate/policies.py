@@ -1,8 +1,9 @@
 """Did alignment work? Every policy on the same held-out prompts, measured the same way.
 
-    alignkit eval --models base=runs/demo/base sft=runs/demo/sft ppo=runs/demo/ppo \\
+    alignkit eval --models base=runs/demo/pretrain sft=runs/demo/sft ppo=runs/demo/ppo \\
         --prompts heldout.jsonl --reward alignkit.tasks.sentiment:gold_reward \\
-        --proxy_reward runs/demo/rm --reference sft --text_data heldout_text.jsonl
+        --proxy_reward runs/demo/rm --reference sft --text_data heldout_text.jsonl \\
+        --output runs/cmp/eval.json --report runs/cmp
 
 Per policy, from `samples_per_prompt` sampled completions of every prompt (one seed for all):
 
@@ -18,6 +19,8 @@ Per policy, from `samples_per_prompt` sampled completions of every prompt (one s
 
 and an arena: every two policies battle on every prompt (the gold reward judges), giving
 an online Elo table and a Bradley-Terry leaderboard with bootstrap intervals.
+
+It prints the table, then the report's path (with --report) and the JSON's path.
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ class EvalConfig:
     samples_shown: int = 5
     """Completions kept per policy in the output, for reading side by side."""
     output: str = "eval.json"
+    """Where to write every number, as JSON (empty = don't)."""
+    report: str = ""
+    """Also write DIR/report.html: the table, reward-vs-KL frontier, arena, samples and, for models whose folder holds a metrics.jsonl, their training curves (other files in DIR are left alone; empty = no report)."""
     seed: int = 0
 
 
@@ -135,8 +141,9 @@ def _named_models(specs: list[str]) -> dict[str, str]:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """Sample, score and compare every policy in `cfg.models`; write and return the results."""
-    from tqdm.auto import tqdm
+    """Sample, score and compare every policy in `cfg.models`; write (cfg.output, cfg.report) and return the
+    results. Prints nothing but progress: `main` prints the table, the demo its own summary."""
+    from alignkit.progress import progress
 
     from alignkit.data import load_records, tokenize_prompts
     from alignkit.evaluate import arena
@@ -159,7 +166,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     ref_model = load_causal_lm(models[reference]).eval()
     per_model, samples = {}, {}
-    for name, path in tqdm(models.items(), desc="eval", unit="policy"):
+    for name, path in progress(models.items(), desc="eval", unit="policy"):
         model = ref_model if name == reference else load_causal_lm(path).eval()
         tokenizer = load_tokenizer(path)
         prompt_examples, _ = tokenize_prompts(records, tokenizer, max_length=2**62)
@@ -209,7 +216,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(result, indent=1))
-    print(format_table(result), flush=True)
+    if cfg.report:
+        from alignkit.evaluate.report import read_metrics, render_report
+
+        render_report(cfg.report, f"alignkit eval: {', '.join(models)} on {cfg.prompts}", result,
+                      {name: read_metrics(path) for name, path in models.items()})
     return result
 
 
@@ -238,4 +249,11 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     from alignkit.config import parse_config
 
-    return evaluate(parse_config(EvalConfig, sys.argv[1:] if argv is None else argv, prog="alignkit eval"))
+    cfg = parse_config(EvalConfig, sys.argv[1:] if argv is None else argv, prog="alignkit eval")
+    result = evaluate(cfg)
+    print(format_table(result))
+    if cfg.report:
+        print(f"report: {Path(cfg.report) / 'report.html'}")
+    if cfg.output:
+        print(f"results: {cfg.output}", flush=True)
+    return result

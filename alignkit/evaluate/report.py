@@ -1,11 +1,15 @@
-"""One self-contained HTML page for a demo run: what each stage did, in numbers and plots.
+"""One self-contained HTML page of an evaluation: the policies' numbers, the arena, the plots.
 
     from alignkit.evaluate.report import write_report
-    write_report("runs/demo")          # -> runs/demo/report/report.html (+ report.json)
+    write_report("runs/demo")          # a demo run -> runs/demo/report/report.html (+ report.json)
 
-Reads each stage's metrics.jsonl and eval/eval.json; plots are matplotlib PNGs embedded
-as base64, so the page opens anywhere without its folder. report.json holds every
-number the page shows.
+    alignkit eval ... --report runs/cmp  # any policies -> runs/cmp/report.html (render_report)
+
+`render_report` draws the page from an eval result (eval.json's dict) and the training
+logs (metrics.jsonl records) of whichever runs have one; `write_report` gathers those
+from a demo's run directory and adds its stage table. Plots are matplotlib PNGs embedded
+as base64, so the page opens anywhere without its folder. The demo's report.json holds
+every number the page shows.
 """
 
 from __future__ import annotations
@@ -16,12 +20,9 @@ import io
 import json
 from pathlib import Path
 
-ONLINE = ("ppo", "grpo")
-OFFLINE = ("dpo", "kto", "rm")
-
-
-def read_metrics(folder: Path) -> list[dict]:
-    path = folder / "metrics.jsonl"
+def read_metrics(folder: str | Path) -> list[dict]:
+    """A run folder's metrics.jsonl records ([] when it has none, e.g. a Hub model id)."""
+    path = Path(folder) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -56,10 +57,15 @@ def _reward_keys(history: list[dict]) -> tuple[str | None, str | None]:
     return proxy or ("train/reward" if any("train/reward" in h for h in history) else None), gold
 
 
+def is_online(history: list[dict]) -> bool:
+    """Whether a training log is an online RL run's (PPO, GRPO, RLOO log the reward of their samples)."""
+    return any("train/reward" in h for h in history)
+
+
 def plot_online(runs: dict[str, list[dict]]) -> str | None:
     """Proxy and gold reward over training for each online run: over-optimisation shows as a gap."""
     plt = _pyplot()
-    runs = {k: v for k, v in runs.items() if v}
+    runs = {k: v for k, v in runs.items() if is_online(v)}
     if not runs:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -73,7 +79,7 @@ def plot_online(runs: dict[str, list[dict]]) -> str | None:
         if any(kl_key in h for h in history):
             axes[1].plot(*_series(history, kl_key), label=name)
     axes[0].set(title="reward during training (solid: optimised, dashed: gold)", xlabel="step", ylabel="reward")
-    axes[1].set(title="KL to the SFT model", xlabel="step", ylabel="nats per completion")
+    axes[1].set(title="KL to the run's reference model", xlabel="step", ylabel="nats per completion")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -82,9 +88,9 @@ def plot_online(runs: dict[str, list[dict]]) -> str | None:
 
 
 def plot_offline(runs: dict[str, list[dict]]) -> str | None:
-    """Training loss of every stage that has one."""
+    """Training loss of every offline run (pretraining, SFT, reward model, DPO, KTO, ...) that logs one."""
     plt = _pyplot()
-    runs = {k: v for k, v in runs.items() if any("train/loss" in h for h in v)}
+    runs = {k: v for k, v in runs.items() if not is_online(v) and any("train/loss" in h for h in v)}
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -96,7 +102,7 @@ def plot_offline(runs: dict[str, list[dict]]) -> str | None:
     return _png(fig)
 
 
-def plot_frontier(models: dict[str, dict]) -> str:
+def plot_frontier(models: dict[str, dict], reference: str) -> str:
     """Gold reward against KL to the reference: the DPO paper's frontier, one point per policy."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -107,7 +113,7 @@ def plot_frontier(models: dict[str, dict]) -> str:
     for name, m in models.items():
         ax.scatter(m["kl"], m["gold"], s=30)
         ax.annotate(name, (m["kl"], m["gold"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
-    ax.set(title="gold reward vs KL to the SFT model", xlabel="KL (nats per completion, sampled)",
+    ax.set(title=f"gold reward vs KL to {reference}", xlabel="KL (nats per completion, sampled)",
            ylabel="mean gold reward")
     ax.grid(alpha=0.3)
     return _png(fig)
@@ -141,22 +147,22 @@ table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px soli
 td:first-child,th:first-child{text-align:left}img{max-width:100%}h2{margin-top:1.6em}.samples td{text-align:left}"""
 
 
-def write_report(root: str | Path) -> Path:
-    """Write root/report/report.html and report.json from a run directory; returns the HTML path."""
-    root = Path(root)
-    out = root / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    eval_path = root / "eval" / "eval.json"
-    result = json.loads(eval_path.read_text()) if eval_path.exists() else None
-    stages = {p.name: json.loads((p / "stage.json").read_text())
-              for p in sorted(root.iterdir()) if (p / "stage.json").exists()}
-    histories = {p.name: read_metrics(p) for p in sorted(root.iterdir()) if (p / "metrics.jsonl").exists()}
+def render_report(out: str | Path, title: str, result: dict | None, histories: dict[str, list[dict]],
+                  stages: dict[str, dict] | None = None) -> Path:
+    """Write out/report.html and return its path; nothing else in `out` is touched.
 
-    parts = [f"<h1>alignkit demo: {html.escape(str(root))}</h1>"]
-    parts.append("<h2>Stages</h2>" + _table(["stage", "seconds", "summary"], [
-        [name, _fmt(s.get("seconds"), ".0f"),
-         ", ".join(f"{k}={_fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in s.items() if k != "seconds")]
-        for name, s in stages.items()]))
+    result: an eval result (`evaluate`'s return, eval.json) or None; histories: run name ->
+    its metrics.jsonl records, for the training curves; stages: stage name -> its summary
+    (the demo's stage table; None = no such table).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if stages:
+        parts.append("<h2>Stages</h2>" + _table(["stage", "seconds", "summary"], [
+            [name, _fmt(s.get("seconds"), ".0f"),
+             ", ".join(f"{k}={_fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in s.items() if k != "seconds")]
+            for name, s in stages.items()]))
     images = {}
     if result:
         models = result["models"]
@@ -164,15 +170,17 @@ def write_report(root: str | Path) -> Path:
                 ("length", ".1f"), ("ended", ".2f"), ("distinct_1", ".2f"), ("distinct_2", ".2f"),
                 ("entropy", ".2f"), ("text_nll", ".3f")]
         cols = [(c, f) for c, f in cols if any(c in m for m in models.values())]
+        ref = html.escape(result["reference"])
+        meanings = {"gold": "gold: the judging reward (an honest judge when no model trained on it)",
+                    "proxy": "proxy: the reward model", "kl": f"kl: sampled KL to {ref} in nats per completion",
+                    "win_rate": f"win_rate: against {ref}, judged by the gold reward",
+                    "entropy": "distinct/entropy: diversity (mode collapse drives them down)",
+                    "text_nll": "text_nll: held-out pretraining text (alignment tax when it rises)"}
         parts.append(f"<h2>Policies on {result['prompts']} held-out prompts</h2>"
-                     f"<p>gold: the task's reward, which no model trained on; proxy: the reward model; "
-                     f"kl: sampled KL to {html.escape(result['reference'])} in nats per completion; win_rate: "
-                     f"against {html.escape(result['reference'])}, judged by the gold reward; distinct/entropy: "
-                     f"diversity (mode collapse drives them down); text_nll: held-out pretraining text "
-                     f"(alignment tax when it rises).</p>")
+                     f"<p>{'; '.join(meanings[c] for c, _ in cols if c in meanings)}.</p>")
         parts.append(_table(["policy"] + [c for c, _ in cols],
                             [[n] + [_fmt(m.get(c), f) for c, f in cols] for n, m in models.items()]))
-        images["frontier"] = plot_frontier(models)
+        images["frontier"] = plot_frontier(models, result["reference"])
         if result["leaderboard"]:
             parts.append("<h2>Arena</h2><p>Every two policies on every prompt, judged by the gold reward. "
                          "Bradley-Terry maximum likelihood with 95% bootstrap intervals; online Elo beside it.</p>")
@@ -180,8 +188,8 @@ def write_report(root: str | Path) -> Path:
                 [i, r["model"], f"{r['bt']:.0f}", f"{r['bt_low']:.0f} to {r['bt_high']:.0f}", f"{r['elo']:.0f}",
                  f"{r['win_rate']:.2f}", r["battles"]] for i, r in enumerate(result["leaderboard"], 1)]))
             images["leaderboard"] = plot_leaderboard(result["leaderboard"])
-    images["online"] = plot_online({k: v for k, v in histories.items() if k.split("-")[0] in ONLINE})
-    images["training_loss"] = plot_offline({k: v for k, v in histories.items() if k not in ONLINE})
+    images["online"] = plot_online(histories)
+    images["training_loss"] = plot_offline(histories)
     titles = {"frontier": "Reward vs KL frontier", "leaderboard": "Leaderboard",
               "online": "Proxy vs gold reward during online RL (over-optimisation)", "training_loss": "Training loss"}
     for key, title in titles.items():
@@ -195,7 +203,20 @@ def write_report(root: str | Path) -> Path:
             parts.append("<tr><td>" + html.escape(s["prompt"]) + "</td>" + "".join(
                 f"<td>{html.escape(s[n])}<br><small>gold {s[f'{n}/gold']:+.2f}</small></td>" for n in names) + "</tr>")
         parts.append("</table>")
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>alignkit report</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
     (out / "report.html").write_text(page, encoding="utf-8")
-    (out / "report.json").write_text(json.dumps({"stages": stages, "eval": result, "histories": histories}, indent=1))
     return out / "report.html"
+
+
+def write_report(root: str | Path) -> Path:
+    """Write root/report/report.html and report.json from a demo's run directory; returns the HTML path."""
+    root = Path(root)
+    eval_path = root / "eval" / "eval.json"
+    result = json.loads(eval_path.read_text()) if eval_path.exists() else None
+    stages = {p.name: json.loads((p / "stage.json").read_text())
+              for p in sorted(root.iterdir()) if (p / "stage.json").exists()}
+    histories = {p.name: read_metrics(p) for p in sorted(root.iterdir()) if (p / "metrics.jsonl").exists()}
+    path = render_report(root / "report", f"alignkit demo: {root}", result, histories, stages)
+    (root / "report" / "report.json").write_text(json.dumps({"stages": stages, "eval": result, "histories": histories},
+                                                            indent=1))
+    return path

@@ -48,6 +48,17 @@ def load_reward_fn(spec: str, device=None, dtype: str = "float32") -> Callable:
     return _named(fn, spec)
 
 
+def check_reward_spec(spec: str) -> None:
+    """A RewardError naming `spec` if it is neither a model folder nor an importable callable;
+    cheap (a `module:function` is imported, a folder only looked at), run before any loading."""
+    if Path(spec).is_dir():
+        from alignkit.models.load import check_model_path
+
+        check_model_path(spec)
+    else:
+        load_reward_fn(spec)
+
+
 def _current_directory_last() -> None:
     """Reward modules may live in the current directory, but a file there must not shadow
     an installed library: the directory goes to the END of sys.path (`python -m` puts it first)."""

@@ -196,6 +196,7 @@ def run(cfg: BoNConfig) -> BoNResult:
     train_records, eval_records = load_train_eval(cfg, "prompts")
     tokenizer = load_tokenizer(cfg.model)
     examples, report = tokenize_prompts(train_records, tokenizer, cfg.max_length, cfg.truncation)
+    report.check_not_all_truncated(cfg.data, cfg.max_length)
     eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length, cfg.truncation)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, "bon")

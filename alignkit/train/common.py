@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import torch
 
+from alignkit.config import ConfigError
 from alignkit.losses import sft_loss
 from alignkit.models.forward import forward_logprobs
 from alignkit.train.loop import TrainConfig, TrainResult
@@ -40,9 +42,18 @@ def load_train_eval(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]
 
     if not cfg.data:
         raise ValueError("no training data: set `data` (a file or a datasets name)")
-    records = load_records(cfg.data, kind)
-    if cfg.eval_data:
-        return records, load_records(cfg.eval_data, kind)
+    eval_source = cfg.eval_data or (cfg.data if cfg.eval_split else "")
+    eval_split = cfg.eval_split or cfg.split
+    for key, source, asked in (("split", cfg.data, cfg.split != "train"), ("eval_split", eval_source, cfg.eval_split),
+                               ("dataset_config", cfg.data, cfg.dataset_config)):
+        if asked and _is_file(source):  # a key that would do nothing is refused, not ignored
+            raise ConfigError(f"{key} applies to a `datasets` name or folder, and {source} is a file (it has no "
+                              "splits or configurations)")
+    config_name = cfg.dataset_config or None
+    records = drop_identical_pairs(load_records(cfg.data, kind, split=cfg.split, config_name=config_name), kind)
+    if eval_source:
+        return records, drop_identical_pairs(
+            load_records(eval_source, kind, split=eval_split, config_name=config_name), kind)
     if cfg.eval_fraction <= 0:
         return records, []
     order = list(range(len(records)))
@@ -50,6 +61,32 @@ def load_train_eval(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]
     n_eval = max(1, round(cfg.eval_fraction * len(records)))
     held = set(order[:n_eval])
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def drop_identical_pairs(records: list[dict], kind: str) -> list[dict]:
+    """Preference records without those whose chosen equals rejected, counted and reported:
+    such a pair carries no preference (its DPO / Bradley-Terry gradient is exactly 0)."""
+    from alignkit.data import DataError, identical_pairs
+
+    if kind != "preference":
+        return records
+    same = set(identical_pairs(records))
+    if not same:
+        return records
+    kept = [r for r in records if r["_where"] not in same]
+    if not kept:
+        raise DataError(records[0]["_where"].rsplit(":", 1)[0], None,
+                        f"every one of the {len(records)} pairs has chosen == rejected: nothing to learn from")
+    first = [r["_where"] for r in records if r["_where"] in same][:3]
+    say(f"dropped {len(same)} of {len(records)} pairs whose chosen equals rejected (they carry no preference): "
+        f"{', '.join(first)}{', ...' if len(same) > 3 else ''}")
+    return kept
+
+
+def _is_file(source: str) -> bool:
+    from alignkit.data.formats import FILE_SUFFIXES
+
+    return Path(source).is_file() or Path(source).suffix.lower() in FILE_SUFFIXES
 
 
 def say(message: str) -> None:

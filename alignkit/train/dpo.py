@@ -72,8 +72,9 @@ def run(cfg: DPOConfig) -> TrainResult:
     train_records, eval_records = load_train_eval(cfg, "preference")
     resume_from = resolve_resume(cfg)
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
-    model = load_trainable_model(cfg, resume_from)
     examples, report = tokenize_responses(train_records, tokenizer, cfg.max_length, cfg.truncation)
+    report.check_not_all_truncated(cfg.data, cfg.max_length)
+    model = load_trainable_model(cfg, resume_from)
     eval_examples, _ = tokenize_responses(eval_records, tokenizer, cfg.max_length, cfg.truncation)
     pad = pad_shared_prompt if cfg.share_prompt else pad_groups
     collate = lambda b: pad(b, tokenizer.pad_token_id)  # noqa: E731

@@ -78,6 +78,9 @@ class GRPOConfig(OnlineConfig):
     """Storage dtype of a loaded reference copy (bfloat16 / float16: half its memory)."""
     eval_fraction: float = 0.1
     """Fraction of prompts held out for the greedy-reward evaluation when `eval_data` is empty."""
+    max_flat_steps: int = 10
+    """Stop with an error after this many steps in a row where every advantage is 0 (each group's
+    rewards all equal: nothing to learn); 0: never stop."""
 
     def validate(self) -> None:
         from alignkit.config import ConfigError
@@ -89,6 +92,8 @@ class GRPOConfig(OnlineConfig):
         if self.batch_size % self.num_generations:
             raise ConfigError(f"batch_size ({self.batch_size}) counts completions and must be a multiple "
                               f"of num_generations ({self.num_generations})")
+        if self.max_flat_steps < 0:
+            raise ConfigError(f"max_flat_steps must be >= 0, got {self.max_flat_steps}")
 
 
 def kl_penalised_rewards(rewards, logprobs, ref_logprobs, mask, beta: float):
@@ -126,6 +131,7 @@ class Rollouts:
         self.weights = cfg.reward_weights or [1.0] * len(reward_fns)
         self.accelerator = accelerator
         self.advantages = advantage_estimator(cfg.advantage)
+        self.flat_steps = 0  # steps in a row with every advantage 0
 
     def generate(self, model, batch: dict, step: int, temperature: float):
         from alignkit.rollout.sampler import completion_generators, sample
@@ -181,7 +187,34 @@ class Rollouts:
             else:
                 out["advantages"] = self.advantages(rewards, g, valid=valid)
             prepared.append(out)
+        self.check_learnable(prepared, step)
         return prepared
+
+    def check_learnable(self, prepared: list[dict], step: int) -> None:
+        """Stop a run that cannot learn: a step where every reward was invalid (all masked), or
+        `max_flat_steps` steps in a row where every advantage is 0. Counted over all processes,
+        so every process stops at the same step."""
+        from alignkit.train.loop import TrainingError
+
+        device = prepared[0]["valid"].device
+        counts = torch.stack([
+            sum(out["valid"].sum() for out in prepared).to(device, torch.float64),
+            sum((out["advantages"] != 0).sum() for out in prepared).to(device, torch.float64),
+        ])
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, "sum")
+        valid, moving = int(counts[0]), int(counts[1])
+        if valid == 0:
+            raise TrainingError(
+                f"step {step + 1}: every reward was invalid (reward_on_error mask masked all of them), so the step "
+                "has nothing to learn from; check the reward function on a few completions (reward_on_error raise "
+                "shows the first failure)")
+        self.flat_steps = 0 if moving else self.flat_steps + 1
+        if self.cfg.max_flat_steps and self.flat_steps >= self.cfg.max_flat_steps:
+            raise TrainingError(
+                f"step {step + 1}: every group's rewards were equal for {self.flat_steps} steps in a row, so every "
+                "advantage was 0 and the policy learned nothing; the reward cannot tell this policy's completions "
+                "apart (try more num_generations, a higher temperature, a graded reward; or max_flat_steps 0)")
 
 
 def make_policy_step(cfg: GRPOConfig):
@@ -255,8 +288,9 @@ def run(cfg: GRPOConfig) -> TrainResult:
     train_records, eval_records = load_train_eval(cfg, "prompts")
     resume_from = resolve_resume(cfg)
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
-    model = load_trainable_model(cfg, resume_from)
     examples, report = tokenize_prompts(train_records, tokenizer, cfg.max_length, cfg.truncation)
+    report.check_not_all_truncated(cfg.data, cfg.max_length)
+    model = load_trainable_model(cfg, resume_from)
     eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length, cfg.truncation)
 
     accelerator = make_accelerator(cfg, name)

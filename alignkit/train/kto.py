@@ -108,16 +108,32 @@ def example_count(batch) -> int:
     return len(batch["ids"])
 
 
+def check_both_labels(records: list[dict], source: str) -> None:
+    """A DataError when every record has the same label: KTO's default weights balance the two
+    classes, and its loss with one class has no undesirable (or desirable) side to push against."""
+    from alignkit.data import DataError
+
+    good = sum(bool(r["label"]) for r in records)
+    if good in (0, len(records)):
+        kind, other = ("desirable (label true)", "undesirable (label false)") if good else (
+            "undesirable (label false)", "desirable (label true)")
+        raise DataError(str(source), "label", (
+            f"all {len(records)} training rows are {kind}; KTO needs both classes: add {other} rows"
+            + (", or train on these with `alignkit sft`" if good else "")))
+
+
 def run(cfg: KTOConfig) -> TrainResult:
     from alignkit.data import tokenize_sft
     from alignkit.models.load import load_tokenizer
 
     require(cfg, "model", "data")
     train_records, eval_records = load_train_eval(cfg, "unpaired")
+    check_both_labels(train_records, cfg.data)
     resume_from = resolve_resume(cfg)
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
-    model = load_trainable_model(cfg, resume_from)
     tokens, report = tokenize_sft(train_records, tokenizer, cfg.max_length, cfg.truncation)
+    report.check_not_all_truncated(cfg.data, cfg.max_length)
+    model = load_trainable_model(cfg, resume_from)
     eval_tokens, _ = tokenize_sft(eval_records, tokenizer, cfg.max_length, cfg.truncation)
     examples = with_mismatched_pairs(tokens, [r["label"] for r in train_records], cfg.max_length, cfg.seed)
     eval_examples = with_mismatched_pairs(eval_tokens, [r["label"] for r in eval_records], cfg.max_length, cfg.seed)

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -46,6 +47,12 @@ class TrainConfig:
     """Training data: a .jsonl/.json/.parquet/.csv file or a `datasets` name."""
     eval_data: str = ""
     """Held-out data in the same format (empty: hold out `eval_fraction` of `data`)."""
+    split: str = "train"
+    """Split of `data` when it is a `datasets` name or folder (e.g. train_prefs); files have none."""
+    eval_split: str = ""
+    """Split for held-out data: of `eval_data`, or with `eval_data` empty of `data` (e.g. test_prefs; empty: none)."""
+    dataset_config: str = ""
+    """Configuration of a `datasets` name (load_dataset's second argument), for `data` and `eval_data`."""
     eval_fraction: float = 0.0
     """Fraction of `data` held out for evaluation when `eval_data` is empty."""
     output_dir: str = "runs/out"
@@ -90,6 +97,8 @@ class TrainConfig:
     """Evaluate every N optimiser steps (0: only at the end)."""
     save_steps: int = 0
     """Save a resumable checkpoint every N optimiser steps (0: only the final model)."""
+    save_total_limit: int = 0
+    """Keep only the newest N checkpoints, deleting older ones after each save (0: keep all)."""
     resume: str = ""
     """'auto' = the latest complete checkpoint in output_dir, or a checkpoint path."""
     overwrite: bool = False
@@ -108,15 +117,27 @@ class TrainConfig:
             ("grad_accum", self.grad_accum >= 1, ">= 1"),
             ("lr", self.lr > 0, "> 0"),  # also false for nan
             ("max_steps", self.max_steps >= 0, ">= 0"),
-            ("epochs", self.epochs >= 0, ">= 0"),
+            ("epochs", self.epochs > 0 or self.max_steps > 0, "> 0 when max_steps is 0"),
             ("max_length", self.max_length >= 1, ">= 1"),
             ("log_steps", self.log_steps >= 1, ">= 1"),
             ("save_steps", self.save_steps >= 0, ">= 0"),
+            ("save_total_limit", self.save_total_limit >= 0, ">= 0"),
             ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
         ]
         for key, ok, wanted in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {wanted}, got {getattr(self, key)}")
+        # accelerate only warns about a missing tracker and the run goes on untracked
+        package = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}.get(self.logging)
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"logging {self.logging}: the {package} package is not installed "
+                              f"(pip install {package}, or --logging none)")
+        out = Path(self.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output_dir {out}: is a file, not a folder")
+        parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir {out}: {parent} is not writable")
 
 
 class TrainingError(RuntimeError):
@@ -143,6 +164,16 @@ def _row_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def start_trackers(cfg: TrainConfig, accelerator, name: str) -> None:
+    """Start the `logging` tracker (none: nothing) and say where its logs go."""
+    if cfg.logging == "none":
+        return
+    accelerator.init_trackers(name, config={k: v for k, v in config_dict(cfg).items() if v is not None})
+    if cfg.logging == "tensorboard" and accelerator.is_main_process:  # accelerate writes to project_dir/name
+        print(f"tensorboard logs: {Path(cfg.output_dir) / name} (view: tensorboard --logdir {cfg.output_dir})",
+              flush=True)
 
 
 class MetricLog:
@@ -214,6 +245,21 @@ def data_fingerprint(examples: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
+def position_warnings(model, lengths: list[int], new_tokens: int = 0) -> list[str]:
+    """A warning when rows (plus `new_tokens` sampled after each) run past the positions the
+    model was trained on (`max_position_embeddings`): a learned position table fails there,
+    and RoPE models see positions they never saw."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or not lengths:
+        return []
+    over = [n + new_tokens for n in lengths if n + new_tokens > limit]
+    if not over:
+        return []
+    plus = f" + max_new_tokens {new_tokens}" if new_tokens else ""
+    return [f"WARNING: {len(over):,} of {len(lengths):,} rows{plus} are longer than the model's "
+            f"max_position_embeddings ({limit}), up to {max(over):,} tokens; lower max_length to keep rows within it"]
+
+
 def plan_steps(n_examples: int, cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
     """(global batch, steps per epoch, total steps). The last batch of an epoch may be short."""
     if n_examples == 0:
@@ -221,6 +267,9 @@ def plan_steps(n_examples: int, cfg: TrainConfig, world_size: int) -> tuple[int,
     global_batch = cfg.batch_size * cfg.grad_accum * world_size
     steps_per_epoch = math.ceil(n_examples / global_batch)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
+    if total == 0:  # the run would save its input model unchanged and call it trained
+        raise TrainingError(f"0 optimiser steps planned (epochs {cfg.epochs:g}, max_steps {cfg.max_steps}): "
+                            "nothing would be trained; set epochs > 0 or max_steps > 0")
     return global_batch, steps_per_epoch, total
 
 
@@ -485,14 +534,28 @@ def save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, st
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        if cfg.save_total_limit > 0:
+            prune_checkpoints(final.parent, cfg.save_total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` highest-step checkpoints in `output_dir`; returns the deleted ones.
+    Called after a new checkpoint is sealed, so the newest intact one always survives."""
+    found = sorted((p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+                    if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()),
+                   key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    old = found[:-keep] if keep > 0 else []
+    for path in old:
+        shutil.rmtree(path)
+    return old
 
 
 # Config keys a resume may change: how long to run, where the outputs and logs go, and the
 # resume switches themselves. output_dir: a checkpoint may be resumed into a new folder.
 RESUME_FREE_KEYS = frozenset({"max_steps", "epochs", "resume", "overwrite", "logging", "log_steps", "eval_steps",
-                              "save_steps", "allow_resume_mismatch", "output_dir"})
+                              "save_steps", "save_total_limit", "allow_resume_mismatch", "output_dir"})
 
 
 def _check_resume_meta(saved: dict, meta: dict, path: Path, allow: bool) -> None:
@@ -635,7 +698,7 @@ def train(
     completion tokens) is known before any micro-batch is weighted.
     """
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    from alignkit.progress import progress
     from transformers import get_scheduler
 
     accelerator = accelerator or make_accelerator(cfg, name)
@@ -644,6 +707,9 @@ def train(
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch, steps_per_epoch, total_steps = plan_steps(len(examples), cfg, world)
     lengths = [len(ex["input_ids"]) for ex in examples]
+    for warning in position_warnings(model, lengths, getattr(cfg, "max_new_tokens", 0)):
+        if accelerator.is_main_process:
+            print(warning, flush=True)
     meta = {
         "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
@@ -677,8 +743,7 @@ def train(
         write_config(cfg, out)
         if resume_from is not None:
             print(f"resuming from {resume_from} (step {start_step} of {total_steps})", flush=True)
-    if cfg.logging != "none":
-        accelerator.init_trackers(name, config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
+    start_trackers(cfg, accelerator, name)
     result = TrainResult(output_dir=out, steps=total_steps, device=str(accelerator.device),
                          precision=accelerator.mixed_precision)
     log = MetricLog(accelerator, out / "metrics.jsonl", result.history, start_step)
@@ -690,7 +755,7 @@ def train(
     model.train()
     window: dict[str, float] = {}
     window_steps, window_tokens, window_start = 0, 0.0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc=name, unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = progress(total=total_steps, initial=start_step, desc=name, unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         indices = step_indices(step, len(examples), global_batch, steps_per_epoch, cfg.seed)
@@ -746,7 +811,7 @@ def train(
             record["train/skipped_steps"] = result.skipped_steps
             record["train/examples"] = window.get("_examples", 0.0)  # all processes: an epoch's sum is the data size
             log(record)
-            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{record['train/lr']:.2e}")
+            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{record['train/lr']:.2e}", refresh=False)
             window, window_steps, window_tokens, window_start = {}, 0, 0.0, time.perf_counter()
         if eval_examples and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != total_steps:
             ev = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)

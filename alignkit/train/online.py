@@ -29,3 +29,18 @@ class OnlineConfig(TrainConfig):
     """Seconds a reward call may take before it counts as failed."""
     reward_dtype: str = "float32"
     """Storage dtype of reward-model checkpoints among `reward` (bfloat16 / float16: half their memory)."""
+
+    def validate(self) -> None:
+        """TrainConfig's checks, then each reward source resolved (imported, or its folder checked)
+        and the weights matched to it, before any model loads."""
+        from alignkit.config import ConfigError
+        from alignkit.rollout.rewards import check_reward_spec
+
+        super().validate()
+        for spec in self.reward:
+            check_reward_spec(spec)
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward)} "
+                              "reward sources; give one weight per source, in order")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")

@@ -37,8 +37,8 @@ from alignkit.models.reward import token_values
 from alignkit.ops import adaptive_kl_beta, entropy_from_logits, gae, masked_mean, masked_sum, masked_var, masked_whiten
 from alignkit.train.common import load_train_eval, say
 from alignkit.train.loop import (MetricLog, data_fingerprint, load_trainable_model, make_accelerator, plan_steps,
-                                  resolve_resume, restore_training_state, save_checkpoint, save_model, save_weights,
-                                  step_indices, write_config)
+                                  position_warnings, resolve_resume, restore_training_state, save_checkpoint,
+                                  save_model, save_weights, start_trackers, step_indices, write_config)
 from alignkit.train.online import OnlineConfig
 from alignkit.train.reference import make_reference
 
@@ -169,7 +169,7 @@ def explained_variance(values, returns, mask) -> float:
 
 
 def run(cfg: PPOConfig):
-    from tqdm.auto import tqdm
+    from alignkit.progress import progress
 
     from alignkit.data import pad_batch, tokenize_prompts
     from alignkit.models.load import load_tokenizer
@@ -183,10 +183,13 @@ def run(cfg: PPOConfig):
     resume_from = resolve_resume(cfg)  # a corrupt or half-written checkpoint stops here, before any loading
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
     examples, report = tokenize_prompts(records, tokenizer, cfg.max_length, cfg.truncation)
+    report.check_not_all_truncated(cfg.data, cfg.max_length)
     accelerator = make_accelerator(cfg, "ppo")
     reward_fns = [load_reward_fn(spec, accelerator.device, cfg.reward_dtype) for spec in cfg.reward]
     policy = load_trainable_model(cfg, resume_from)  # seeds first: new weights (LoRA, the critic's head) repeat
     critic, critic_source = load_critic(cfg, policy, resume_from)
+    for warning in position_warnings(policy, [len(ex["input_ids"]) for ex in examples], cfg.max_new_tokens):
+        say(warning)
     if not cfg.share_backbone:
         critic.config.pad_token_id = tokenizer.pad_token_id
     both = PolicyAndValue(policy, critic)
@@ -214,6 +217,7 @@ def run(cfg: PPOConfig):
     if accelerator.is_main_process:
         write_config(cfg, out)
     accelerator.wait_for_everyone()
+    start_trackers(cfg, accelerator, "ppo")
     history: list[dict] = []
     log = MetricLog(accelerator, out / "metrics.jsonl", history, start_step)
     say(f"ppo: {len(examples)} prompts, {cfg.rollout_batch_size} per step, {cfg.ppo_epochs} epochs of "
@@ -221,7 +225,7 @@ def run(cfg: PPOConfig):
         + (f"; resumed from {resume_from} at step {start_step}" if resume_from else ""))
 
     start = time.perf_counter()
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="ppo", unit="step",
+    bar = progress(range(start_step, total_steps), initial=start_step, total=total_steps, desc="ppo", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     world, rank = accelerator.num_processes, accelerator.process_index
     for step in bar:
@@ -311,7 +315,7 @@ def run(cfg: PPOConfig):
                   **{f"train/reward/{k}": v for k, v in per_source.items()}}
         if (step + 1) % cfg.log_steps == 0 or step + 1 == total_steps:
             log(record)
-        bar.set_postfix(reward=f"{record['train/reward']:.3f}", kl=f"{kl_per_completion:.2f}")
+        bar.set_postfix(reward=f"{record['train/reward']:.3f}", kl=f"{kl_per_completion:.2f}", refresh=False)
         scheduler.step()
         if cfg.save_steps > 0 and ((step + 1) % cfg.save_steps == 0 or step + 1 == total_steps):
             save_checkpoint(cfg, accelerator, both, tokenizer, optimizer, scheduler, step + 1, {**meta, "beta": beta})
@@ -319,6 +323,8 @@ def run(cfg: PPOConfig):
     if accelerator.is_main_process:
         save_model(both, tokenizer, out, accelerator)  # the policy at `out`, the critic in out/value
     accelerator.wait_for_everyone()
+    if cfg.logging != "none":
+        accelerator.end_training()
     rewards = [h["train/reward"] for h in history]
     trend = (f"reward {rewards[0]:.3f} (step {history[0]['step']}) -> {rewards[-1]:.3f} (step {history[-1]['step']}), "
              f"KL per completion {history[-1]['train/kl_per_completion']:.3f}, " if history else "")

@@ -68,6 +68,7 @@ def run(cfg: PretrainConfig) -> TrainResult:
     model = load_trainable_model(cfg, resume_from)
 
     examples, report = tokenize_text(train_records, tokenizer, cfg.max_length, packing=cfg.packing)
+    report.check_not_all_truncated(cfg.data, cfg.max_length)
     eval_examples, _ = tokenize_text(eval_records, tokenizer, cfg.max_length, packing=cfg.packing)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(examples)} blocks of <= {cfg.max_length} tokens; {report}")

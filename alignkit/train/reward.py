@@ -98,6 +98,7 @@ def run(cfg: RewardConfig) -> TrainResult:
     model = load_reward_backbone(source)
     model.config.pad_token_id = tokenizer.pad_token_id
     examples, report = tokenize_responses(train_records, tokenizer, cfg.max_length, cfg.truncation)
+    report.check_not_all_truncated(cfg.data, cfg.max_length)
     eval_examples, _ = tokenize_responses(eval_records, tokenizer, cfg.max_length, cfg.truncation)
     for ex, rec in zip(examples + eval_examples, train_records + eval_records):
         if "margin" in rec:

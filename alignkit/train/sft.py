@@ -36,8 +36,9 @@ def run(cfg: SFTConfig) -> TrainResult:
     train_records, eval_records = load_train_eval(cfg, "sft")
     resume_from = resolve_resume(cfg)
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
-    model = load_trainable_model(cfg, resume_from)
     examples, report = tokenize_sft(train_records, tokenizer, cfg.max_length, cfg.truncation)
+    report.check_not_all_truncated(cfg.data, cfg.max_length)
+    model = load_trainable_model(cfg, resume_from)
     eval_examples, eval_report = tokenize_sft(eval_records, tokenizer, cfg.max_length, cfg.truncation)
     rows = f"{len(examples)} examples"
     if cfg.packing:

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from alignkit.data import TruncationReport, load_records, pad_batch, tokenize_sft, tokenize_text
+from alignkit.data import DataError, TruncationReport, load_records, pad_batch, tokenize_sft, tokenize_text
 
 BOS, EOS, PAD = 1, 2, 0
 PROMPT = "What is 12+30? Think step by step and then write the answer."
@@ -58,7 +58,8 @@ def test_prompt_left_truncated_keeps_bos_and_completion(tiny_tokenizer):
     assert first["loss_mask"] == [0] * 5 + [1] * len(completion_ids)
     assert examples[1]["id"] == 1 and len(examples[1]["input_ids"]) < max_length
     assert report == TruncationReport(examples=2, prompt_truncated=1, completion_truncated=0,
-                                      tokens_dropped=len(prompt_ids) - 5)
+                                      tokens_dropped=len(prompt_ids) - 5, rows_truncated=1)
+    report.check_not_all_truncated("data.jsonl", max_length)  # one of two rows whole: trains
 
 
 def test_long_completion_right_truncated_without_eos(tiny_tokenizer):
@@ -70,7 +71,10 @@ def test_long_completion_right_truncated_without_eos(tiny_tokenizer):
     assert example["input_ids"] == [BOS] + completion_ids[:7]  # prompt down to BOS, no EOS: it was cut off
     assert example["loss_mask"] == [0] + [1] * 7
     dropped = (len(prompt_ids) - 1) + (len(completion_ids) + 1 - 7)
-    assert report == TruncationReport(examples=1, prompt_truncated=1, completion_truncated=1, tokens_dropped=dropped)
+    assert report == TruncationReport(examples=1, prompt_truncated=1, completion_truncated=1, tokens_dropped=dropped,
+                                      rows_truncated=1)
+    with pytest.raises(DataError, match=r"data.jsonl: every one of the 1 sft examples is longer than max_length=8"):
+        report.check_not_all_truncated("data.jsonl", max_length)
 
 
 def test_report_string_and_sum():
