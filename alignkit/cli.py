@@ -93,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         getattr(loaded, function or "main")(argv[1:])
     except KeyboardInterrupt:
+        close_bars()
         if debug:
             raise
         print(_interrupted(command), file=sys.stderr)
         return 130
     except Exception as e:
+        close_bars()
         if debug:
             raise
         from alignkit.config import ConfigError
@@ -116,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         end_process_group()
     return 0
+
+
+def close_bars() -> None:
+    if "alignkit.progress" in sys.modules:
+        sys.modules["alignkit.progress"].close_all()
 
 
 def end_process_group() -> None:

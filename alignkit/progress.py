@@ -8,6 +8,7 @@ writes a whole line at most every `LOG_INTERVAL` seconds instead.
 from __future__ import annotations
 
 import sys
+import weakref
 
 LOG_INTERVAL = 10.0  # seconds between progress lines in a non-TTY log
 
@@ -16,12 +17,13 @@ class _Lines:
     """A stream for tqdm that turns each redraw into one line."""
 
     def __init__(self, stream):
-        self.stream = stream
+        self.stream, self.last = stream, ""
 
     def write(self, text: str) -> None:
         text = text.replace("\r", "").strip()
-        if text:
+        if text and text != self.last:  # closing redraws the last line unchanged
             self.stream.write(text + "\n")
+            self.last = text
 
     def flush(self) -> None:
         self.stream.flush()
@@ -35,4 +37,17 @@ def progress(iterable=None, **kwargs):
         kwargs = {"file": _Lines(sys.stderr), "mininterval": LOG_INTERVAL, "maxinterval": LOG_INTERVAL * 6,
                   "ncols": 100, **kwargs}
         kwargs.pop("dynamic_ncols", None)
-    return tqdm(iterable, **kwargs)
+    bar = tqdm(iterable, **kwargs)
+    _open.add(bar)
+    return bar
+
+
+_open: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Close the bars a failed run left open, so an error printed next starts on its own line
+    (and a bar's last redraw does not land after it)."""
+    for bar in list(_open):
+        bar.close()
+    _open.clear()

@@ -81,7 +81,7 @@ def test_hub_id_offline_is_one_line(tmp_path, data):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1
     line = one_error_line(proc.stderr)
-    assert "model 'no-such-org/no-such-model': not found locally and the Hub cannot be reached" in line
+    assert "model 'no-such-org/no-such-model': no such local directory, and the Hub cannot be reached" in line
 
 
 def test_interrupt_and_unexpected_errors(tiny_model_dir, data, tmp_path, monkeypatch, capsys):

@@ -61,7 +61,7 @@ def hub_errors(path: str):
                 why = "HF_HUB_OFFLINE=1 is set" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else (
                     "no network?")
                 raise ModelNotFoundError(
-                    f"model '{path}': not found locally and the Hub cannot be reached ({why})") from e
+                    f"model '{path}': no such local directory, and the Hub cannot be reached ({why})") from e
             if isinstance(cause, GatedRepoError):  # a subclass of RepositoryNotFoundError
                 raise ModelNotFoundError(f"model '{path}': gated on the Hub (accept its terms on the model page, "
                                          "then `hf auth login`)") from e
