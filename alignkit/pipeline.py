@@ -284,7 +284,7 @@ def sentiment_stages(cfg: DemoConfig) -> dict:
             history = ppo.run(recipe.config("ppo", ppo.PPOConfig,
                 model=str(root / "sft"), data=prompts_rl, output_dir=str(folder), max_steps=p["ppo_steps"],
                 rollout_batch_size=32, batch_size=16, ppo_epochs=2, lr=5e-4, beta=beta, max_length=64,
-                **watched, **gen, **common))
+                **watched, **gen, **common)).history
             return {"beta": beta, "reward_first": _first(history, "train/reward"),
                     "reward_last": _last(history, "train/reward"), "kl_last": _last(history, "train/kl_per_completion")}
         return fn

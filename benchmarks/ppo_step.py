@@ -75,7 +75,7 @@ def child_alignkit(work: Path, args) -> dict:
             max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, reward=[REWARD_SPEC], lr=args.lr,
             beta=0.05, target_kl=0.0, gamma=1.0, lam=0.95, clip_eps=0.2, vf_clip=0.2, vf_coef=0.1, weight_decay=0.0,
             max_grad_norm=1.0, log_steps=1, seed=0, precision="no",
-        ))
+        )).history
     job_s = time.perf_counter() - start
     if set(marks) != {"loop_start", "loop_end"}:
         raise RuntimeError(f"the step-loop clock missed its marks ({sorted(marks)}): ppo.run no longer creates a "

@@ -52,7 +52,7 @@ def main() -> None:
                  beta, problem.evaluate(out, beta), corr, seconds)
 
 
-LABELS = {"rloo": "RLOO, k1 in reward", "grpo": "GRPO, k1 in reward, no std", "ppo": "PPO, k1 per token in reward",
+LABELS = {"rloo": "RLOO defaults (k1 in reward)", "grpo": "GRPO, k1 in reward, no std", "ppo": "PPO, k1 per token in reward",
           "grpo_default": "GRPO defaults (k3 loss, std)", "dpo": "DPO"}
 
 

@@ -55,9 +55,6 @@ class TruncationReport:
         counts = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "kind"}
         return TruncationReport(**counts, kind=self.kind)
 
-    def merge(self, other: TruncationReport) -> TruncationReport:
-        return self + other
-
     def check_not_all_truncated(self, source: str, max_length: int) -> None:
         """A DataError when every example lost tokens: nothing whole would be trained on."""
         if self.examples > 0 and self.rows_truncated == self.examples:
@@ -288,14 +285,15 @@ def pad_shared_prompt(examples: list[dict], pad_token_id: int) -> dict[str, torc
 
 
 def tokenize_text(
-    records: list[dict | str], tokenizer: Any, max_length: int, packing: bool = True
+    records: list[dict | str], tokenizer: Any, max_length: int, packing: bool = True, truncation: str = "left"
 ) -> tuple[list[dict], TruncationReport]:
     """Pretraining examples: each document is tokenizer(text) (with BOS if the tokenizer adds it) + EOS.
 
     packing=True: all documents in one stream cut into blocks of exactly max_length; the
     last, shorter block is kept, so every token is used. packing=False: one example per
-    document, right-truncated to max_length (counted). loss_mask is all 1; `id` is the
-    block (or document) index. Records are dicts with `text`, or strings.
+    document, right-truncated to max_length (counted), or with truncation="error" a
+    DataError naming the first document that does not fit. loss_mask is all 1; `id` is
+    the block (or document) index. Records are dicts with `text`, or strings.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
@@ -308,7 +306,11 @@ def tokenize_text(
         blocks = [stream[start:start + max_length] for start in range(0, len(stream), max_length)]
     else:
         blocks = []
-        for ids in documents:
+        for record, ids in zip(records, documents):
+            if len(ids) > max_length and truncation == "error":
+                where = record.get("_where", "<record>") if isinstance(record, dict) else "<record>"
+                raise DataError(where, "text", f"{len(ids)} tokens exceed max_length={max_length} "
+                                               "(truncation: left would cut the document's end)")
             if len(ids) > max_length:
                 report.completion_truncated += 1
                 report.rows_truncated += 1

@@ -20,6 +20,7 @@ import io
 import json
 from pathlib import Path
 
+
 def read_metrics(folder: str | Path) -> list[dict]:
     """A run folder's metrics.jsonl records ([] when it has none, e.g. a Hub model id)."""
     path = Path(folder) / "metrics.jsonl"

@@ -110,18 +110,26 @@ def clipped_policy_loss(
     return loss, metrics
 
 
-def kl_penalty_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """Per-token k3 estimate of KL(pi || pi_ref), with r = logp_ref - logp:
+def kl_penalty_loss(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) for the loss, from `alignkit.ops.kl`:
 
-        kl_t = exp(r) - r - 1      (>= 0, unbiased; Schulman 2020)
+        k3: kl_t = exp(r) - r - 1, r = logp_ref - logp   (>= 0, unbiased; Schulman 2020; GRPO's)
+        k2: kl_t = r^2 / 2                               (biased, low variance)
 
     GRPO adds beta * kl_t to clipped_policy_loss's per-token loss. Gradient flows
-    through logprobs only (ref_logprobs are constants).
+    through logprobs only (ref_logprobs are constants). k1 (= -r) is refused here: its
+    expected gradient on samples from pi is E[grad log pi] = 0, so as a loss it does
+    nothing; k1 belongs in the reward (`kl_in_reward`).
     Shapes: logprobs, ref_logprobs, mask [B, T]. Returns [B, T], 0 where masked out.
     """
+    from alignkit.ops.kl import kl_estimator
+
+    if estimator == "k1":
+        raise ValueError("kl estimator k1 in the loss has zero expected gradient; use k2 or k3, or put k1 in the reward")
     mask = _check(mask, logprobs, ref_logprobs)
-    r = torch.where(mask, ref_logprobs.detach() - logprobs, 0)
-    return torch.expm1(r) - r  # expm1: exact near r = 0, where most tokens sit; 0 where r = 0
+    # masked positions get logp = logp_ref, where every estimator is exactly 0
+    ref = ref_logprobs.detach()
+    return kl_estimator(estimator)(torch.where(mask, logprobs, ref), ref)
 
 
 def clipped_value_loss(

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 from pathlib import Path
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

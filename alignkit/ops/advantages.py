@@ -106,10 +106,12 @@ def grpo_advantages(
     return (centred / (var.sqrt() + eps)).view(-1)
 
 
-def rloo_advantages(rewards: Tensor, group_size: int, valid: Tensor | None = None) -> Tensor:
+def rloo_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = False, eps: float = 1e-6,
+                    valid: Tensor | None = None) -> Tensor:
     """A_i = r_i - (1 / (n - 1)) sum_{j != i} r_j   (REINFORCE leave-one-out,
     Kool et al. 2019; Ahmadian et al. 2024), sums over the valid rows j of
     row i's group, n their number. Equal to n / (n - 1) (r_i - mean_g).
+    With scale_by_std, A_i / (std_g + eps), std_g as in `grpo_advantages`.
 
     The baseline of each row excludes its own reward, so the estimate stays
     unbiased. Invalid rows get 0 and are left out of the others' baselines;
@@ -122,6 +124,10 @@ def rloo_advantages(rewards: Tensor, group_size: int, valid: Tensor | None = Non
     n = v.sum(dim=1, keepdim=True)
     baseline = (r.sum(dim=1, keepdim=True) - r) / (n - 1).clamp(min=1)
     adv = torch.where(v & (n >= 2), r - baseline, 0)
+    if scale_by_std:
+        mean = r.sum(dim=1, keepdim=True) / n.clamp(min=1)
+        var = (torch.where(v, r - mean, 0) ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+        adv = adv / (var.sqrt() + eps)
     return adv.view(-1)
 
 
@@ -134,7 +140,7 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
 def advantage_estimator(name: str) -> Callable[..., Tensor]:
     """The group estimator registered under `name` ("grpo" or "rloo").
 
-    Each is called as f(rewards [B], group_size, valid=None) -> [B].
+    Each is called as f(rewards [B], group_size, scale_by_std, valid=None) -> [B].
     """
     try:
         return ADVANTAGE_ESTIMATORS[name]

@@ -244,7 +244,7 @@ ONLINE = {  # every online run: both prompts in each step, completions of at mos
 def train(method: str, problem: Problem, beta: float, output_dir: str | Path, **overrides):
     """Run alignkit's own trainer `method` through its normal run() config; returns the output directory.
 
-    rloo          RLOOConfig, KL (k1) in the reward, token-level loss
+    rloo          RLOOConfig with its defaults: KL (k1) in the reward, token-level loss
     grpo          GRPOConfig with kl_in_reward, no std scaling, token-level loss
     grpo_default  GRPOConfig's own KL placement and scaling: k3 in the loss, std scaling
     ppo           PPOConfig: per-token k1 in the reward, GAE, a critic
@@ -257,8 +257,8 @@ def train(method: str, problem: Problem, beta: float, output_dir: str | Path, **
     if method in ("rloo", "grpo", "grpo_default"):
         keys = {**ONLINE, **common, "data": str(problem.prompts_file), "num_generations": 16, "batch_size": 32,
                 "lr": 2e-3, "max_steps": 300, "loss_level": "token"}
-        if method == "rloo":
-            cls, keys = grpo.RLOOConfig, {**keys, "kl_in_reward": True}
+        if method == "rloo":  # RLOO's own defaults: k1 in the reward, token-level loss
+            cls, keys = grpo.RLOOConfig, {k: v for k, v in keys.items() if k != "loss_level"}
         elif method == "grpo":
             cls, keys = grpo.GRPOConfig, {**keys, "kl_in_reward": True, "scale_rewards": False}
         else:

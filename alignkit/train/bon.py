@@ -258,6 +258,10 @@ def run(cfg: BoNConfig) -> BoNResult:
         trained = train(
             round_cfg, model, tokenizer, sft_examples(examples, samples, rows), lm_step, lm_count,
             lambda b: pad_batch(b, tokenizer.pad_token_id), name=f"bon-round-{r}", resume_from=resume_from,
+            # eval_steps > 0: the held-out greedy reward during the round too (before and after are in the report)
+            eval_examples=eval_examples if cfg.eval_steps > 0 else None,
+            eval_fn=lambda m: {"reward": greedy_reward(cfg, accelerator.unwrap_model(m), tokenizer, eval_examples,
+                                                       reward_fns, weights, accelerator)},
         )
         # The next round samples from the model just saved: with LoRA that is the merged
         # model, which gets fresh adapters.

@@ -7,17 +7,22 @@
 Each prompt is completed G = `num_generations` times by the policy; the rewards of a
 group give each completion its advantage: (r - mean) / std (GRPO; `scale_rewards
 false` is Dr. GRPO) or r - mean of the others (RLOO). The loss is the clipped
-surrogate with ratio pi / pi_old (one update per rollout, so pi_old is the policy
-that sampled) plus beta * k3 KL to the reference, aggregated per sequence or per
-token (`loss_level`). `batch_size` counts completions per micro-batch, as in TRL:
+surrogate with ratio pi / pi_old, pi_old being the policy that sampled, plus
+beta * KL to the reference (`kl_estimator`, k3 by default), aggregated per sequence
+or per token (`loss_level`). With `num_iterations` mu = 1 (the default) each batch of
+samples gets one update, so the ratio is exactly 1 and `clip_eps` is inert; with
+mu > 1 the same samples get mu updates, pi_old is the sampler's log-probs, and the
+clip bounds how far the later updates move (as in the GRPO paper and TRL). `batch_size` counts completions per micro-batch, as in TRL:
 prompts per micro-batch = batch_size / num_generations; a group is never split.
 
 Where the KL goes decides what is optimised (`kl_in_reward`):
-- in the reward (`kl_in_reward true`): each completion's reward becomes
-  r - beta * sum_t (log pi - log pi_ref)_t (k1, whose sum is an unbiased estimate of
-  KL(pi || pi_ref)) before the group advantages, and the loss has no KL term. With
-  `scale_rewards false` (or RLOO) and `loss_level token` this is a policy gradient of
-  E[r] - beta KL(pi || pi_ref), whose maximiser is pi* ∝ pi_ref exp(r / beta).
+- in the reward (`kl_in_reward true`, RLOO's default; `kl_estimator auto` is k1 there): each
+  completion's reward becomes r - beta * sum_t (log pi - log pi_ref)_t (k1, whose sum is
+  an unbiased estimate of KL(pi || pi_ref)) before the group advantages, and the loss
+  has no KL term. With `scale_rewards false` (or RLOO) and `loss_level token` this is a
+  policy gradient of E[r] - beta KL(pi || pi_ref), whose maximiser is pi* ∝ pi_ref exp(r / beta):
+  `alignkit rloo`'s defaults, and `grpo --kl_in_reward --scale_rewards
+  false --loss_level token` for GRPO.
 - in the loss (default): beta * k3, k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1,
   added per token. On-policy its expected gradient is that of the FORWARD KL(pi_ref || pi),
   not of the reverse KL in the objective, so the run does not converge to pi*.
@@ -39,7 +44,7 @@ import torch
 from alignkit.config import require
 from alignkit.losses import aggregate, clipped_policy_loss, kl_penalty_loss
 from alignkit.models.forward import forward_logprobs
-from alignkit.ops import advantage_estimator, masked_sum
+from alignkit.ops import advantage_estimator, kl_k1, masked_sum
 from alignkit.train.common import load_train_eval, print_summary, say
 from alignkit.train.loop import TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
 from alignkit.train.online import OnlineConfig
@@ -63,15 +68,19 @@ class GRPOConfig(OnlineConfig):
     advantage: Literal["grpo", "rloo"] = "grpo"
     """grpo: (r - group mean) / group std; rloo: r - mean of the other completions."""
     scale_rewards: bool = True
-    """Divide GRPO advantages by the group std (false: Dr. GRPO)."""
+    """Divide the advantages by the group's reward std (false: Dr. GRPO)."""
     loss_level: Literal["sequence", "token"] = "sequence"
     """Average the loss per sequence then over sequences (GRPO), or over all tokens (DAPO, Dr. GRPO)."""
     beta: float = 0.04
     """KL coefficient: k3 in the loss, or k1 in the reward with `kl_in_reward` (0: no reference model)."""
     kl_in_reward: bool = False
     """Subtract beta * sum_t k1 from each completion's reward before the advantages (no KL in the loss)."""
+    kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
+    """Per-token KL estimate (alignkit.ops.kl); auto: k3 in the loss, k1 in the reward (`kl_in_reward`)."""
     clip_eps: float = 0.2
-    """PPO clip range of the ratio pi / pi_old."""
+    """PPO clip range of the ratio pi / pi_old (acts only with num_iterations > 1)."""
+    num_iterations: int = 1
+    """mu: optimiser updates on each batch of samples (a step), pi_old being the sampler (1: ratio exactly 1, clip inert)."""
     ref_model: str = ""
     """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
     ref_dtype: str = "float32"
@@ -94,14 +103,30 @@ class GRPOConfig(OnlineConfig):
                               f"of num_generations ({self.num_generations})")
         if self.max_flat_steps < 0:
             raise ConfigError(f"max_flat_steps must be >= 0, got {self.max_flat_steps}")
+        if self.num_iterations < 1:
+            raise ConfigError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.kl_estimator == "k1" and not self.kl_in_reward:
+            raise ConfigError("kl_estimator k1 in the loss has zero expected gradient (E[grad log pi] = 0 on "
+                              "samples from pi); use k2 or k3 in the loss, or --kl_in_reward for k1 in the reward")
 
 
-def kl_penalised_rewards(rewards, logprobs, ref_logprobs, mask, beta: float):
-    """r - beta * sum_t m_t (log pi - log pi_ref)_t: [N], [N, C], [N, C], [N, C] -> [N].
+def resolved_kl_estimator(cfg: GRPOConfig) -> str:
+    """`kl_estimator` with auto resolved: k1 in the reward (its sum's score-function gradient is
+    that of KL(pi || pi_ref)), k3 in the loss (unbiased and >= 0, as the GRPO paper)."""
+    if cfg.kl_estimator != "auto":
+        return cfg.kl_estimator
+    return "k1" if cfg.kl_in_reward else "k3"
 
-    The per-sequence k1 sum is an unbiased estimate of KL(pi || pi_ref) on samples from pi.
+
+def kl_penalised_rewards(rewards, logprobs, ref_logprobs, mask, beta: float, estimator: str = "k1"):
+    """r - beta * sum_t m_t kl_t(log pi, log pi_ref): [N], [N, C], [N, C], [N, C] -> [N].
+
+    With k1 (kl_t = log pi - log pi_ref) the per-sequence sum is an unbiased estimate of
+    KL(pi || pi_ref) on samples from pi; k2 / k3 come from the same registry (alignkit.ops.kl).
     """
-    return rewards - beta * masked_sum(logprobs - ref_logprobs, mask, dim=-1)
+    from alignkit.ops.kl import kl_estimator
+
+    return rewards - beta * masked_sum(kl_estimator(estimator)(logprobs, ref_logprobs), mask, dim=-1)
 
 
 @dataclass
@@ -111,7 +136,13 @@ class RLOOConfig(GRPOConfig):
     advantage: Literal["grpo", "rloo"] = "rloo"
     """grpo: (r - group mean) / group std; rloo: r - mean of the other completions."""
     beta: float = 0.0
-    """KL coefficient: k3 in the loss, or k1 in the reward with `kl_in_reward` (0: no reference model)."""
+    """KL coefficient (0: no reference model); by default k1 in the reward, as Ahmadian et al."""
+    kl_in_reward: bool = True
+    """Subtract beta * sum_t kl_t (k1 by default) from each completion's reward before the advantages (false: KL in the loss)."""
+    loss_level: Literal["sequence", "token"] = "token"
+    """Average the loss over all tokens (the REINFORCE sum of log-probs), or per sequence then over sequences."""
+    scale_rewards: bool = False
+    """Divide the advantages by the group's reward std (RLOO's paper does not; with it the effective beta varies per prompt)."""
 
 
 def collate_prompts(examples: list[dict], pad_token_id: int) -> dict:
@@ -180,12 +211,9 @@ class Rollouts:
             if cfg.beta > 0 and cfg.kl_in_reward:
                 # the sampler's log-probs are pi's at the sampling temperature: k1 of the sampled tokens
                 rewards = kl_penalised_rewards(rewards, rollout.logprobs, out["ref_logprobs"], rollout.completion_mask,
-                                               cfg.beta).masked_fill(~valid, 0.0)
+                                               cfg.beta, resolved_kl_estimator(cfg)).masked_fill(~valid, 0.0)
                 out["rewards_with_kl"] = rewards
-            if cfg.advantage == "grpo":
-                out["advantages"] = self.advantages(rewards, g, scale_by_std=cfg.scale_rewards, valid=valid)
-            else:
-                out["advantages"] = self.advantages(rewards, g, valid=valid)
+            out["advantages"] = self.advantages(rewards, g, scale_by_std=cfg.scale_rewards, valid=valid)
             prepared.append(out)
         self.check_learnable(prepared, step)
         return prepared
@@ -222,9 +250,11 @@ def make_policy_step(cfg: GRPOConfig):
         mask = batch["completion_mask"]
         logprobs, _ = forward_logprobs(model, batch["input_ids"], batch["attention_mask"], cfg.temperature,
                                        columns=batch["columns"])
-        # One gradient step per rollout: pi_old is the policy that sampled, i.e. these very
-        # weights, so the ratio is exactly 1 here and clipping acts on the gradient only.
-        per_token, m = clipped_policy_loss(logprobs, logprobs.detach(), batch["advantages"], mask, cfg.clip_eps)
+        # pi_old is the policy that sampled. With one update per batch of samples that is these
+        # very weights: the ratio is exactly 1 and the clip is inert. With mu > 1 it is the
+        # sampler's log-probs, and from the second update on the ratio moves and the clip acts.
+        old = batch["sampler_logprobs"] if cfg.num_iterations > 1 else logprobs.detach()
+        per_token, m = clipped_policy_loss(logprobs, old, batch["advantages"], mask, cfg.clip_eps)
         n_seq, n_tok = float(len(mask)), mask.sum()
         metrics = {
             "reward": (batch["rewards"].sum(), n_seq),
@@ -236,12 +266,12 @@ def make_policy_step(cfg: GRPOConfig):
             "sampler_logprob_gap": (masked_sum((logprobs.detach() - batch["sampler_logprobs"]).abs(), mask), n_tok),
         }
         if "ref_logprobs" in batch and cfg.kl_in_reward:  # the KL is already in the advantages
-            kl = (logprobs.detach() - batch["ref_logprobs"]) * mask
+            kl = kl_k1(logprobs.detach(), batch["ref_logprobs"]) * mask
             metrics["kl_per_token"] = (masked_sum(kl, mask), n_tok)
             metrics["kl_per_completion"] = (masked_sum(kl, mask), n_seq)
             metrics["reward_with_kl"] = (batch["rewards_with_kl"].sum(), n_seq)
         elif "ref_logprobs" in batch:
-            kl = kl_penalty_loss(logprobs, batch["ref_logprobs"], mask)
+            kl = kl_penalty_loss(logprobs, batch["ref_logprobs"], mask, resolved_kl_estimator(cfg))
             per_token = per_token + cfg.beta * kl
             metrics["kl_per_token"] = (masked_sum(kl.detach(), mask), n_tok)
             metrics["kl_per_completion"] = (masked_sum(kl.detach(), mask), n_seq)
@@ -299,18 +329,17 @@ def run(cfg: GRPOConfig) -> TrainResult:
                                dtype=cfg.ref_dtype) if cfg.beta > 0 else None
     rollouts = Rollouts(cfg, tokenizer, reward_fns, reference, accelerator)
     model.to(accelerator.device)
-    before = greedy_reward(rollouts, model, eval_examples, cfg.batch_size, accelerator.device) if eval_examples else {}
     prompts_per_batch = cfg.batch_size // cfg.num_generations
     say(f"{name}: {len(examples)} prompts x {cfg.num_generations} completions, {prompts_per_batch} prompts per "
         f"micro-batch, beta {cfg.beta}, loss per {cfg.loss_level}; {report}")
     result = train(
         replace(cfg, batch_size=prompts_per_batch), model, tokenizer, examples, make_policy_step(cfg),
         unit_count(cfg.loss_level), lambda b: collate_prompts(b, tokenizer.pad_token_id), name=name,
-        resume_from=resume_from, accelerator=accelerator, prepare=rollouts,
+        resume_from=resume_from, accelerator=accelerator, prepare=rollouts, updates_per_step=cfg.num_iterations,
+        # held-out prompts: the reward of greedy completions, before, every eval_steps, after
+        eval_examples=eval_examples,
+        eval_fn=lambda m: greedy_reward(rollouts, m, eval_examples, cfg.batch_size, accelerator.device),
     )
-    if eval_examples:  # greedy completions of held-out prompts, before -> after
-        after = greedy_reward(rollouts, accelerator.unwrap_model(model), eval_examples, cfg.batch_size, accelerator.device)
-        result.initial_eval_metrics, result.eval_metrics = before, after
     print_summary(name, result, [str(report)])
     return result
 

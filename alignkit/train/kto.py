@@ -4,17 +4,24 @@
 
 Data: `prompt`, `completion`, `label` (true = desirable). With r = log pi(y|x) -
 log pi_ref(y|x), desirable examples lose w_D (1 - sigmoid(beta (r - z_ref))) and
-undesirable ones w_U (1 - sigmoid(beta (z_ref - r))). The reference point z_ref =
-max(0, mean KL estimate) comes from MISMATCHED pairs: each example is paired once,
-by a seeded shuffle, with another example's completion under its own prompt, and
-the batch's mismatched pairs estimate KL(pi || pi_ref). Fixing the partner per
-example lets reference log-probs be precomputed like DPO's.
+undesirable ones w_U (1 - sigmoid(beta (z_ref - r))). The reference point comes from
+MISMATCHED pairs: each example is paired once, by a seeded shuffle, with another
+example's completion y' under its own prompt x, and
+
+    z_ref = max(0, mean over the optimiser step's mismatched pairs of log pi(y'|x) - log pi_ref(y'|x)),
+
+an estimate of KL(pi || pi_ref), detached. "The step's" means every micro-batch of
+every process: the loop's `prepare` computes it (no gradient) before the gradient pass,
+so a step split as batch_size x grad_accum x processes in any way has one z_ref and one
+gradient, as the loop promises. The gradient pass then runs each example's own row only.
+Fixing the partner per example lets reference log-probs be precomputed like DPO's.
 """
 
 from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +30,8 @@ from alignkit.config import require
 from alignkit.losses import kto_default_weights, kto_loss, kto_reference_point
 from alignkit.models.forward import sequence_logprobs
 from alignkit.train.common import load_train_eval, print_summary, say
-from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
+from alignkit.train.loop import (TrainConfig, TrainResult, load_trainable_model, make_accelerator, plan_steps,
+                                 resolve_resume, step_indices, train)
 from alignkit.train.reference import make_reference, precompute_reference, reference_sequence_logprobs
 
 
@@ -44,7 +52,8 @@ class KTOConfig(TrainConfig):
     precompute_ref: bool = False
     """Compute reference log-probs once before training, then free the reference model."""
     share_prompt: bool = True
-    """One row per example, [prompt | completion | partner's completion]: the prompt goes through the model once."""
+    """Evaluation and precomputed reference log-probs: one row per example, [prompt | completion | partner's
+    completion], so the prompt goes through the model once (training runs the two rows in separate passes)."""
 
 
 def with_mismatched_pairs(examples: list[dict], labels: list[bool], max_length: int, seed: int) -> list[dict]:
@@ -93,13 +102,76 @@ def collate(examples: list[dict], pad_token_id: int, share_prompt: bool = False)
     return batch
 
 
+def collate_rows(examples: list[dict], pad_token_id: int, j: int) -> dict:
+    """Sequence j of each example alone, one row per example (`pad_groups`): j = 0 its own
+    completion, j = 1 its mismatched pair; `ref_logps` (if precomputed) and `labels` follow."""
+    from alignkit.data import pad_groups
+
+    rows = [{"id": ex["id"], "sequences": ex["sequences"][j : j + 1], "loss_masks": ex["loss_masks"][j : j + 1],
+             **({"ref_logps": ex["ref_logps"][j : j + 1]} if "ref_logps" in ex else {})} for ex in examples]
+    batch = pad_groups(rows, pad_token_id)
+    batch["labels"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
+    return batch
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def make_step_reference_point(examples: list[dict], pad_token_id: int, reference, accelerator,
+                              shares_step: Callable[[int], bool]):
+    """The loop's `prepare`: z_ref of the whole optimiser step, then each micro-batch's own rows.
+
+    With d_i = log pi(y'_i|x_i) - log pi_ref(y'_i|x_i) over the step's mismatched pairs i on
+    all processes, z_ref = max(0, sum_i d_i / n): sums and counts are reduced across processes,
+    so z_ref does not depend on how the step is split. The pass is under no_grad (z_ref is
+    detached in the loss anyway). Each returned batch is `collate_rows(.., 0)` of the same
+    examples plus `z_ref` [] (0-dim), which `make_kto_step` then uses (the loop's batches give
+    only their example ids: rebuilding rows is cheap next to a forward). `shares_step(step)` is
+    False on a process the loop handed only a stand-in micro-batch (weight 0, an example of
+    another process): it adds nothing to the sums.
+    """
+    by_id = {ex["id"]: ex for ex in examples}
+    if len(by_id) != len(examples):
+        raise ValueError("example ids must be unique")
+
+    def prepare(model, batches: list[dict], step: int) -> list[dict]:
+        device = accelerator.device
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of d_i, n]
+        chunks = [[by_id[i] for i in batch["ids"].tolist()] for batch in batches]
+        if shares_step(step):
+            for chunk in chunks:
+                kl = _to(collate_rows(chunk, pad_token_id, 1), device)
+                with torch.no_grad():
+                    policy = sequence_logprobs(model, kl)[0]
+                ref = kl["ref_logps"] if "ref_logps" in kl else reference_sequence_logprobs(reference, model, kl)
+                totals[0] += (policy.double() - ref.double()).sum()  # on the device: no sync per micro-batch
+                totals[1] += len(chunk)
+        if accelerator.num_processes > 1:
+            totals = accelerator.reduce(totals, "sum")
+        z_ref = (totals[0] / totals[1].clamp(min=1)).clamp(min=0).float()
+        return [{**_to(collate_rows(chunk, pad_token_id, 0), device), "z_ref": z_ref} for chunk in chunks]
+    return prepare
+
+
 def make_kto_step(beta: float, desirable_weight: float, undesirable_weight: float, reference):
+    """`step_fn(model, batch) -> (loss sum, metric sums)` over the batch's examples.
+
+    A training batch from `make_step_reference_point` holds own rows only and the step's
+    `z_ref`. Any other batch (`collate`: rows own, mismatched, own, ...) gets z_ref from its
+    own mismatched rows: evaluation, which has no `prepare`, takes this path, so an eval
+    batch of batch_size examples uses the z_ref of its batch_size mismatched pairs, as a
+    training micro-batch did before z_ref became per step.
+    """
     def kto_step(model, batch):
-        logps, _ = sequence_logprobs(model, batch)  # rows: own, mismatched, own, mismatched, ...
+        logps, _ = sequence_logprobs(model, batch)
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_sequence_logprobs(reference, model, batch)
-        z_ref = kto_reference_point(logps[1::2].detach(), ref[1::2])
-        losses, metrics = kto_loss(logps[0::2], ref[0::2], batch["labels"], z_ref, beta,
-                                   desirable_weight, undesirable_weight)
+        if "z_ref" in batch:
+            z_ref = batch["z_ref"]
+        else:
+            z_ref = kto_reference_point(logps[1::2].detach(), ref[1::2])
+            logps, ref = logps[0::2], ref[0::2]
+        losses, metrics = kto_loss(logps, ref, batch["labels"], z_ref, beta, desirable_weight, undesirable_weight)
         return losses.sum(), {k: v.sum() for k, v in metrics.items()}
     return kto_step
 
@@ -153,9 +225,16 @@ def run(cfg: KTOConfig) -> TrainResult:
         for part in (examples, eval_examples):  # no gradients kept: 4x the training batch fits
             precompute_reference(reference, model, part, batch_fn, 4 * cfg.batch_size, accelerator.device)
         reference = None
+    # The loop hands a process with no share of a short last step one stand-in example (weight 0).
+    global_batch, steps_per_epoch, _ = plan_steps(len(examples), cfg, accelerator.num_processes)
+    shares_step = lambda step: accelerator.process_index < len(  # noqa: E731
+        step_indices(step, len(examples), global_batch, steps_per_epoch, cfg.seed))
+    step_reference_point = make_step_reference_point(examples, tokenizer.pad_token_id, reference, accelerator,
+                                                     shares_step)
     say(f"kto: {n_good} desirable, {n_bad} undesirable (weights {w_d:.3g} / {w_u:.3g}), beta {cfg.beta}; {report}")
     result = train(cfg, model, tokenizer, examples, make_kto_step(cfg.beta, w_d, w_u, reference), example_count,
-                   batch_fn, name="kto", eval_examples=eval_examples, resume_from=resume_from, accelerator=accelerator)
+                   batch_fn, name="kto", eval_examples=eval_examples, resume_from=resume_from, accelerator=accelerator,
+                   prepare=step_reference_point)
     print_summary("kto", result, [str(report)])
     return result
 

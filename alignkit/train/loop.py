@@ -127,6 +127,9 @@ class TrainConfig:
         for key, ok, wanted in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {wanted}, got {getattr(self, key)}")
+        if self.lr_scheduler == "constant" and self.warmup_ratio > 0:  # transformers ignores it there
+            raise ConfigError(f"warmup_ratio {self.warmup_ratio} has no effect with lr_scheduler constant; "
+                              "use constant_with_warmup, or warmup_ratio 0")
         # accelerate only warns about a missing tracker and the run goes on untracked
         package = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}.get(self.logging)
         if package and importlib.util.find_spec(package) is None:
@@ -167,10 +170,13 @@ def _row_step(line: str) -> float:
 
 
 def start_trackers(cfg: TrainConfig, accelerator, name: str) -> None:
-    """Start the `logging` tracker (none: nothing) and say where its logs go."""
+    """Start the `logging` tracker (none: nothing) and say where its logs go. The config goes
+    along as hyperparameters, lists as text (TensorBoard's hparams take scalars only)."""
     if cfg.logging == "none":
         return
-    accelerator.init_trackers(name, config={k: v for k, v in config_dict(cfg).items() if v is not None})
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+               for k, v in config_dict(cfg).items() if v is not None}
+    accelerator.init_trackers(name, config=hparams)
     if cfg.logging == "tensorboard" and accelerator.is_main_process:  # accelerate writes to project_dir/name
         print(f"tensorboard logs: {Path(cfg.output_dir) / name} (view: tensorboard --logdir {cfg.output_dir})",
               flush=True)
@@ -218,6 +224,17 @@ def make_accelerator(cfg: TrainConfig, project_name: str):
     if fallback and accelerator.is_main_process:
         print(f"{project_name}: {fallback}", flush=True)
     return accelerator
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, total: int):
+    """The `lr_scheduler` of `cfg` over `total` optimiser updates: `round(warmup_ratio * total)`
+    of them warm up from 0, and cosine_with_min_lr ends at `min_lr_ratio * lr`. Step it once
+    per optimiser update (a skipped update too, so the schedule stays on the update count)."""
+    from transformers import get_scheduler
+
+    kwargs = {"min_lr_rate": cfg.min_lr_ratio} if cfg.lr_scheduler == "cosine_with_min_lr" else None
+    return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),
+                         num_training_steps=total, scheduler_specific_kwargs=kwargs)
 
 
 def sharded_engine_fallback(accelerator) -> str:
@@ -687,6 +704,8 @@ def train(
     accelerator=None,
     derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
     prepare: Callable | None = None,
+    updates_per_step: int = 1,
+    eval_fn: Callable | None = None,
 ) -> TrainResult:
     """Run the optimiser steps of `cfg` and save the final model in `cfg.output_dir`.
 
@@ -696,10 +715,14 @@ def train(
     `prepare(model, batches, step) -> batches` runs before the gradient pass of each step:
     online methods generate and score their completions there, so the unit count (e.g.
     completion tokens) is known before any micro-batch is weighted.
+    `updates_per_step` (GRPO's num_iterations) runs that many optimiser updates on the
+    step's prepared batches; the scheduler still moves once per step.
+    `eval_fn(model) -> metrics` replaces the mean loss on `eval_examples` as the evaluation
+    run before the first step, every `eval_steps` and at the end (online methods: the reward
+    of greedy completions of the held-out prompts).
     """
     from accelerate.utils import set_seed
     from alignkit.progress import progress
-    from transformers import get_scheduler
 
     accelerator = accelerator or make_accelerator(cfg, name)
     derived_metrics = derived_metrics or (lambda m: {})
@@ -717,18 +740,14 @@ def train(
         "world_size": world,
         "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum,
-        "config": dataclasses.asdict(cfg),
+        "config": config_dict(cfg),  # JSON values: a Path given through the Python API becomes its text
     }
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel updates all parameters in one pass: ~5x faster than foreach on CPU.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    kwargs = {"min_lr_rate": cfg.min_lr_ratio} if cfg.lr_scheduler == "cosine_with_min_lr" else None
-    scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps, scheduler_specific_kwargs=kwargs,
-    )
+    scheduler = make_scheduler(cfg, optimizer, total_steps)
     # The scheduler is stepped by hand once per optimiser step; accelerate's wrapper would
     # step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -748,13 +767,23 @@ def train(
                          precision=accelerator.mixed_precision)
     log = MetricLog(accelerator, out / "metrics.jsonl", result.history, start_step)
 
+    def run_eval() -> dict[str, float]:
+        if eval_fn is None:
+            return evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)
+        model.eval()
+        with torch.no_grad():
+            metrics = eval_fn(model)
+        model.train()
+        return metrics
+
     if eval_examples and start_step == 0:
-        ev = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)
+        ev = run_eval()
         result.initial_eval_metrics = {**ev, **derived_metrics(ev)}
         log({"step": 0, **{f"eval/{k}": v for k, v in result.initial_eval_metrics.items()}})
     model.train()
     window: dict[str, float] = {}
     window_steps, window_tokens, window_start = 0, 0.0, time.perf_counter()
+    stop_on_nan = cfg.on_nan == "stop"
     bar = progress(total=total_steps, initial=start_step, desc=name, unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
@@ -766,28 +795,33 @@ def train(
         batches = [_to_device(collate([examples[i] for i in g]), accelerator.device) for g in groups]
         if prepare is not None:
             batches = prepare(model, batches, step)
-        sums, step_count, bad_ids = accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator)
-        window_tokens += sums.pop("_tokens")
-        if cfg.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
-        flags = accelerator.reduce(torch.tensor([float(bool(bad_ids)), float(not torch.isfinite(grad_norm))], device=accelerator.device), "sum")
-        if float(flags.sum()) > 0 or step_count == 0:
-            what = "loss" if float(flags[0]) > 0 else ("gradient" if step_count > 0 else "count of loss units (0)")
-            if cfg.on_nan == "stop" and step_count > 0:
-                raise TrainingError(
-                    f"step {step + 1}: non-finite {what} (example ids {bad_ids or indices}); "
-                    "stopped so that no NaN is averaged into the weights. Set on_nan=skip to skip such steps."
-                )
-            result.skipped_steps += 1
+        skipped = False
+        for _ in range(updates_per_step):  # the metrics logged are the last update's
+            sums, step_count, bad_ids = accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator)
+            window_tokens += sums.pop("_tokens")
+            if cfg.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
+            flags = accelerator.reduce(torch.tensor([float(bool(bad_ids)), float(not torch.isfinite(grad_norm))], device=accelerator.device), "sum")
+            if float(flags.sum()) > 0 or step_count == 0:
+                what = "loss" if float(flags[0]) > 0 else ("gradient" if step_count > 0 else "count of loss units (0)")
+                if stop_on_nan and step_count > 0:
+                    raise TrainingError(
+                        f"step {step + 1}: non-finite {what} (example ids {bad_ids or indices}); "
+                        "stopped so that no NaN is averaged into the weights. Set on_nan=skip to skip such steps."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                skipped = True
+                break
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if skipped:  # the rest of the step's updates are dropped with the bad one
+            result.skipped_steps += 1
             scheduler.step()
             bar.update(1)
             continue
-        optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         result.train_seconds += time.perf_counter() - step_start
 
         step_sums = accelerator.reduce(torch.tensor([step_count] + [sums[k] for k in sorted(sums)], dtype=torch.float64, device=accelerator.device), "sum") if world > 1 else None
@@ -814,14 +848,14 @@ def train(
             bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{record['train/lr']:.2e}", refresh=False)
             window, window_steps, window_tokens, window_start = {}, 0, 0.0, time.perf_counter()
         if eval_examples and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != total_steps:
-            ev = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)
+            ev = run_eval()
             log({"step": done, **{f"eval/{k}": v for k, v in {**ev, **derived_metrics(ev)}.items()}})
         if cfg.save_steps > 0 and (done % cfg.save_steps == 0 or done == total_steps):
             save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, done, meta)
     bar.close()
 
     if eval_examples:
-        ev = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)
+        ev = run_eval()
         result.eval_metrics = {**ev, **derived_metrics(ev)}
         log({"step": total_steps, **{f"eval/{k}": v for k, v in result.eval_metrics.items()}})
     if accelerator.is_main_process:

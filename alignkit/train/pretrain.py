@@ -15,6 +15,7 @@ import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary, say
 from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, resolve_resume, train
@@ -42,6 +43,15 @@ class PretrainConfig(TrainConfig):
     """Transformer blocks for model=tiny."""
     tiny_heads: int = 4
     """Attention heads for model=tiny."""
+    truncation: Literal["left", "error"] = "left"
+    """With packing false, an over-long document loses its end (left: counted) or stops the run naming it (error)."""
+
+    def validate(self) -> None:
+        from alignkit.config import ConfigError
+
+        super().validate()
+        if self.packing and self.truncation == "error":  # packed blocks are never over-long: the key would do nothing
+            raise ConfigError("truncation error applies to packing false (packed blocks are cut to max_length by design)")
 
 
 def perplexity(metrics: dict[str, float]) -> dict[str, float]:
@@ -67,9 +77,9 @@ def run(cfg: PretrainConfig) -> TrainResult:
     tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
     model = load_trainable_model(cfg, resume_from)
 
-    examples, report = tokenize_text(train_records, tokenizer, cfg.max_length, packing=cfg.packing)
+    examples, report = tokenize_text(train_records, tokenizer, cfg.max_length, cfg.packing, cfg.truncation)
     report.check_not_all_truncated(cfg.data, cfg.max_length)
-    eval_examples, _ = tokenize_text(eval_records, tokenizer, cfg.max_length, packing=cfg.packing)
+    eval_examples, _ = tokenize_text(eval_records, tokenizer, cfg.max_length, cfg.packing, cfg.truncation)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(examples)} blocks of <= {cfg.max_length} tokens; {report}")
     result = train(

@@ -29,6 +29,11 @@ from alignkit.train.loop import TrainConfig, TrainResult, make_accelerator, reso
 class RewardConfig(TrainConfig):
     """A scalar reward model trained on preference or ranking data."""
 
+    lora_r: int = 0
+    """LoRA is not supported for reward models yet: any value but 0 is refused."""
+    lora_alpha: float = 0.0
+    """LoRA is not supported for reward models yet: any value but 0 is refused."""
+
     lr: float = 1e-4
     """Peak learning rate (AdamW)."""
     data_kind: Literal["preference", "ranking"] = "preference"
@@ -86,8 +91,8 @@ def run(cfg: RewardConfig) -> TrainResult:
     from alignkit.models.load import load_tokenizer
 
     require(cfg, "model", "data")
-    if cfg.lora_r > 0:
-        raise ValueError("rm: LoRA reward models are not supported yet; set lora_r=0")
+    if cfg.lora_r > 0 or cfg.lora_alpha:
+        raise ValueError("rm: LoRA reward models are not supported yet; set lora_r=0 and lora_alpha=0")
     train_records, eval_records = load_train_eval(cfg, cfg.data_kind)
     resume_from = resolve_resume(cfg)
     source = str(resume_from) if resume_from else cfg.model

@@ -240,7 +240,7 @@ def test_fsdp_through_accelerate_gives_the_ddp_loss_curve(runs, tiny_model_dir, 
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-4, (a, b)
 
 
-GRPO_ARGS = dict(reward="tests.train.test_grpo:contains_seven", num_generations=4, grad_accum=1, max_steps=3,
+GRPO_ARGS = dict(reward="tests.helpers:contains_seven", num_generations=4, grad_accum=1, max_steps=3,
                  lr=1e-2, max_new_tokens=6, max_length=64, seed=3, log_steps=1, eval_fraction=0.0)
 
 
@@ -276,7 +276,7 @@ def test_ppo_epoch_is_as_many_steps_on_two_processes_as_on_one(tiny_model_dir, t
     3 steps to the epoch on 2 processes as on 1 (it was 2 on 2 processes: half the data unseen)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What is {a}+{a % 5}?"}) + "\n" for a in range(10)))
-    torchrun("ppo", dict(model=tiny_model_dir, data=prompts, reward="tests.train.test_grpo:contains_seven", epochs=1,
+    torchrun("ppo", dict(model=tiny_model_dir, data=prompts, reward="tests.helpers:contains_seven", epochs=1,
                          rollout_batch_size=4, batch_size=2, ppo_epochs=1, max_new_tokens=4, log_steps=1, seed=3,
                          output_dir=tmp_path / "ppo"))
     assert [r["step"] for r in _records(tmp_path / "ppo")] == [1, 2, 3]
@@ -291,7 +291,7 @@ def test_rejection_sampling_two_processes_equal_one_process(tiny_model_dir, tmp_
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What is {a}+{a % 5}?"}) + "\n" for a in range(7)))
-    args = dict(model=tiny_model_dir, data=prompts, reward="tests.train.test_grpo:contains_seven", num_samples=4,
+    args = dict(model=tiny_model_dir, data=prompts, reward="tests.helpers:contains_seven", num_samples=4,
                 max_new_tokens=6, require_eos=False, epochs=1, lr=1e-2, seed=3, eval_fraction=0.0, max_length=64,
                 generation_batch_size=8)
     bon.run(bon.BoNConfig(**{**args, "model": str(tiny_model_dir), "data": str(prompts), "reward": [args["reward"]],
@@ -387,7 +387,7 @@ def test_ppo_two_processes_equal_one_process(tiny_model_dir, tmp_path, one_threa
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What is {a}+{a % 5}?"}) + "\n" for a in range(13)))
-    args = dict(model=tiny_model_dir, data=prompts, reward="tests.train.test_grpo:contains_seven", max_steps=3,
+    args = dict(model=tiny_model_dir, data=prompts, reward="tests.helpers:contains_seven", max_steps=3,
                 rollout_batch_size=8, batch_size=4, ppo_epochs=2, max_new_tokens=5, lr=5e-3, beta=0.05,
                 target_kl=0.5, kl_horizon=20.0, log_steps=1, seed=3)
     ppo.run(ppo.PPOConfig(**{**args, "model": str(tiny_model_dir), "data": str(prompts), "reward": [args["reward"]],

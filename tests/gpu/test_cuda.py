@@ -66,7 +66,7 @@ def test_grpo_on_cuda_bf16(tiny_model_dir, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"What is {a}+1?"}) + "\n" for a in range(32)))
     out = tmp_path / "o"
     result = grpo.run(grpo.GRPOConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(out),
-                                      reward=["tests.train.test_grpo:digit_fraction"], num_generations=4,
+                                      reward=["tests.helpers:digit_fraction"], num_generations=4,
                                       batch_size=16, max_new_tokens=8, lr=1e-2, beta=0.04, max_steps=20, log_steps=1,
                                       eval_fraction=0.0))
     assert result.device.startswith("cuda") and result.precision == "bf16"

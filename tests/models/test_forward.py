@@ -171,3 +171,34 @@ def test_shared_prompt_first_rejected_token_is_predicted_by_the_prompt(tiny_mode
                 lp, _ = forward_logprobs(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
                 alone.append(float((lp[0] * torch.tensor(m[1:])).sum()))
     torch.testing.assert_close(got, torch.tensor(alone), atol=1e-5, rtol=0)
+
+
+def test_pads_inside_a_row_are_masked_out(tiny_model_dir):
+    """A row with pads in its middle scores its real tokens as the row without them does.
+
+    Left or right padding cannot pin the attention mask: position ids that restart or stall
+    at the pads make transformers (5.x) treat them as separate packed sequences even with no
+    mask. Here the positions run 0 1 2 2 2 3 4 5 6, so only the mask hides the two pads from
+    the tokens after them (without it, those tokens see the pads and not the prefix).
+    """
+    from alignkit.models.forward import sequence_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a random model is near uniform: perturb it so that context matters
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    row = ROWS[0]  # [1, 40, 41, 42, 43, 44, 45]
+    ids = torch.tensor([row[:3] + [0, 0] + row[3:], row + [0, 0]])  # middle-padded; right-padded
+    mask = torch.tensor([[1, 1, 1, 0, 0, 1, 1, 1, 1], [1] * 7 + [0, 0]])
+    with torch.no_grad():
+        alone, _ = forward_logprobs(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))
+        lp, _ = forward_logprobs(model, ids, mask)
+        # Targets 40, 41 and 43, 44, 45; 42 is predicted by a pad column, so it has no counterpart.
+        torch.testing.assert_close(lp[0, [0, 1, 5, 6, 7]], alone[0, [0, 1, 3, 4, 5]], atol=1e-5, rtol=0)
+        # sequence_logprobs runs the head on response columns only (`logits_to_keep`): the same holds.
+        loss_mask = torch.tensor([[0] * 6 + [1] * 3, [0] * 4 + [1] * 3 + [0, 0]])  # 43, 44, 45 in both rows
+        got, counts = sequence_logprobs(model, {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask})
+    expected = alone[0, 3:].sum()
+    torch.testing.assert_close(got, expected.repeat(2), atol=1e-5, rtol=0)
+    assert counts.tolist() == [3, 3]

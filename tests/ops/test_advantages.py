@@ -198,3 +198,10 @@ def test_adaptive_kl_beta(observed, expected):
 def test_adaptive_kl_beta_accepts_tensor():
     beta = adaptive_kl_beta(0.1, torch.tensor(6.6), 6.0, 10_000, 256)
     assert isinstance(beta, float) and beta == pytest.approx(0.100256, rel=1e-6)
+
+
+def test_rloo_scaled_by_the_group_std_by_hand():
+    # rewards 1, 2, 6: leave-one-out advantages -3, -1.5, 4.5; mean 3, sample variance
+    # ((-2)^2 + (-1)^2 + 3^2) / 2 = 7, so each is divided by sqrt(7)
+    scaled = rloo_advantages(torch.tensor([1.0, 2.0, 6.0]), 3, scale_by_std=True, eps=0.0)
+    torch.testing.assert_close(scaled, torch.tensor([-3.0, -1.5, 4.5]) / 7 ** 0.5)

@@ -75,6 +75,8 @@ def test_online_with_kl_in_the_reward_reaches_pi_star(problem, method, beta, tmp
     """
     result = problem.evaluate(exact.train(method, problem, beta, tmp_path / method), beta)
     assert result["tv"] < 0.05, result
+    if method == "rloo" and beta == 1.0:  # `alignkit rloo --beta 1` with RLOO's own defaults (TRL 1.16: 0.011)
+        assert result["tv"] <= 0.02, result
 
 
 def test_dpo_reaches_pi_star_and_its_implicit_reward_is_r(problem, tmp_path):

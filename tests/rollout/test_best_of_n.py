@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from alignkit.data import tokenize_prompts
 from alignkit.rollout.best_of_n import best_of_n, sample_and_score
-from tests.train.test_grpo import digit_fraction
+from tests.helpers import digit_fraction
 
 PROMPTS = [f"What is {a}+{a % 5}?" for a in range(16)]
 EOS = 2

@@ -11,10 +11,10 @@ from alignkit.data import tokenize_prompts
 from alignkit.rollout.best_of_n import Samples, sample_and_score
 from alignkit.train import bon
 from alignkit.train.loop import TrainingError
-from tests.train.test_grpo import _prompts, digit_fraction
+from tests.helpers import digit_fraction, prompts_file
 
 EOS = 2
-REWARD = "tests.train.test_grpo:digit_fraction"
+REWARD = "tests.helpers:digit_fraction"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +40,7 @@ def _rows(path):
 
 def test_two_rounds_raise_the_reward_of_fresh_samples(tiny_model_dir, tiny_tokenizer, tmp_path):
     out = tmp_path / "o"
-    result = bon.run(_cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), out, rounds=2))
+    result = bon.run(_cfg(tiny_model_dir, prompts_file(tmp_path / "p.jsonl"), out, rounds=2))
     before, after = _fresh_reward(tiny_model_dir, tiny_tokenizer), _fresh_reward(out, tiny_tokenizer)
     # Measured over seeds 1-6: 0.22 -> 0.46..0.55.
     assert after > before + 0.15, (before, after)
@@ -65,7 +65,7 @@ def test_two_rounds_raise_the_reward_of_fresh_samples(tiny_model_dir, tiny_token
 
 
 def test_impossible_threshold_keeps_nothing_and_says_so(tiny_model_dir, tmp_path, capsys):
-    cfg = _cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), tmp_path / "o", keep="threshold", threshold=2.0,
+    cfg = _cfg(tiny_model_dir, prompts_file(tmp_path / "p.jsonl"), tmp_path / "o", keep="threshold", threshold=2.0,
                require_eos=True, eval_fraction=0.0)
     with pytest.raises(TrainingError, match=r"0 of 768 completions kept .*threshold 2.0.*nothing to fine-tune on"):
         bon.run(cfg)
@@ -99,7 +99,7 @@ def test_training_examples_are_the_sampled_ids(tiny_tokenizer):
 
 
 def test_resume_auto_skips_finished_rounds(tiny_model_dir, tmp_path):
-    data = _prompts(tmp_path / "p.jsonl")
+    data = prompts_file(tmp_path / "p.jsonl")
     bon.run(_cfg(tiny_model_dir, data, tmp_path / "full", rounds=2, epochs=1))
     bon.run(_cfg(tiny_model_dir, data, tmp_path / "cut", rounds=1, epochs=1))  # as if stopped after round 0
     lines = (tmp_path / "cut/round-0/metrics.jsonl").read_text()

@@ -2,7 +2,6 @@
 
 import copy
 import json
-import random
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -13,26 +12,10 @@ from alignkit.models.forward import sequence_logprobs
 from alignkit.models.load import apply_lora
 from alignkit.train import dpo
 from alignkit.train.reference import make_reference, precompute_reference, reference_sequence_logprobs
+from tests.helpers import assert_same_step, perturbed_model, preference_file
 
 PAIRS = [{"prompt": f"What is {a}+{b}?", "chosen": f" The answer is {a + b}.", "rejected": f" It is {a * b + 1} or so",
           "_where": f"<t>:{a}"} for a, b in [(1, 2), (3, 4), (10, 7), (21, 5)]]
-
-
-def _perturbed(model_dir, seed=0):
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def assert_same_step(first, second):
-    """Two (loss, metrics, gradient) results of one step in two layouts: equal to 1e-5 (metrics 1e-4)."""
-    (loss_a, m_a, grad_a), (loss_b, m_b, grad_b) = first, second
-    assert abs(float(loss_a - loss_b)) <= 1e-5
-    assert all(abs(float(m_a[k] - m_b[k])) <= 1e-4 for k in m_b)
-    assert float((grad_a - grad_b).abs().max()) <= 1e-5 * max(1.0, float(grad_b.abs().max()))
 
 
 def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, tiny_tokenizer):
@@ -41,7 +24,7 @@ def test_precomputed_reference_equals_on_the_fly(tiny_model_dir, tiny_tokenizer)
     cfg = dpo.DPOConfig(beta=0.3)
     results = []
     for precompute in (False, True):
-        policy = _perturbed(tiny_model_dir)
+        policy = perturbed_model(tiny_model_dir)
         exs = copy.deepcopy(examples)
         if precompute:
             precompute_reference(reference, policy, exs, lambda b: pad_groups(b, 0), 3, "cpu")
@@ -100,7 +83,7 @@ def test_shared_prompt_step_equals_separate_rows(tiny_model_dir, tiny_tokenizer)
         for precompute in (False, True):
             results = []
             for pad in (pad_shared_prompt, pad_groups):
-                policy = _perturbed(tiny_model_dir)
+                policy = perturbed_model(tiny_model_dir)
                 exs = copy.deepcopy(examples)
                 if precompute:
                     precompute_reference(reference, policy, exs, lambda b: pad(b, 0), 3, "cpu")
@@ -129,19 +112,9 @@ def test_lora_reference_with_adapters_disabled_equals_frozen_base(tiny_model_dir
         torch.testing.assert_close(reference_sequence_logprobs(reference, policy, batch), expected, atol=1e-6, rtol=0)  # ...and are off here
 
 
-def _preference_file(path, n, seed):
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            a, b = rng.randint(0, 49), rng.randint(0, 49)
-            f.write(json.dumps({"prompt": f"What is {a}+{b}?", "chosen": f" The answer is {a + b}.",
-                                "rejected": f" {a}{b} maybe"}) + "\n")
-    return path
-
-
 def test_dpo_learns_held_out_preferences(tiny_model_dir, tmp_path):
-    train_file = _preference_file(tmp_path / "train.jsonl", 64, 0)
-    eval_file = _preference_file(tmp_path / "eval.jsonl", 32, 1)
+    train_file = preference_file(tmp_path / "train.jsonl", 64, 0)
+    eval_file = preference_file(tmp_path / "eval.jsonl", 32, 1)
     result = dpo.run(dpo.DPOConfig(model=str(tiny_model_dir), data=str(train_file), eval_data=str(eval_file),
                                    output_dir=str(tmp_path / "o"), max_steps=30, batch_size=8, lr=3e-3, beta=0.1,
                                    precompute_ref=True, log_steps=10))
@@ -156,7 +129,7 @@ def test_dpo_learns_held_out_preferences(tiny_model_dir, tmp_path):
 def test_dpo_resume_at_step_7_of_20_equals_uninterrupted(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    data = _preference_file(tmp_path / "train.jsonl", 24, 0)
+    data = preference_file(tmp_path / "train.jsonl", 24, 0)
 
     def cfg(out, **kw):
         return dpo.DPOConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(out), max_steps=20, batch_size=4,
@@ -175,7 +148,7 @@ def test_dpo_resume_at_step_7_of_20_equals_uninterrupted(tiny_model_dir, tmp_pat
 
 
 def test_share_prompt_off_trains_the_same(tiny_model_dir, tmp_path):
-    data = _preference_file(tmp_path / "train.jsonl", 16, 0)
+    data = preference_file(tmp_path / "train.jsonl", 16, 0)
     losses = {}
     for share in (True, False):
         result = dpo.run(dpo.DPOConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / str(share)),

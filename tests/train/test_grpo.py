@@ -7,29 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from alignkit.train import grpo
-
-DIGITS = set("0123456789")
-
-
-def digit_fraction(prompts, completions, **_):
-    """A reward a random model can climb: the share of digits in the completion."""
-    return [sum(ch in DIGITS for ch in c) / max(len(c), 1) for c in completions]
-
-
-def contains_seven(prompts, completions, **_):
-    """A verifiable reward: 1 when the completion contains the target token '7'."""
-    return [1.0 if "7" in c else 0.0 for c in completions]
-
-
-def _prompts(path, n=48):
-    with path.open("w") as f:
-        for a in range(n):
-            f.write(json.dumps({"prompt": f"What is {a}+{a % 5}?", "answer": a + a % 5}) + "\n")
-    return path
+from tests.helpers import prompts_file
 
 
 def _cfg(model_dir, data, out, **kw):
-    base = dict(model=str(model_dir), data=str(data), output_dir=str(out), reward=["tests.train.test_grpo:digit_fraction"],
+    base = dict(model=str(model_dir), data=str(data), output_dir=str(out), reward=["tests.helpers:digit_fraction"],
                 num_generations=4, batch_size=16, max_new_tokens=8, lr=1e-2, beta=0.0, log_steps=1, seed=1,
                 eval_fraction=0.0)
     return grpo.GRPOConfig(**{**base, **kw})
@@ -42,7 +24,7 @@ def _history(out):
 @pytest.mark.parametrize("batch_size,grad_accum", [(16, 1), (8, 2), (4, 4)])
 def test_first_update_is_on_policy(tiny_model_dir, tmp_path, batch_size, grad_accum):
     out = tmp_path / "o"
-    grpo.run(_cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), out, max_steps=1, beta=0.04, temperature=0.8,
+    grpo.run(_cfg(tiny_model_dir, prompts_file(tmp_path / "p.jsonl"), out, max_steps=1, beta=0.04, temperature=0.8,
                   batch_size=batch_size, grad_accum=grad_accum))
     first = _history(out)[0]
     assert first["train/sampler_logprob_gap"] < 1e-5  # sampler and learner agree on every token
@@ -52,8 +34,8 @@ def test_first_update_is_on_policy(tiny_model_dir, tmp_path, batch_size, grad_ac
 
 def test_grpo_climbs_a_verifiable_reward(tiny_model_dir, tmp_path):
     out = tmp_path / "o"
-    logs = grpo.run(_cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), out, max_steps=30, beta=0.04,
-                         reward=["tests.train.test_grpo:contains_seven"])).history
+    logs = grpo.run(_cfg(tiny_model_dir, prompts_file(tmp_path / "p.jsonl"), out, max_steps=30, beta=0.04,
+                         reward=["tests.helpers:contains_seven"])).history
     rewards = [h["train/reward"] for h in logs if "train/reward" in h]
     early, late = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert late > early + 0.3, (early, late)
@@ -62,14 +44,14 @@ def test_grpo_climbs_a_verifiable_reward(tiny_model_dir, tmp_path):
 
 def test_rloo_and_token_level_loss_also_learn(tiny_model_dir, tmp_path):
     out = tmp_path / "o"
-    grpo.run(grpo.RLOOConfig(**{**_cfg(tiny_model_dir, _prompts(tmp_path / "p.jsonl"), out, max_steps=30).__dict__,
+    grpo.run(grpo.RLOOConfig(**{**_cfg(tiny_model_dir, prompts_file(tmp_path / "p.jsonl"), out, max_steps=30).__dict__,
                                 "advantage": "rloo", "loss_level": "token"}))
     rewards = [h["train/reward"] for h in _history(out) if "train/reward" in h]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.15
 
 
 def test_grpo_resume_replays_the_same_samples(tiny_model_dir, tmp_path):
-    data = _prompts(tmp_path / "p.jsonl")
+    data = prompts_file(tmp_path / "p.jsonl")
     grpo.run(_cfg(tiny_model_dir, data, tmp_path / "full", max_steps=6, save_steps=3, beta=0.04))
     grpo.run(_cfg(tiny_model_dir, data, tmp_path / "resumed", max_steps=6, beta=0.04,
                   resume=str(tmp_path / "full/checkpoint-3")))
@@ -108,7 +90,7 @@ def test_kl_in_reward_enters_the_advantages_not_the_loss(tiny_model_dir, tmp_pat
         with torch.no_grad():
             return fn(ref)
 
-    rollouts = grpo.Rollouts(cfg, tokenizer, [load_reward_fn("tests.train.test_grpo:digit_fraction")], reference,
+    rollouts = grpo.Rollouts(cfg, tokenizer, [load_reward_fn("tests.helpers:digit_fraction")], reference,
                              make_accelerator(cfg, "grpo"))
     examples, _ = tokenize_prompts([{"prompt": "What is 1+2?"}, {"prompt": "What is 3+4?"}], tokenizer, 64)
     (batch,) = rollouts(policy, [grpo.collate_prompts(examples, tokenizer.pad_token_id)], step=0)
@@ -123,3 +105,51 @@ def test_kl_in_reward_enters_the_advantages_not_the_loss(tiny_model_dir, tmp_pat
     loss_without, _ = grpo.make_policy_step(cfg)(policy, plain)
     torch.testing.assert_close(loss, loss_without)
     assert "reward_with_kl" in metrics
+
+
+def _weights(out):
+    return load_file(out / "model.safetensors")
+
+
+def test_num_iterations_makes_the_clip_act(tiny_model_dir, tmp_path, one_thread):
+    """mu = 1: the ratio is exactly 1, so clip_eps changes nothing (bitwise). mu = 2: the second
+    update on the same samples has moved pi away from the sampler, the clip bites (clipfrac > 0)
+    and the weights depend on clip_eps."""
+    data = prompts_file(tmp_path / "p.jsonl", n=8)
+    runs = {}
+    for mu in (1, 2):
+        for eps in (0.05, 10.0):
+            out = tmp_path / f"mu{mu}-eps{eps}"
+            grpo.run(_cfg(tiny_model_dir, data, out, max_steps=1, num_iterations=mu, clip_eps=eps, lr=5e-2,
+                          max_grad_norm=0.0))
+            runs[mu, eps] = (_history(out)[0]["train/clipfrac"], _weights(out))
+    assert runs[1, 0.05][0] == 0.0
+    assert all(torch.equal(runs[1, 0.05][1][k], runs[1, 10.0][1][k]) for k in runs[1, 0.05][1])
+    assert runs[2, 0.05][0] > 0.05, runs[2, 0.05][0]  # logged metrics are the last (second) update's
+    assert runs[2, 10.0][0] == 0.0  # nothing is that far from the sampler
+    diff = max(float((runs[2, 0.05][1][k] - runs[2, 10.0][1][k]).abs().max()) for k in runs[2, 0.05][1])
+    assert diff > 1e-4, diff
+
+
+def test_k1_in_the_loss_is_refused_and_rloo_defaults_put_it_in_the_reward():
+    from alignkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="kl_estimator k1 in the loss has zero expected gradient"):
+        grpo.GRPOConfig(beta=0.1, kl_estimator="k1").validate()
+    rloo = grpo.RLOOConfig()
+    assert (rloo.kl_in_reward, grpo.resolved_kl_estimator(rloo), rloo.loss_level, rloo.advantage) == (
+        True, "k1", "token", "rloo")
+    assert grpo.resolved_kl_estimator(grpo.GRPOConfig()) == "k3"
+
+
+def test_kl_estimators_in_the_reward_come_from_the_registry():
+    # log pi - log pi_ref = d = [0.5, -0.25] on the kept tokens: k2 = d^2 / 2, k3 = e^-d - 1 + d
+    import math
+
+    rewards, logprobs = torch.tensor([1.0]), torch.tensor([[-1.0, -2.0, 0.0]])
+    ref, mask = torch.tensor([[-1.5, -1.75, -9.0]]), torch.tensor([[1, 1, 0]])
+    k2 = 0.5 * (0.5 ** 2 + 0.25 ** 2)
+    k3 = (math.exp(-0.5) - 1 + 0.5) + (math.exp(0.25) - 1 - 0.25)
+    for name, kl in (("k1", 0.25), ("k2", k2), ("k3", k3)):
+        torch.testing.assert_close(grpo.kl_penalised_rewards(rewards, logprobs, ref, mask, 2.0, name),
+                                   torch.tensor([1.0 - 2.0 * kl]))

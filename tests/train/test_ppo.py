@@ -8,7 +8,7 @@ import pytest
 from alignkit.models.reward import RewardModel
 from alignkit.rollout.sampler import sample
 from alignkit.train import ppo, reward
-from tests.train.test_grpo import _prompts, contains_seven
+from tests.helpers import contains_seven, prompts_file
 
 
 def _seven_preferences(path, n, seed):
@@ -25,7 +25,7 @@ def _seven_preferences(path, n, seed):
     return path
 
 
-def _sampled_scores(model_dir, prompts_file, rm, per_prompt=4):
+def _sampled_scores(model_dir, prompts_path, rm, per_prompt=4):
     """Mean reward-model score and gold reward of sampled completions (fixed seed) of every prompt."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -34,7 +34,7 @@ def _sampled_scores(model_dir, prompts_file, rm, per_prompt=4):
     from alignkit.models.load import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
-    examples, _ = tokenize_prompts(load_records(str(prompts_file), "prompts"), tok, 64)
+    examples, _ = tokenize_prompts(load_records(str(prompts_path), "prompts"), tok, 64)
     batch = pad_batch(examples, tok.pad_token_id, side="left")
     roll = sample(AutoModelForCausalLM.from_pretrained(model_dir), batch["input_ids"].repeat_interleave(per_prompt, 0),
                   batch["attention_mask"].repeat_interleave(per_prompt, 0), max_new_tokens=8,
@@ -51,10 +51,10 @@ def test_ppo_raises_the_reward_model_score(tiny_model_dir, tmp_path):
     reward.run(reward.RewardConfig(model=str(tiny_model_dir), data=str(_seven_preferences(tmp_path / "p.jsonl", 96, 0)),
                                    eval_data=str(_seven_preferences(tmp_path / "e.jsonl", 32, 1)), output_dir=str(rm_dir),
                                    max_steps=30, batch_size=8, lr=3e-3, log_steps=10))
-    prompts = _prompts(tmp_path / "prompts.jsonl")
+    prompts = prompts_file(tmp_path / "prompts.jsonl")
     history = ppo.run(ppo.PPOConfig(model=str(tiny_model_dir), data=str(prompts), output_dir=str(tmp_path / "ppo"),
                                     reward=[str(rm_dir)], max_steps=30, rollout_batch_size=16, batch_size=8,
-                                    ppo_epochs=4, max_new_tokens=8, lr=5e-3, beta=0.02, log_steps=1, seed=1))
+                                    ppo_epochs=4, max_new_tokens=8, lr=5e-3, beta=0.02, log_steps=1, seed=1)).history
     rm = RewardModel.load(str(rm_dir))
     before = _sampled_scores(tiny_model_dir, prompts, rm)
     after = _sampled_scores(tmp_path / "ppo", prompts, rm)
@@ -80,33 +80,53 @@ def test_ppo_with_zero_advantage_leaves_policy_loss_and_kl_at_zero():
 @pytest.mark.parametrize("batch_size", [16, 4])
 def test_first_ppo_minibatch_is_on_policy(tiny_model_dir, tmp_path, batch_size):
     """pi_old comes from a no-grad pass over the whole rollout; the first minibatch recomputes it
-    on a slice in train mode: the ratio is 1 within 1e-6 and nothing is clipped, whatever the split."""
-    history = ppo.run(ppo.PPOConfig(model=str(tiny_model_dir), data=str(_prompts(tmp_path / "p.jsonl")),
-                                    output_dir=str(tmp_path / "ppo"), reward=["tests.train.test_grpo:contains_seven"],
+    on a slice: the ratio is 1 within 1e-6 and nothing is clipped, whatever the split."""
+    history = ppo.run(ppo.PPOConfig(model=str(tiny_model_dir), data=str(prompts_file(tmp_path / "p.jsonl")),
+                                    output_dir=str(tmp_path / "ppo"), reward=["tests.helpers:contains_seven"],
                                     max_steps=2, rollout_batch_size=16, batch_size=batch_size, ppo_epochs=2,
-                                    max_new_tokens=8, lr=5e-3, log_steps=1, seed=1))
+                                    max_new_tokens=8, lr=5e-3, log_steps=1, seed=1)).history
     for h in history:
         assert h["train/first_minibatch_ratio_dev"] < 1e-6 and h["train/first_minibatch_clipfrac"] == 0.0
 
 
 def _resume_cfg(model_dir, data, out, **kw):
     """Adaptive beta and a high lr: a resume that dropped beta or the optimizer state would show."""
-    base = dict(model=str(model_dir), data=str(data), output_dir=str(out), reward=["tests.train.test_grpo:contains_seven"],
+    base = dict(model=str(model_dir), data=str(data), output_dir=str(out), reward=["tests.helpers:contains_seven"],
                 rollout_batch_size=8, batch_size=4, ppo_epochs=2, max_new_tokens=6, lr=5e-3, beta=0.05, target_kl=0.5,
                 kl_horizon=20.0, log_steps=1, seed=3)
     return ppo.PPOConfig(**{**base, **kw})
 
 
+class _Killed(Exception):
+    pass
+
+
+def _run_killed_after(cfg, step):
+    """Run `cfg` as if killed right after it sealed checkpoint-`step`: the same max_steps, so the
+    same lr schedule, as the uninterrupted run it is compared with."""
+    real = ppo.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = real(*args, **kwargs)
+        if path.name == f"checkpoint-{step}":
+            raise _Killed
+        return path
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(_Killed):
+        mp.setattr(ppo, "save_checkpoint", save_then_die)
+        ppo.run(cfg)
+
+
 @pytest.fixture(scope="module")
 def stopped_run(tiny_model_dir, tmp_path_factory):
-    """A PPO run stopped after 2 of 4 steps, with checkpoint-1 and checkpoint-2 (12 prompts, 8 per step: steps 3-4 start the second epoch)."""
+    """A 4-step PPO run killed after step 2, with checkpoint-1 and checkpoint-2 (12 prompts, 8 per step: steps 3-4 start the second epoch)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ppo_resume")
-    data = _prompts(root / "p.jsonl", n=12)
-    ppo.run(_resume_cfg(tiny_model_dir, data, root / "stopped", max_steps=2, save_steps=1))
+    data = prompts_file(root / "p.jsonl", n=12)
+    _run_killed_after(_resume_cfg(tiny_model_dir, data, root / "stopped", max_steps=4, save_steps=1), 2)
     yield root / "stopped", data
     torch.set_num_threads(threads)
 
@@ -122,9 +142,9 @@ def test_ppo_resumed_at_step_2_reproduces_the_uninterrupted_run(tiny_model_dir, 
     from safetensors.torch import load_file
 
     stopped, data = stopped_run
-    full = ppo.run(_resume_cfg(tiny_model_dir, data, tmp_path / "full", max_steps=4))
+    full = ppo.run(_resume_cfg(tiny_model_dir, data, tmp_path / "full", max_steps=4)).history
     resumed_dir = _copy_run(stopped, tmp_path / "resumed")
-    resumed = ppo.run(_resume_cfg(tiny_model_dir, data, resumed_dir, max_steps=4, resume="auto"))
+    resumed = ppo.run(_resume_cfg(tiny_model_dir, data, resumed_dir, max_steps=4, resume="auto")).history
     assert [h["step"] for h in resumed] == [3, 4]
     assert resumed == full[2:]  # every metric, beta included, after step 2
     assert full[-1]["train/beta"] != 0.05  # the adaptive beta moved, so its restoration is tested
@@ -174,7 +194,7 @@ def test_ppo_resume_refuses_a_changed_rollout_batch_size(tiny_model_dir, tmp_pat
     changed = dict(max_steps=3, resume="auto", rollout_batch_size=4)
     with pytest.raises(TrainingError, match=r"batch_size: 8 -> 4.*allow_resume_mismatch"):
         ppo.run(_resume_cfg(tiny_model_dir, data, run_dir, **changed))
-    history = ppo.run(_resume_cfg(tiny_model_dir, data, run_dir, allow_resume_mismatch=True, **changed))
+    history = ppo.run(_resume_cfg(tiny_model_dir, data, run_dir, allow_resume_mismatch=True, **changed)).history
     assert [h["step"] for h in history] == [3]
 
 
@@ -191,11 +211,11 @@ def test_ppo_with_a_value_head_on_the_policy_backbone_learns_and_resumes(tiny_mo
         raise AssertionError("a separate critic was loaded")
 
     monkeypatch.setattr(alignkit.models.reward, "load_reward_backbone", no_critic_copy)
-    prompts = _prompts(tmp_path / "prompts.jsonl")
+    prompts = prompts_file(tmp_path / "prompts.jsonl")
     history = ppo.run(ppo.PPOConfig(model=str(tiny_model_dir), data=str(prompts), output_dir=str(tmp_path / "ppo"),
-                                    reward=["tests.train.test_grpo:contains_seven"], share_backbone=True, max_steps=30,
+                                    reward=["tests.helpers:contains_seven"], share_backbone=True, max_steps=30,
                                     rollout_batch_size=16, batch_size=8, ppo_epochs=4, max_new_tokens=8, lr=5e-3,
-                                    beta=0.02, vf_coef=0.1, log_steps=1, seed=1))
+                                    beta=0.02, vf_coef=0.1, log_steps=1, seed=1)).history
     first, last = history[:5], history[-5:]
     mean = lambda rows, k: sum(h[k] for h in rows) / len(rows)  # noqa: E731
     assert mean(last, "train/reward") > mean(first, "train/reward") + 0.3, (first, last)
@@ -203,9 +223,9 @@ def test_ppo_with_a_value_head_on_the_policy_backbone_learns_and_resumes(tiny_mo
     AutoModelForCausalLM.from_pretrained(tmp_path / "ppo")  # the policy alone, loadable by plain transformers
 
     cfg = lambda out, **kw: _resume_cfg(tiny_model_dir, prompts, out, share_backbone=True, **kw)  # noqa: E731
-    full = ppo.run(cfg(tmp_path / "full", max_steps=4))
-    ppo.run(cfg(tmp_path / "resumed", max_steps=2, save_steps=1))
-    resumed = ppo.run(cfg(tmp_path / "resumed", max_steps=4, resume="auto"))
+    full = ppo.run(cfg(tmp_path / "full", max_steps=4)).history
+    _run_killed_after(cfg(tmp_path / "resumed", max_steps=4, save_steps=1), 2)
+    resumed = ppo.run(cfg(tmp_path / "resumed", max_steps=4, resume="auto")).history
     assert resumed == full[2:]
     for name in ("model.safetensors", ppo.VALUE_HEAD_FILE):
         a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "resumed" / name)
@@ -235,3 +255,186 @@ def test_shared_backbone_values_read_the_policy_hidden_state_at_each_column(tiny
                               position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
     torch.testing.assert_close(logprobs, expected_logprobs)
     torch.testing.assert_close(values, head.score(hidden[:, columns]).squeeze(-1))
+
+
+def prompt_number_and_length(prompts, completions, **_):
+    """A reward that tells prompts and completions apart: a in "What is a+b?" plus len(completion) / 100."""
+    return [float(p.split()[2].split("+")[0]) + len(c) / 100 for p, c in zip(prompts, completions)]
+
+
+def _small_cfg(model_dir, data, out, **kw):
+    base = dict(model=str(model_dir), data=str(data), output_dir=str(out), reward=["tests.helpers:digit_fraction"],
+                rollout_batch_size=8, batch_size=4, ppo_epochs=2, max_new_tokens=6, lr=1e-3, log_steps=1, seed=1)
+    return ppo.PPOConfig(**{**base, **kw})
+
+
+def test_ppo_lr_schedule_counts_optimiser_updates(tiny_model_dir, tmp_path, one_thread):
+    """lr_scheduler, warmup_ratio and min_lr_ratio act on PPO's optimiser updates. 12 prompts, 8 per
+    step: steps of 8, 4, 8 prompts; minibatches of 4, 2 epochs: 4 + 2 + 4 = 10 updates, of which
+    round(0.2 * 10) = 2 warm up from 0, then a cosine from lr down to min_lr_ratio * lr."""
+    import math
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    lrs = []  # the lr of every optimiser update, read just before it
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        result = ppo.run(_small_cfg(tiny_model_dir, prompts_file(tmp_path / "p.jsonl", n=12), tmp_path / "ppo",
+                                    max_steps=3, lr_scheduler="cosine_with_min_lr", warmup_ratio=0.2, min_lr_ratio=0.5))
+    finally:
+        hook.remove()
+    lr, warmup, total, floor = 1e-3, 2, 10, 0.5
+    cosine = [lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (i - warmup) / (total - warmup))))
+              for i in range(warmup, total)]
+    assert lrs == pytest.approx([0.0, 0.5e-3] + cosine, rel=1e-9, abs=1e-15)
+    assert lrs[2] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-3 * (0.5 + 0.25 * (1 + math.cos(7 * math.pi / 8))))
+    assert [h["train/lr"] for h in result.history] == pytest.approx([cosine[2], cosine[4], 0.5e-3])  # the next update's
+
+
+def test_ppo_grad_accum_splits_each_minibatch_without_changing_the_update(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          one_thread):
+    """grad_accum 2 runs each minibatch of 8 as two forwards of 4 whose gradients add up to the
+    minibatch's: every update's gradient (no clipping, so a wrong scale would show) and the final
+    policy and critic equal grad_accum 1's within 1e-6."""
+    import torch
+    from safetensors.torch import load_file
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    rows, grads = [], []
+    real_forward = ppo.PolicyAndValue.forward
+
+    def counting_forward(self, ids, *args):
+        rows.append(len(ids))
+        return real_forward(self, ids, *args)
+
+    monkeypatch.setattr(ppo.PolicyAndValue, "forward", counting_forward)
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, *_: grads.append(torch.cat([p.grad.flatten() for g in opt.param_groups for p in g["params"]])))
+    data = prompts_file(tmp_path / "p.jsonl", n=16)
+    runs = {}
+    try:
+        for k in (1, 2):
+            rows.clear()
+            ppo.run(_small_cfg(tiny_model_dir, data, tmp_path / f"accum{k}", max_steps=2, rollout_batch_size=16,
+                               batch_size=8, grad_accum=k, max_grad_norm=0.0, reward=["tests.helpers:digit_fraction"]))
+            runs[k] = (list(rows), list(grads))
+            grads.clear()
+    finally:
+        hook.remove()
+    assert runs[1][0] == [8] * 8 and runs[2][0] == [4] * 16  # 2 steps x 2 epochs x 2 minibatches
+    assert len(runs[1][1]) == len(runs[2][1]) == 8
+    for one, two in zip(runs[1][1], runs[2][1]):
+        assert float((one - two).abs().max()) <= 1e-6 * max(1.0, float(one.abs().max()))
+    for name in ("model.safetensors", "value/model.safetensors"):
+        a, b = load_file(tmp_path / "accum1" / name), load_file(tmp_path / "accum2" / name)
+        assert a.keys() == b.keys() and all(float((a[k] - b[k]).abs().max()) <= 1e-6 for k in a)
+
+
+def _poison_updates(monkeypatch, which):
+    """PPO's clipped policy loss turns NaN in the minibatch updates numbered in `which` (1-based, over the run)."""
+    real, calls = ppo.clipped_policy_loss, []
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) in which else loss), metrics
+
+    monkeypatch.setattr(ppo, "clipped_policy_loss", poisoned)
+
+
+def test_ppo_nan_loss_stops_naming_the_step(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    from alignkit.train.loop import TrainingError
+
+    _poison_updates(monkeypatch, {6})  # step 2 (4 updates per step), its second update
+    expected = r"step 2: non-finite loss in minibatch update 2 \(prompt ids \[.*\]\).*on_nan=skip"
+    with pytest.raises(TrainingError, match=expected):
+        ppo.run(_small_cfg(tiny_model_dir, prompts_file(tmp_path / "p.jsonl", n=16), tmp_path / "ppo", max_steps=2))
+
+
+def test_ppo_nan_skip_drops_only_that_update_and_counts_it(tiny_model_dir, tmp_path, monkeypatch, one_thread):
+    """on_nan skip: an update with a NaN loss leaves the weights (policy and critic backbone)
+    bitwise unchanged; with one bad update of four the run trains on, finite, and counts it."""
+    import torch
+    from safetensors.torch import load_file
+
+    data = prompts_file(tmp_path / "p.jsonl", n=8)
+    _poison_updates(monkeypatch, set(range(1, 5)))  # every update of the one step
+    result = ppo.run(_small_cfg(tiny_model_dir, data, tmp_path / "all", max_steps=1, on_nan="skip"))
+    assert result.skipped_steps == 4 and result.history[-1]["train/skipped_updates"] == 4
+    start = load_file(tiny_model_dir / "model.safetensors")
+    policy, critic = load_file(tmp_path / "all/model.safetensors"), load_file(tmp_path / "all/value/model.safetensors")
+    assert policy.keys() == start.keys() and all(torch.equal(policy[k], start[k]) for k in start)
+    backbone = [k for k in critic if k in start]
+    assert len(backbone) > 10 and all(torch.equal(critic[k], start[k]) for k in backbone)
+
+    _poison_updates(monkeypatch, {2})  # the second of four
+    result = ppo.run(_small_cfg(tiny_model_dir, data, tmp_path / "one", max_steps=1, on_nan="skip"))
+    assert result.skipped_steps == 1 and result.history[-1]["train/skipped_updates"] == 1
+    policy = load_file(tmp_path / "one/model.safetensors")
+    assert all(torch.isfinite(v).all() for v in policy.values())
+    assert any(not torch.equal(policy[k], start[k]) for k in start)  # the other three updates trained
+
+
+def _greedy_reward(model_dir, records, max_new_tokens):
+    """Mean `prompt_number_and_length` of each prompt's greedy completion, one prompt at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.data import tokenize_prompts
+    from alignkit.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    examples, _ = tokenize_prompts(records, tok, 256)
+    total = 0.0
+    for ex in examples:
+        ids = torch.tensor([ex["input_ids"]])
+        roll = sample(model, ids, torch.ones_like(ids), max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, temperature=0.0)
+        text = tok.decode(roll.completion_ids[0][roll.completion_mask[0].bool()], skip_special_tokens=True)
+        total += prompt_number_and_length([ex["prompt"]], [text])[0]
+    return total / len(examples)
+
+
+@pytest.mark.parametrize("held_out", ["eval_fraction", "eval_data"])
+def test_ppo_evaluates_greedy_reward_on_held_out_prompts(tiny_model_dir, tmp_path, held_out, one_thread):
+    """eval_fraction 0.25 of 16 prompts (eval_steps 1), or an eval_data file (eval_steps 0): greedy
+    completions of the held-out prompts scored at the start, every eval_steps and at the end, equal
+    to scoring them one by one with the starting and the trained model; 12 prompts are trained on
+    (6 per step, one epoch: 2 steps)."""
+    from alignkit.data import load_records
+    from alignkit.train.common import load_train_eval
+
+    if held_out == "eval_fraction":
+        keys = {"data": str(prompts_file(tmp_path / "p.jsonl", n=16)), "eval_fraction": 0.25, "eval_steps": 1}
+        eval_at = [0, 1, 2]
+    else:
+        other = tmp_path / "e.jsonl"
+        other.write_text("".join(json.dumps({"prompt": f"What is {a}+{a % 5}?"}) + "\n" for a in (20, 31, 42, 53)))
+        keys, eval_at = {"data": str(prompts_file(tmp_path / "p.jsonl", n=12)), "eval_data": str(other)}, [0, 2]
+    cfg = _small_cfg(tiny_model_dir, keys.pop("data"), tmp_path / "ppo", max_steps=0, epochs=1.0, rollout_batch_size=6,
+                     batch_size=3, lr=5e-2, reward=["tests.train.test_ppo:prompt_number_and_length"], **keys)
+    result = ppo.run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "ppo/metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/reward" in r]
+    assert [r["step"] for r in evals] == eval_at and [r["step"] for r in rows if "train/reward" in r] == [1, 2]
+    held = load_train_eval(cfg, "prompts")[1] if held_out == "eval_fraction" else load_records(str(other), "prompts")
+    before, after = _greedy_reward(tiny_model_dir, held, 6), _greedy_reward(tmp_path / "ppo", held, 6)
+    if held_out == "eval_fraction":  # the updates changed these greedy completions: "after" tests the final weights
+        assert before != after
+    assert evals[0]["eval/reward"] == pytest.approx(before, rel=1e-6)
+    assert evals[-1]["eval/reward"] == pytest.approx(after, rel=1e-6)
+    assert result.initial_eval_metrics["reward"] == evals[0]["eval/reward"]
+    assert result.eval_metrics == {k[len("eval/"):]: v for k, v in evals[-1].items() if k != "step"}
+
+
+def test_ppo_updates_run_without_dropout(tiny_model_dir, tmp_path, one_thread):
+    """A policy (and critic) with attention dropout 0.5: every forward is in eval mode, so the first
+    minibatch's ratio pi / pi_old is 1 within 1e-6 (in train mode dropout moves it by far more)."""
+    import shutil
+
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "dropout")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    history = ppo.run(_small_cfg(model_dir, prompts_file(tmp_path / "p.jsonl", n=8), tmp_path / "ppo", max_steps=1)).history
+    assert history[0]["train/first_minibatch_ratio_dev"] < 1e-6 and history[0]["train/first_minibatch_clipfrac"] == 0.0

@@ -1,0 +1,60 @@
+"""Plain helpers that several test modules share (fixtures live in conftest.py).
+
+The reward functions are also named by dotted path, e.g. reward="tests.helpers:contains_seven":
+a trainer imports them at run time, in torchrun workers and CLI subprocesses too.
+"""
+
+import json
+import random
+
+import torch
+from transformers import AutoModelForCausalLM
+
+DIGITS = set("0123456789")
+
+
+def digit_fraction(prompts, completions, **_):
+    """A reward a random model can climb: the share of digits in the completion."""
+    return [sum(ch in DIGITS for ch in c) / max(len(c), 1) for c in completions]
+
+
+def contains_seven(prompts, completions, **_):
+    """A verifiable reward: 1 when the completion contains the target token '7'."""
+    return [1.0 if "7" in c else 0.0 for c in completions]
+
+
+def prompts_file(path, n=48):
+    """n prompt records "What is a+(a % 5)?" with their `answer`, written to `path` (returned)."""
+    with path.open("w") as f:
+        for a in range(n):
+            f.write(json.dumps({"prompt": f"What is {a}+{a % 5}?", "answer": a + a % 5}) + "\n")
+    return path
+
+
+def preference_file(path, n, seed):
+    """n preference records (the right sum chosen, two digits run together rejected), written to `path`."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 49), rng.randint(0, 49)
+            f.write(json.dumps({"prompt": f"What is {a}+{b}?", "chosen": f" The answer is {a + b}.",
+                                "rejected": f" {a}{b} maybe"}) + "\n")
+    return path
+
+
+def perturbed_model(model_dir, seed=0):
+    """The model at `model_dir` with N(0, 0.05^2) noise on every weight: away from its reference."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def assert_same_step(first, second):
+    """Two (loss, metrics, gradient) results of one step in two layouts: equal to 1e-5 (metrics 1e-4)."""
+    (loss_a, m_a, grad_a), (loss_b, m_b, grad_b) = first, second
+    assert abs(float(loss_a - loss_b)) <= 1e-5
+    assert all(abs(float(m_a[k] - m_b[k])) <= 1e-4 for k in m_b)
+    assert float((grad_a - grad_b).abs().max()) <= 1e-5 * max(1.0, float(grad_b.abs().max()))
