@@ -84,6 +84,12 @@ def _prompt_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     return [next(without) if b else next(with_special) for b in has_bos]
 
 
+def prompt_length(loss_mask: list[int]) -> int:
+    """Tokens before the first loss token: the prompt of a [prompt | completion] row (all of it
+    when nothing is trained on)."""
+    return loss_mask.index(1) if 1 in loss_mask else len(loss_mask)
+
+
 def _too_long(record: dict, n: int, max_length: int) -> DataError:
     return DataError(record.get("_where", "<record>"), "prompt",
                      f"{n} tokens exceed max_length={max_length} (truncation: left would drop the oldest prompt tokens)")
@@ -201,7 +207,7 @@ def tokenize_responses(records: list[dict], tokenizer: Any, max_length: int,
 def _share_prompt(group: list[dict], bos: int | None, report: TruncationReport) -> None:
     """Give every response of a prompt the same prompt ids: a longer response may have
     left-truncated the prompt more, and the responses must differ only after the prompt."""
-    lengths = [g["loss_mask"].index(1) if 1 in g["loss_mask"] else len(g["loss_mask"]) for g in group]
+    lengths = [prompt_length(g["loss_mask"]) for g in group]
     shortest = min(lengths)
     for g, n in zip(group, lengths):
         if n == shortest:
@@ -247,7 +253,7 @@ def pad_shared_prompt(examples: list[dict], pad_token_id: int) -> dict[str, torc
     """
     prompts, responses = [], []
     for ex in examples:
-        starts = [m.index(1) if 1 in m else len(m) for m in ex["loss_masks"]]
+        starts = [prompt_length(m) for m in ex["loss_masks"]]
         prompt = ex["sequences"][0][: starts[0]]
         if any(s[:n] != prompt for s, n in zip(ex["sequences"], starts)):
             raise ValueError(f"example {ex.get('id')}: its responses do not share one prompt")

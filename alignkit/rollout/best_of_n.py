@@ -72,7 +72,7 @@ def sample_and_score(model, tokenizer, examples: list[dict], n: int, reward_fns:
     processes. With no `reward_fns` every reward is 0: plain generation (the app's contestants).
     """
     from alignkit.data import pad_batch
-    from alignkit.rollout.rewards import score
+    from alignkit.rollout.rewards import score_rollout
     from alignkit.rollout.sampler import completion_generators, sample
 
     if n < 1:
@@ -91,11 +91,9 @@ def sample_and_score(model, tokenizer, examples: list[dict], n: int, reward_fns:
             generator=completion_generators(seed, [ex.get("id", start + j) for j, ex in enumerate(chunk)], n),
         )
         ids, mask = rollout.completion_ids.cpu(), rollout.completion_mask.cpu()
-        texts = tokenizer.batch_decode(ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-        prompts = [ex["prompt"] for ex in chunk for _ in range(n)]
-        names = chunk[0].get("fields", {}).keys()
-        fields = {k: [ex["fields"].get(k) for ex in chunk for _ in range(n)] for k in names}
-        rewards, _, _ = score(reward_fns, weights, prompts, texts, fields, timeout=timeout)
+        fields = {k: [ex["fields"].get(k) for ex in chunk] for k in chunk[0].get("fields", {})}
+        rewards, _, _, texts = score_rollout(rollout, tokenizer, reward_fns, weights, [ex["prompt"] for ex in chunk],
+                                             fields, n, timeout=timeout)
         out.completion_ids += [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         out.texts += texts
         out.rewards += rewards.tolist()

@@ -121,3 +121,21 @@ def score(reward_fns: list[Callable], weights: list[float], prompts: list, compl
         good = [float(v) for v, ok in zip(values, valid.tolist()) if ok]
         means[name] = sum(good) / max(len(good), 1)
     return torch.where(valid, total, torch.zeros_like(total)), valid, means
+
+
+def score_rollout(rollout, tokenizer, reward_fns: list[Callable], weights: list[float], prompts: list,
+                  fields: dict[str, list], n: int = 1, *, on_error: str = "raise", timeout: float | None = None,
+                  missing_eos_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], list[str]]:
+    """Decode a rollout's completions and score them: `score(...)` minus missing_eos_penalty
+    for each completion that hit max_new_tokens without EOS.
+
+    `prompts` and `fields` hold one entry per prompt; the rollout holds `n` completions per
+    prompt, consecutive. Returns (rewards [N], valid [N], per-function means, texts), on CPU.
+    """
+    ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
+    repeated = [p for p in prompts for _ in range(n)]
+    fields = {k: [v for v in values for _ in range(n)] for k, values in fields.items()}
+    rewards, valid, per_source = score(reward_fns, weights, repeated, texts, fields, on_error, timeout)
+    rewards = rewards - missing_eos_penalty * (~rollout.ended.cpu()).float()
+    return rewards, valid, per_source, texts

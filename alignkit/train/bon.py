@@ -29,7 +29,7 @@ from typing import Literal
 
 from alignkit.config import require
 from alignkit.rollout.best_of_n import Samples, sample_and_score
-from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary
+from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary, say
 from alignkit.train.loop import (
     TrainingError,
     TrainResult,
@@ -201,10 +201,6 @@ def run(cfg: BoNConfig) -> BoNResult:
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, "bon")
     reward_fns, weights = as_reward_fns(cfg.reward, cfg.reward_weights, accelerator.device, cfg.reward_dtype)
-
-    def say(message: str) -> None:
-        if accelerator.is_main_process:
-            print(message, flush=True)
 
     if accelerator.is_main_process:
         write_config(cfg, out)

@@ -180,15 +180,12 @@ class Rollouts:
         )
 
     def rewards(self, batch: dict, rollout, g: int):
-        from alignkit.rollout.rewards import score
+        from alignkit.rollout.rewards import score_rollout
 
-        ids = rollout.completion_ids.masked_fill(rollout.completion_mask == 0, self.tokenizer.pad_token_id)
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        prompts = [p for p in batch["prompts"] for _ in range(g)]
-        fields = {k: [v for v in vs for _ in range(g)] for k, vs in batch["fields"].items()}
-        rewards, valid, per_source = score(self.reward_fns, self.weights, prompts, texts, fields, self.cfg.reward_on_error,
-                                             self.cfg.reward_timeout)
-        rewards = rewards - self.cfg.missing_eos_penalty * (~rollout.ended.cpu()).float()
+        rewards, valid, per_source, _ = score_rollout(
+            rollout, self.tokenizer, self.reward_fns, self.weights, batch["prompts"], batch["fields"], g,
+            on_error=self.cfg.reward_on_error, timeout=self.cfg.reward_timeout,
+            missing_eos_penalty=self.cfg.missing_eos_penalty)
         return rewards.to(rollout.completion_ids.device), valid.to(rollout.completion_ids.device), per_source
 
     def __call__(self, model, batches: list[dict], step: int) -> list[dict]:

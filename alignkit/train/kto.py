@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.config import require
+from alignkit.data.tokenize import prompt_length
 from alignkit.losses import kto_default_weights, kto_loss, kto_reference_point
 from alignkit.models.forward import sequence_logprobs
 from alignkit.train.common import load_train_eval, print_summary, say
@@ -68,10 +69,10 @@ def with_mismatched_pairs(examples: list[dict], labels: list[bool], max_length: 
     partner = {order[i]: order[(i + 1) % n] for i in range(n)}
     out = []
     for i, ex in enumerate(examples):
-        cut = ex["loss_mask"].index(1) if 1 in ex["loss_mask"] else len(ex["loss_mask"])
+        cut = prompt_length(ex["loss_mask"])
         prompt = ex["input_ids"][:cut]
         other = examples[partner[i]]
-        other_cut = other["loss_mask"].index(1) if 1 in other["loss_mask"] else len(other["loss_mask"])
+        other_cut = prompt_length(other["loss_mask"])
         completion = other["input_ids"][other_cut:][:max_length]
         prompt = prompt[: max(0, max_length - len(completion))] if len(prompt) + len(completion) > max_length else prompt
         out.append({
@@ -85,7 +86,7 @@ def with_mismatched_pairs(examples: list[dict], labels: list[bool], max_length: 
 
 
 def _prompt(ids: list[int], loss_mask: list[int]) -> list[int]:
-    return ids[: loss_mask.index(1) if 1 in loss_mask else len(loss_mask)]
+    return ids[: prompt_length(loss_mask)]
 
 
 def collate(examples: list[dict], pad_token_id: int, share_prompt: bool = False) -> dict:

@@ -252,7 +252,7 @@ def greedy_reward(policy, examples: list[dict], tokenizer, reward_fns, cfg: PPOC
     missing_eos_penalty), their length and EOS rate, and each source's mean. Every process scores
     all of them (a held-out set is small), so every process logs the same numbers."""
     from alignkit.data import pad_batch
-    from alignkit.rollout.rewards import score
+    from alignkit.rollout.rewards import score_rollout
     from alignkit.rollout.sampler import sample
 
     weights = cfg.reward_weights or [1.0] * len(reward_fns)
@@ -263,12 +263,10 @@ def greedy_reward(policy, examples: list[dict], tokenizer, reward_fns, cfg: PPOC
         roll = sample(policy, prompts["input_ids"].to(device), prompts["attention_mask"].to(device),
                       max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, temperature=0.0)
-        texts = tokenizer.batch_decode(roll.completion_ids.masked_fill(roll.completion_mask == 0, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
         fields = {k: [ex["fields"].get(k) for ex in chunk] for k in chunk[0]["fields"]}
-        rewards, _, per_source = score(reward_fns, weights, [ex["prompt"] for ex in chunk], texts, fields,
-                                       timeout=cfg.reward_timeout)
-        rewards = rewards - cfg.missing_eos_penalty * (~roll.ended.cpu()).float()
+        rewards, _, per_source, _ = score_rollout(roll, tokenizer, reward_fns, weights, [ex["prompt"] for ex in chunk],
+                                                  fields, timeout=cfg.reward_timeout,
+                                                  missing_eos_penalty=cfg.missing_eos_penalty)
         for k, v in {"reward": float(rewards.sum()), "completion_length": float(roll.completion_mask.sum()),
                      "ended_with_eos": float(roll.ended.sum()),
                      **{f"reward/{name}": mean * len(chunk) for name, mean in per_source.items()}}.items():
@@ -281,7 +279,7 @@ def run(cfg: PPOConfig) -> TrainResult:
 
     from alignkit.data import pad_batch, tokenize_prompts
     from alignkit.models.load import load_tokenizer
-    from alignkit.rollout.rewards import load_reward_fn, score
+    from alignkit.rollout.rewards import load_reward_fn, score_rollout
     from alignkit.rollout.sampler import sample
 
     require(cfg, "model", "reward", "data")
@@ -367,12 +365,11 @@ def run(cfg: PPOConfig) -> TrainResult:
         ids, attn, mask = roll.input_ids, roll.attention_mask, roll.completion_mask
         p = roll.prompt_ids.shape[1]
         columns = torch.arange(p - 1, p - 1 + mask.shape[1], device=device)
-        texts = tokenizer.batch_decode(roll.completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
         fields = {k: [ex["fields"].get(k) for ex in chunk] for k in chunk[0]["fields"]}
-        scores, _, per_source = score(reward_fns, weights, [ex["prompt"] for ex in chunk], texts, fields,
-                             timeout=cfg.reward_timeout)
-        scores = (scores - cfg.missing_eos_penalty * (~roll.ended.cpu()).float()).to(device)
+        scores, _, per_source, _ = score_rollout(roll, tokenizer, reward_fns, weights, [ex["prompt"] for ex in chunk],
+                                                 fields, timeout=cfg.reward_timeout,
+                                                 missing_eos_penalty=cfg.missing_eos_penalty)
+        scores = scores.to(device)
         with torch.no_grad(), accelerator.autocast():
             old_logprobs, logits, old_values = model.logprobs_and_values(ids, attn, cfg.temperature, columns)
             entropy = masked_mean(entropy_from_logits(logits), mask)

@@ -79,3 +79,34 @@ def test_a_file_in_the_current_directory_cannot_shadow_a_library(tmp_path, monke
         monkeypatch.delitem(sys.modules, name, raising=False)
     fn = load_reward_fn("my_rewards:hue")  # the user's module still loads from the current directory...
     assert fn(["p"], ["c"]) == [0.0]  # ...and `import colorsys` got the real library
+
+
+def test_score_rollout_repeats_prompts_and_fields_and_penalises_missing_eos(tiny_tokenizer):
+    from types import SimpleNamespace
+
+    import torch
+
+    from alignkit.rollout.rewards import score_rollout
+
+    words = [tiny_tokenizer(" 7", add_special_tokens=False)["input_ids"], tiny_tokenizer(" 3", add_special_tokens=False)["input_ids"]]
+    width = max(map(len, words)) + 1
+    ids = torch.full((4, width), 99)  # garbage past each completion's mask: must not be decoded
+    mask = torch.zeros(4, width, dtype=torch.long)
+    for row, word in enumerate(words * 2):
+        ids[row, : len(word)] = torch.tensor(word)
+        mask[row, : len(word)] = 1
+    rollout = SimpleNamespace(completion_ids=ids, completion_mask=mask, ended=torch.tensor([True, False, True, True]))
+    seen = {}
+
+    def reward(prompts, completions, answer):
+        seen.update(prompts=prompts, answer=answer, completions=completions)
+        return [1.0 if c.strip() == str(a) else 0.0 for c, a in zip(completions, answer)]
+
+    # two prompts x n = 2 completions: [" 7", " 3"] for each; answers 7 and 3
+    rewards, valid, means, texts = score_rollout(rollout, tiny_tokenizer, [reward], [1.0], ["p", "q"],
+                                                 {"answer": [7, 3]}, 2, missing_eos_penalty=0.5)
+    assert seen["prompts"] == ["p", "p", "q", "q"] and seen["answer"] == [7, 7, 3, 3]
+    assert [t.strip() for t in texts] == ["7", "3", "7", "3"]
+    # p: " 7" right (1), " 3" wrong and no EOS (0 - 0.5); q: " 7" wrong (0), " 3" right (1)
+    torch.testing.assert_close(rewards, torch.tensor([1.0, -0.5, 0.0, 1.0]))
+    assert valid.all() and means == {"reward": 0.5}
