@@ -58,3 +58,10 @@ def assert_same_step(first, second):
     assert abs(float(loss_a - loss_b)) <= 1e-5
     assert all(abs(float(m_a[k] - m_b[k])) <= 1e-4 for k in m_b)
     assert float((grad_a - grad_b).abs().max()) <= 1e-5 * max(1.0, float(grad_b.abs().max()))
+
+
+def sft_file(path, n: int):
+    """`n` prompt/completion rows ("What is a+b?" -> " The answer is c."), for the SFT loop tests."""
+    rows = [{"prompt": f"What is {a}+{a % 7}?", "completion": f" The answer is {a + a % 7}."} for a in range(n)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

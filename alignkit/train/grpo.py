@@ -47,7 +47,7 @@ from alignkit.models.forward import forward_logprobs
 from alignkit.ops import advantage_estimator, kl_k1, masked_sum
 from alignkit.train.common import load_train_eval, print_summary, say
 from alignkit.train.loop import TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
-from alignkit.train.online import OnlineConfig
+from alignkit.train.online import OnlineConfig, greedy_reward
 from alignkit.train.reference import make_reference
 
 
@@ -285,21 +285,6 @@ def unit_count(level: str):
     return count
 
 
-@torch.no_grad()
-def greedy_reward(rollouts: Rollouts, model, examples: list[dict], batch_size: int, device) -> dict[str, float]:
-    """Mean reward, length and EOS rate of greedy completions of `examples`."""
-    total, n, length, ended = 0.0, 0, 0.0, 0.0
-    for i in range(0, len(examples), batch_size):
-        batch = collate_prompts(examples[i : i + batch_size], rollouts.tokenizer.pad_token_id)
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        rollout = rollouts.generate(model, batch, step=0, temperature=0.0)
-        rewards, _, _ = rollouts.rewards(batch, rollout, 1)
-        total, n = total + float(rewards.sum()), n + len(rewards)
-        length += float(rollout.completion_mask.sum())
-        ended += float(rollout.ended.sum())
-    return {"reward": total / max(n, 1), "completion_length": length / max(n, 1), "ended_with_eos": ended / max(n, 1)}
-
-
 def run(cfg: GRPOConfig) -> TrainResult:
     from alignkit.data import tokenize_prompts
     from alignkit.models.load import load_tokenizer
@@ -335,7 +320,8 @@ def run(cfg: GRPOConfig) -> TrainResult:
         resume_from=resume_from, accelerator=accelerator, prepare=rollouts, updates_per_step=cfg.num_iterations,
         # held-out prompts: the reward of greedy completions, before, every eval_steps, after
         eval_examples=eval_examples,
-        eval_fn=lambda m: greedy_reward(rollouts, m, eval_examples, cfg.batch_size, accelerator.device),
+        eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m), eval_examples, tokenizer, reward_fns, cfg,
+                                        cfg.batch_size, accelerator.device),
     )
     print_summary(name, result, [str(report)])
     return result

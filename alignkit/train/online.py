@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from alignkit.train.loop import TrainConfig
 
 
@@ -44,3 +46,33 @@ class OnlineConfig(TrainConfig):
                               "reward sources; give one weight per source, in order")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@torch.no_grad()
+def greedy_reward(policy, examples: list[dict], tokenizer, reward_fns, cfg: OnlineConfig, batch_size: int,
+                  device) -> dict[str, float]:
+    """Mean reward of greedy completions of `examples` (as in training: the weighted sources minus
+    missing_eos_penalty; a failed reward counts 0 under `reward_on_error mask`), their length and
+    EOS rate, and each source's mean. Every process scores all of them (a held-out set is small),
+    so every process logs the same numbers."""
+    from alignkit.data import pad_batch
+    from alignkit.rollout.rewards import score_rollout
+    from alignkit.rollout.sampler import sample
+
+    weights = cfg.reward_weights or [1.0] * len(reward_fns)
+    sums: dict[str, float] = {}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        prompts = pad_batch(chunk, tokenizer.pad_token_id, side="left")
+        roll = sample(policy, prompts["input_ids"].to(device), prompts["attention_mask"].to(device),
+                      max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, temperature=0.0)
+        fields = {k: [ex["fields"].get(k) for ex in chunk] for k in chunk[0]["fields"]}
+        rewards, _, per_source, _ = score_rollout(roll, tokenizer, reward_fns, weights, [ex["prompt"] for ex in chunk],
+                                                  fields, on_error=getattr(cfg, "reward_on_error", "raise"),
+                                                  timeout=cfg.reward_timeout, missing_eos_penalty=cfg.missing_eos_penalty)
+        for k, v in {"reward": float(rewards.sum()), "completion_length": float(roll.completion_mask.sum()),
+                     "ended_with_eos": float(roll.ended.sum()),
+                     **{f"reward/{name}": mean * len(chunk) for name, mean in per_source.items()}}.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return {k: v / len(examples) for k, v in sums.items()}

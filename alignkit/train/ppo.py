@@ -60,7 +60,7 @@ from alignkit.train.loop import (MetricLog, TrainingError, TrainResult, accumula
                                   load_trainable_model, make_accelerator, make_scheduler, plan_steps, position_warnings,
                                   resolve_resume, restore_training_state, save_checkpoint, save_model, save_weights,
                                   start_trackers, step_indices, write_config)
-from alignkit.train.online import OnlineConfig
+from alignkit.train.online import OnlineConfig, greedy_reward
 from alignkit.train.reference import make_reference
 
 
@@ -246,34 +246,6 @@ def ppo_loss(model, batch: dict, cfg: PPOConfig, autocast):
                       "vf_clipfrac": masked_sum(vf_metrics["vf_clipfrac"], m)}
 
 
-@torch.no_grad()
-def greedy_reward(policy, examples: list[dict], tokenizer, reward_fns, cfg: PPOConfig, device) -> dict[str, float]:
-    """Mean reward of greedy completions of `examples` (as in training: the weighted sources minus
-    missing_eos_penalty), their length and EOS rate, and each source's mean. Every process scores
-    all of them (a held-out set is small), so every process logs the same numbers."""
-    from alignkit.data import pad_batch
-    from alignkit.rollout.rewards import score_rollout
-    from alignkit.rollout.sampler import sample
-
-    weights = cfg.reward_weights or [1.0] * len(reward_fns)
-    sums: dict[str, float] = {}
-    for i in range(0, len(examples), cfg.rollout_batch_size):
-        chunk = examples[i : i + cfg.rollout_batch_size]
-        prompts = pad_batch(chunk, tokenizer.pad_token_id, side="left")
-        roll = sample(policy, prompts["input_ids"].to(device), prompts["attention_mask"].to(device),
-                      max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id, temperature=0.0)
-        fields = {k: [ex["fields"].get(k) for ex in chunk] for k in chunk[0]["fields"]}
-        rewards, _, per_source, _ = score_rollout(roll, tokenizer, reward_fns, weights, [ex["prompt"] for ex in chunk],
-                                                  fields, timeout=cfg.reward_timeout,
-                                                  missing_eos_penalty=cfg.missing_eos_penalty)
-        for k, v in {"reward": float(rewards.sum()), "completion_length": float(roll.completion_mask.sum()),
-                     "ended_with_eos": float(roll.ended.sum()),
-                     **{f"reward/{name}": mean * len(chunk) for name, mean in per_source.items()}}.items():
-            sums[k] = sums.get(k, 0.0) + v
-    return {k: v / len(examples) for k, v in sums.items()}
-
-
 def run(cfg: PPOConfig) -> TrainResult:
     from alignkit.progress import progress
 
@@ -337,7 +309,8 @@ def run(cfg: PPOConfig) -> TrainResult:
         + (f"; resumed from {resume_from} at step {start_step}" if resume_from else ""))
 
     def evaluate(step: int) -> dict[str, float]:
-        metrics = greedy_reward(model.policy, eval_examples, tokenizer, reward_fns, cfg, accelerator.device)
+        metrics = greedy_reward(model.policy, eval_examples, tokenizer, reward_fns, cfg, cfg.rollout_batch_size,
+                                accelerator.device)
         log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 

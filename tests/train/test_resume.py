@@ -3,6 +3,8 @@
 import json
 
 import pytest
+
+from tests import helpers
 import torch
 from safetensors.torch import load_file
 
@@ -12,11 +14,7 @@ from alignkit.train.loop import TrainingError, latest_checkpoint
 
 @pytest.fixture(scope="module")
 def sft_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sftdata") / "sft.jsonl"
-    with path.open("w") as f:
-        for a in range(30):
-            f.write(json.dumps({"prompt": f"What is {a}+{a % 7}?", "completion": f" The answer is {a + a % 7}."}) + "\n")
-    return path
+    return helpers.sft_file(tmp_path_factory.mktemp("sftdata") / "sft.jsonl", 30)
 
 
 def _cfg(model_dir, data, out, **kw):
