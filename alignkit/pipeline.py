@@ -38,7 +38,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import yaml
 
@@ -128,14 +128,30 @@ def _coerce(value, annotation, name: str):
     return value
 
 
-class Recipe:
-    """Runs stages in order, skipping finished ones, and collects their summaries."""
+@dataclass
+class Stage:
+    """A row of a recipe. A trainer's row names its config class, the keys the recipe sets (output_dir = the
+    stage's folder, seed and log_steps=5 are added) and `then`, which makes the trainer's result the stage's
+    summary. Any other row's `run(folder)` does the work and returns the summary."""
 
-    def __init__(self, cfg: DemoConfig, stage_names: list[str], config_classes: dict[str, type]):
-        self.cfg, self.root = cfg, Path(cfg.output_dir)
-        self.stage_names = stage_names
+    name: str
+    description: str
+    config: type | None = None  # also what `overrides: [name.key=value]` are checked against
+    keys: dict = field(default_factory=dict)
+    then: Callable | None = None
+    run: Callable[[Path], dict | None] | None = None
+
+
+class Recipe:
+    """Runs a table of stages in order, skipping finished ones, and collects their summaries."""
+
+    def __init__(self, cfg: DemoConfig, stages: list[Stage]):
+        self.cfg, self.root, self.stages = cfg, Path(cfg.output_dir), stages
+        self.stage_names = [s.name for s in stages]
         self.summaries: dict[str, dict] = {}
         self.overrides = parse_overrides(cfg.overrides)
+        # A frontier stage (dpo-beta0.5) has no overrides of its own: it takes its family's.
+        config_classes = {s.name: s.config for s in stages if s.config and "-" not in s.name}
         # Checked before any stage runs: a typo fails now, not an hour in.
         for stage, keys in self.overrides.items():
             if stage not in config_classes:
@@ -156,29 +172,35 @@ class Recipe:
         overrides = {k: v for k, v in self.overrides.get(family, {}).items() if not (variant and k == "beta")}
         return cls(**{**keys, **overrides})
 
-    def run(self, number: int, stage: str, description: str, fn) -> None:
-        folder = self.root / stage
+    def run(self, number: int, stage: Stage) -> None:
+        folder = self.root / stage.name
         marker = folder / DONE
-        header = f"[{number}/{len(self.stage_names)}] {stage}"
+        header = f"[{number}/{len(self.stage_names)}] {stage.name}"
         if marker.exists():
             print(f"{header}: finished earlier ({folder}), skipped", flush=True)
-            self.summaries[stage] = json.loads(marker.read_text())
+            self.summaries[stage.name] = json.loads(marker.read_text())
             return
-        if self.cfg.stages and stage.split("-")[0] not in self.cfg.stages:
+        if self.cfg.stages and stage.name.split("-")[0] not in self.cfg.stages:
             return
-        print(f"\n{header}: {description}", flush=True)
+        print(f"\n{header}: {stage.description}", flush=True)
         # An unfinished stage (no marker: interrupted) reruns from scratch; its half-written
         # folder is the recipe's own, and a trainer refuses an output_dir holding a run's outputs.
         if folder.exists():
             shutil.rmtree(folder)
         start = time.perf_counter()
-        summary = fn(folder) or {}
+        if stage.run:
+            summary = stage.run(folder) or {}
+        else:  # a trainer: its module holds its config class and its run
+            train = sys.modules[stage.config.__module__].run
+            config = self.config(stage.name, stage.config, **stage.keys, output_dir=str(folder),
+                                 seed=self.cfg.seed, log_steps=5)
+            summary = stage.then(train(config)) or {}
         summary["seconds"] = round(time.perf_counter() - start, 1)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = marker.with_name(DONE + ".tmp")
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, marker)
-        self.summaries[stage] = summary
+        self.summaries[stage.name] = summary
 
 
 def _last(history: list[dict], key: str) -> float | None:
@@ -191,27 +213,57 @@ def _first(history: list[dict], key: str) -> float | None:
     return values[0] if values else None
 
 
+def _rewards(r) -> dict:
+    """An online trainer's summary: the reward it started and ended at."""
+    return {"reward_first": _first(r.history, "train/reward"), "reward_last": _last(r.history, "train/reward")}
+
+
+def _kept(r) -> dict:
+    return {"kept": sum(x.kept for x in r.rounds) if r.rounds else None}
+
+
+def _evaluate(recipe: Recipe, folder: Path, models: list[str], **keys) -> dict:
+    """The eval stage: `models` side by side, with the recipe's keys for EvalConfig."""
+    from alignkit.evaluate.policies import EvalConfig, evaluate
+
+    result = evaluate(recipe.config("eval", EvalConfig, models=models, **keys, output=str(folder / "eval.json")))
+    print(eval_line(result, folder), flush=True)
+    return {"leaderboard": [r["model"] for r in result["leaderboard"]]}
+
+
+def eval_line(result: dict, folder: Path) -> str:
+    """The eval stage's one line; its table is printed once, in the summary at the end."""
+    return (f"evaluated {len(result['models'])} policies on {result['prompts']} prompts -> {folder / 'eval.json'} "
+            f"(table in the summary at the end)")
+
+
+def make_report(root: Path) -> dict:
+    from alignkit.evaluate.report import write_report
+
+    path = write_report(root)
+    return {"path": str(path)}
+
+
 # ---------------------------------------------------------------- sentiment
 
 
-def sentiment_stages(cfg: DemoConfig) -> dict:
+def sentiment_stages(cfg: DemoConfig) -> Recipe:
+    """The sentiment recipe: its table of stages at the end; above it, the work of the stages that train nothing."""
+    from alignkit.evaluate.policies import EvalConfig
     from alignkit.tasks import annotators, sentiment
     from alignkit.train import bon, dpo, grpo, kto, ppo, pretrain, reward, sft
 
     p = PRESETS[(cfg.task, cfg.quick)]
     root, seed = Path(cfg.output_dir), cfg.seed
-    data, prefs = root / "data", root / "preferences"
-    gold = "alignkit.tasks.sentiment:gold_reward"
-    betas = {"dpo": [0.1] + list(p["dpo_betas"]), "ppo": [0.05] + list(p["ppo_betas"])}
-    names = ["data", "pretrain", "sft", "preferences", "rm", "bon", "ppo", "grpo", "dpo", "kto"]
-    names += [f"{m}-beta{b:g}" for m in ("dpo", "ppo") for b in betas[m][1:]] + ["eval", "report"]
-    from alignkit.evaluate.policies import EvalConfig
+    data = root / "data"
 
-    recipe = Recipe(cfg, names, {"pretrain": pretrain.PretrainConfig, "sft": sft.SFTConfig, "rm": reward.RewardConfig,
-                                 "bon": bon.BoNConfig, "ppo": ppo.PPOConfig, "grpo": grpo.GRPOConfig,
-                                 "dpo": dpo.DPOConfig, "kto": kto.KTOConfig, "eval": EvalConfig})
-    common = dict(seed=seed, log_steps=5)
+    def out(path: str) -> str:  # an earlier stage's output: "sft" (its model), "data/sft.jsonl"
+        return str(root / path)
+
+    gold = "alignkit.tasks.sentiment:gold_reward"
     gen = dict(max_new_tokens=p["max_new_tokens"], temperature=1.0)
+    # The gold reward rides along with weight 0: logged next to the proxy, never optimised.
+    watched = dict(reward=[out("rm"), gold], reward_weights=[1.0, 0.0])
 
     def make_data(folder):
         write_jsonl(data / "corpus.jsonl", sentiment.corpus())
@@ -224,25 +276,13 @@ def sentiment_stages(cfg: DemoConfig) -> dict:
         write_jsonl(data / "prompts_bon.jsonl", sentiment.prompts(p["bon_prompts"], seed=seed + 4))
         return {"snippets": len(sentiment.snippets()), "demonstrations": p["sft_demos"]}
 
-    def run_pretrain(folder):
-        r = pretrain.run(recipe.config("pretrain", pretrain.PretrainConfig,
-            data=str(data / "corpus.jsonl"), eval_data=str(data / "heldout_text.jsonl"), output_dir=str(folder),
-            max_steps=p["pretrain_steps"], batch_size=32, max_length=64, lr=3e-3, **p["model"], **common))
-        return {"heldout_perplexity": r.eval_metrics.get("perplexity"), "steps": r.steps}
-
-    def run_sft(folder):
-        r = sft.run(recipe.config("sft", sft.SFTConfig,
-            model=str(root / "pretrain"), data=str(data / "sft.jsonl"), eval_data=str(data / "sft_eval.jsonl"),
-            output_dir=str(folder), max_steps=p["sft_steps"], batch_size=32, max_length=128, lr=3e-3, **common))
-        return {"heldout_loss": r.eval_metrics.get("loss")}
-
-    def run_preferences(folder):
+    def make_preferences(folder):
         # k SFT samples of each prompt: k/2 preference pairs, one ranking of k, k thumbs.
         from alignkit.data import load_records, tokenize_prompts
         from alignkit.models.load import load_causal_lm, load_tokenizer
         from alignkit.rollout.best_of_n import sample_and_score
 
-        model, tokenizer = load_causal_lm(str(root / "sft")).eval(), load_tokenizer(str(root / "sft"))
+        model, tokenizer = load_causal_lm(out("sft")).eval(), load_tokenizer(out("sft"))
         records = load_records(str(data / "prompts.jsonl"), "prompts")[p["rl_prompts"]:]
         examples, _ = tokenize_prompts(records, tokenizer, max_length=64)
         s = sample_and_score(model, tokenizer, examples, p["pref_samples"], [sentiment.gold_reward], [1.0],
@@ -261,122 +301,79 @@ def sentiment_stages(cfg: DemoConfig) -> dict:
         return {**counts, "thumbs": len(thumbs), "thumbs_threshold": threshold,
                 "sft_sample_gold": sum(s.rewards) / len(s.rewards)}
 
-    def run_rm(folder):
-        r = reward.run(recipe.config("rm", reward.RewardConfig,
-            model=str(root / "sft"), data=str(prefs / "rankings.jsonl"), data_kind="ranking", eval_fraction=0.1,
-            output_dir=str(folder), epochs=p["rm_epochs"], batch_size=8, max_length=64, lr=1e-3, **common))
-        return {"heldout_accuracy": r.eval_metrics.get("accuracy")}
+    def ppo_stage(name: str, beta: float, description: str) -> Stage:  # ppo, and each beta of the frontier
+        return Stage(name, description, ppo.PPOConfig,
+                     dict(model=out("sft"), data=out("data/prompts.jsonl"), max_steps=p["ppo_steps"], rollout_batch_size=32,
+                          batch_size=16, ppo_epochs=2, lr=5e-4, beta=beta, max_length=64, **watched, **gen),
+                     lambda r: {"beta": beta, **_rewards(r), "kl_last": _last(r.history, "train/kl_per_completion")})
 
-    prompts_rl = str(data / "prompts.jsonl")
-    rm_path = str(root / "rm")
-    # The gold reward rides along with weight 0: logged next to the proxy, never optimised.
-    watched = dict(reward=[rm_path, gold], reward_weights=[1.0, 0.0])
+    def dpo_stage(name: str, beta: float, description: str) -> Stage:  # dpo, and each beta of the frontier
+        return Stage(name, description, dpo.DPOConfig,
+                     dict(model=out("sft"), data=out("preferences/preferences.jsonl"), eval_fraction=0.1,
+                          max_steps=p["dpo_steps"], epochs=2.0, batch_size=16, max_length=64, lr=5e-4, beta=beta),
+                     lambda r: {"beta": beta, "heldout_accuracy": r.eval_metrics.get("rewards/accuracy")})
 
-    def run_bon(folder):
-        r = bon.run(recipe.config("bon", bon.BoNConfig,
-            model=str(root / "sft"), data=str(data / "prompts_bon.jsonl"), output_dir=str(folder), reward=[rm_path],
-            num_samples=16, epochs=2.0, batch_size=16, max_length=64, lr=2e-3, eval_fraction=0.0,
-            **gen, **common))
-        return {"kept": sum(x.kept for x in r.rounds) if r.rounds else None}
+    def run_eval(folder):  # base, sft and every aligned policy that finished; `recipe` is built from the table below
+        aligned = [s.name for s in recipe.stages if s.name.split("-")[0] in ("bon", "ppo", "grpo", "dpo", "kto")]
+        models = [f"base={root / 'pretrain'}", f"sft={root / 'sft'}"]
+        models += [f"{m}={root / m}" for m in aligned if (root / m / DONE).exists()]
+        return _evaluate(recipe, folder, models, prompts=out("data/prompts_eval.jsonl"), reward=[gold],
+                         proxy_reward=out("rm"), reference="sft", text_data=out("data/heldout_text.jsonl"),
+                         samples_per_prompt=p["samples_per_prompt"], max_new_tokens=p["max_new_tokens"], seed=seed)
 
-    def run_ppo(beta):
-        def fn(folder):
-            history = ppo.run(recipe.config("ppo", ppo.PPOConfig,
-                model=str(root / "sft"), data=prompts_rl, output_dir=str(folder), max_steps=p["ppo_steps"],
-                rollout_batch_size=32, batch_size=16, ppo_epochs=2, lr=5e-4, beta=beta, max_length=64,
-                **watched, **gen, **common)).history
-            return {"beta": beta, "reward_first": _first(history, "train/reward"),
-                    "reward_last": _last(history, "train/reward"), "kl_last": _last(history, "train/kl_per_completion")}
-        return fn
-
-    def run_grpo(folder):
-        r = grpo.run(recipe.config("grpo", grpo.GRPOConfig,
-            model=str(root / "sft"), data=prompts_rl, output_dir=str(folder), max_steps=p["grpo_steps"],
-            batch_size=64, num_generations=8, lr=5e-4, beta=0.04, eval_fraction=0.0, max_length=64,
-            **watched, **gen, **common))
-        return {"reward_first": _first(r.history, "train/reward"), "reward_last": _last(r.history, "train/reward")}
-
-    def run_dpo(beta):
-        def fn(folder):
-            r = dpo.run(recipe.config("dpo", dpo.DPOConfig,
-                model=str(root / "sft"), data=str(prefs / "preferences.jsonl"), eval_fraction=0.1,
-                output_dir=str(folder), max_steps=p["dpo_steps"], epochs=2.0, batch_size=16, max_length=64, lr=5e-4,
-                beta=beta, **common))
-            return {"beta": beta, "heldout_accuracy": r.eval_metrics.get("rewards/accuracy")}
-        return fn
-
-    def run_kto(folder):
-        r = kto.run(recipe.config("kto", kto.KTOConfig,
-            model=str(root / "sft"), data=str(prefs / "thumbs.jsonl"), eval_fraction=0.1, output_dir=str(folder),
-            max_steps=p["kto_steps"], epochs=1.0, batch_size=16, max_length=64, lr=5e-4, **common))
-        return {"heldout_loss": r.eval_metrics.get("loss")}
-
-    def policies() -> list[str]:
-        found = ["base=" + str(root / "pretrain"), "sft=" + str(root / "sft")]
-        for name in ["bon", "ppo", "grpo", "dpo", "kto"] + names[10:-2]:
-            if (root / name / DONE).exists():
-                found.append(f"{name}={root / name}")
-        return found
-
-    def run_eval(folder):
-        from alignkit.evaluate.policies import evaluate
-
-        result = evaluate(recipe.config("eval", EvalConfig,
-            models=policies(), prompts=str(data / "prompts_eval.jsonl"), reward=[gold], proxy_reward=rm_path,
-            reference="sft", text_data=str(data / "heldout_text.jsonl"), samples_per_prompt=p["samples_per_prompt"],
-            max_new_tokens=p["max_new_tokens"], seed=seed, output=str(folder / "eval.json")))
-        print(eval_line(result, folder), flush=True)
-        return {"leaderboard": [r["model"] for r in result["leaderboard"]]}
-
-    stages = [
-        ("data", "real movie-review snippets: corpus, positive demonstrations, prompts", make_data),
-        ("pretrain", "a tiny Llama on reviews of both polarities", run_pretrain),
-        ("sft", "fine-tune on positive demonstrations", run_sft),
-        ("preferences", "SFT samples labelled by simulated annotators", run_preferences),
-        ("rm", "Bradley-Terry reward model on the annotators' rankings (all pairs of each)", run_rm),
-        ("bon", "rejection sampling: best of 16 by the reward model, fine-tuned on", run_bon),
-        ("ppo", "PPO on the reward model, KL penalty to SFT (beta 0.05)", run_ppo(0.05)),
-        ("grpo", "GRPO on the reward model, 8 samples per prompt", run_grpo),
-        ("dpo", "DPO on the annotators' pairs (beta 0.1)", run_dpo(0.1)),
-        ("kto", "KTO on the annotators' thumbs", run_kto),
-    ]
-    stages += [(f"dpo-beta{b:g}", f"DPO at beta {b} (frontier)", run_dpo(b)) for b in betas["dpo"][1:]]
-    stages += [(f"ppo-beta{b:g}", f"PPO at beta {b} (frontier)", run_ppo(b)) for b in betas["ppo"][1:]]
-    stages += [("eval", "every policy on held-out prompts, and the arena", run_eval),
-               ("report", "the HTML report", lambda folder: make_report(root))]
-    return {"recipe": recipe, "stages": stages}
-
-
-def eval_line(result: dict, folder: Path) -> str:
-    """The eval stage's one line; its table is printed once, in the summary at the end."""
-    return (f"evaluated {len(result['models'])} policies on {result['prompts']} prompts -> {folder / 'eval.json'} "
-            f"(table in the summary at the end)")
-
-
-def make_report(root: Path) -> dict:
-    from alignkit.evaluate.report import write_report
-
-    path = write_report(root)
-    return {"path": str(path)}
+    recipe = Recipe(cfg, [
+        Stage("data", "real movie-review snippets: corpus, positive demonstrations, prompts", run=make_data),
+        Stage("pretrain", "a tiny Llama on reviews of both polarities", pretrain.PretrainConfig,
+              dict(data=out("data/corpus.jsonl"), eval_data=out("data/heldout_text.jsonl"), max_steps=p["pretrain_steps"],
+                   batch_size=32, max_length=64, lr=3e-3, **p["model"]),
+              lambda r: {"heldout_perplexity": r.eval_metrics.get("perplexity"), "steps": r.steps}),
+        Stage("sft", "fine-tune on positive demonstrations", sft.SFTConfig,
+              dict(model=out("pretrain"), data=out("data/sft.jsonl"), eval_data=out("data/sft_eval.jsonl"),
+                   max_steps=p["sft_steps"], batch_size=32, max_length=128, lr=3e-3),
+              lambda r: {"heldout_loss": r.eval_metrics.get("loss")}),
+        Stage("preferences", "SFT samples labelled by simulated annotators", run=make_preferences),
+        Stage("rm", "Bradley-Terry reward model on the annotators' rankings (all pairs of each)", reward.RewardConfig,
+              dict(model=out("sft"), data=out("preferences/rankings.jsonl"), data_kind="ranking", eval_fraction=0.1,
+                   epochs=p["rm_epochs"], batch_size=8, max_length=64, lr=1e-3),
+              lambda r: {"heldout_accuracy": r.eval_metrics.get("accuracy")}),
+        Stage("bon", "rejection sampling: best of 16 by the reward model, fine-tuned on", bon.BoNConfig,
+              dict(model=out("sft"), data=out("data/prompts_bon.jsonl"), reward=[out("rm")], num_samples=16, epochs=2.0,
+                   batch_size=16, max_length=64, lr=2e-3, eval_fraction=0.0, **gen), _kept),
+        ppo_stage("ppo", 0.05, "PPO on the reward model, KL penalty to SFT (beta 0.05)"),
+        Stage("grpo", "GRPO on the reward model, 8 samples per prompt", grpo.GRPOConfig,
+              dict(model=out("sft"), data=out("data/prompts.jsonl"), max_steps=p["grpo_steps"], batch_size=64,
+                   num_generations=8, lr=5e-4, beta=0.04, eval_fraction=0.0, max_length=64, **watched, **gen), _rewards),
+        dpo_stage("dpo", 0.1, "DPO on the annotators' pairs (beta 0.1)"),
+        Stage("kto", "KTO on the annotators' thumbs", kto.KTOConfig,
+              dict(model=out("sft"), data=out("preferences/thumbs.jsonl"), eval_fraction=0.1, max_steps=p["kto_steps"],
+                   epochs=1.0, batch_size=16, max_length=64, lr=5e-4),
+              lambda r: {"heldout_loss": r.eval_metrics.get("loss")}),
+        *[dpo_stage(f"dpo-beta{b:g}", b, f"DPO at beta {b} (frontier)") for b in p["dpo_betas"]],
+        *[ppo_stage(f"ppo-beta{b:g}", b, f"PPO at beta {b} (frontier)") for b in p["ppo_betas"]],
+        Stage("eval", "every policy on held-out prompts, and the arena", EvalConfig, run=run_eval),
+        Stage("report", "the HTML report", run=lambda folder: make_report(root)),
+    ])
+    return recipe
 
 
 # ---------------------------------------------------------------- arithmetic
 
 
-def arithmetic_stages(cfg: DemoConfig) -> dict:
+def arithmetic_stages(cfg: DemoConfig) -> Recipe:
+    """The arithmetic recipe: its table of stages at the end; above it, the work of the stages that train nothing."""
+    from alignkit.evaluate.policies import EvalConfig
     from alignkit.tasks import arithmetic
     from alignkit.train import bon, grpo, pretrain, sft
 
     p = PRESETS[(cfg.task, cfg.quick)]
     root, seed = Path(cfg.output_dir), cfg.seed
     data = root / "data"
-    gold = "alignkit.tasks.arithmetic:exact_match"
-    names = ["data", "pretrain", "sft", "bon", "grpo", "eval", "report"]
-    from alignkit.evaluate.policies import EvalConfig
 
-    recipe = Recipe(cfg, names, {"pretrain": pretrain.PretrainConfig, "sft": sft.SFTConfig, "bon": bon.BoNConfig,
-                                 "grpo": grpo.GRPOConfig, "eval": EvalConfig})
-    common = dict(seed=seed, log_steps=5)
+    def out(path: str) -> str:  # an earlier stage's output: "sft" (its model), "data/sft.jsonl"
+        return str(root / path)
+
+    gold = "alignkit.tasks.arithmetic:exact_match"
+    gen = dict(max_new_tokens=p["max_new_tokens"], temperature=1.0)
 
     def make_data(folder):
         write_jsonl(data / "corpus.jsonl", arithmetic.corpus(p["corpus"], seed=seed, max_operand=p["max_operand"]))
@@ -391,56 +388,35 @@ def arithmetic_stages(cfg: DemoConfig) -> dict:
         write_jsonl(data / "heldout_text.jsonl", arithmetic.corpus(200, seed=seed + 9, max_operand=p["max_operand"]))
         return {"demonstrations": p["sft_demos"]}
 
-    def run_pretrain(folder):
-        r = pretrain.run(recipe.config("pretrain", pretrain.PretrainConfig,
-            data=str(data / "corpus.jsonl"), eval_data=str(data / "heldout_text.jsonl"), output_dir=str(folder),
-            max_steps=p["pretrain_steps"], batch_size=16, max_length=64, lr=3e-3, **p["model"], **common))
-        return {"heldout_perplexity": r.eval_metrics.get("perplexity")}
-
-    def run_sft(folder):
-        r = sft.run(recipe.config("sft", sft.SFTConfig,
-            model=str(root / "pretrain"), data=str(data / "sft.jsonl"), eval_data=str(data / "sft_eval.jsonl"),
-            output_dir=str(folder), max_steps=p["sft_steps"], batch_size=16, max_length=64, lr=2e-3, **common))
-        return {"heldout_loss": r.eval_metrics.get("loss")}
-
-    gen = dict(max_new_tokens=p["max_new_tokens"], temperature=1.0)
-
-    def run_bon(folder):
-        r = bon.run(recipe.config("bon", bon.BoNConfig,
-            model=str(root / "sft"), data=str(data / "prompts_bon.jsonl"), output_dir=str(folder), reward=[gold],
-            # exact match ties at 0 when no sample is right: "best" would then keep a wrong answer
-            keep="threshold", threshold=1.0, num_samples=8, epochs=1.0, batch_size=16, max_length=64, lr=5e-4, eval_fraction=0.0, **gen, **common))
-        return {"kept": sum(x.kept for x in r.rounds) if r.rounds else None}
-
-    def run_grpo(folder):
-        r = grpo.run(recipe.config("grpo", grpo.GRPOConfig,
-            model=str(root / "sft"), data=str(data / "prompts.jsonl"), output_dir=str(folder), reward=[gold],
-            max_steps=p["grpo_steps"], batch_size=64, num_generations=8, lr=5e-4, beta=0.04, eval_fraction=0.0,
-            max_length=64, **gen, **common))
-        return {"reward_first": _first(r.history, "train/reward"), "reward_last": _last(r.history, "train/reward")}
-
-    def run_eval(folder):
-        from alignkit.evaluate.policies import evaluate
-
-        models = [f"{m}={root / m}" for m in ("pretrain", "sft", "bon", "grpo") if (root / m / DONE).exists()]
+    def run_eval(folder):  # every trained model that finished, pretrain's as base; `recipe` is built from the table below
+        models = [f"{s.name}={root / s.name}" for s in recipe.stages if s.then and (root / s.name / DONE).exists()]
         models[0] = models[0].replace("pretrain=", "base=")
-        result = evaluate(recipe.config("eval", EvalConfig,
-            models=models, prompts=str(data / "prompts_eval.jsonl"), reward=[gold], reference="sft",
-            text_data=str(data / "heldout_text.jsonl"), samples_per_prompt=p["samples_per_prompt"],
-            max_new_tokens=p["max_new_tokens"], temperature=1.0, seed=seed, output=str(folder / "eval.json")))
-        print(eval_line(result, folder), flush=True)
-        return {"leaderboard": [r["model"] for r in result["leaderboard"]]}
+        return _evaluate(recipe, folder, models, prompts=out("data/prompts_eval.jsonl"), reward=[gold], reference="sft",
+                         text_data=out("data/heldout_text.jsonl"), samples_per_prompt=p["samples_per_prompt"],
+                         max_new_tokens=p["max_new_tokens"], temperature=1.0, seed=seed)
 
-    stages = [
-        ("data", "generated sums: corpus in prose, question/answer demonstrations, prompts", make_data),
-        ("pretrain", "a tiny Llama on sums stated in prose", run_pretrain),
-        ("sft", "fine-tune on the question/answer format", run_sft),
-        ("bon", "rejection sampling: the correct ones of 8 samples, fine-tuned on", run_bon),
-        ("grpo", "GRPO on exact match, 8 samples per prompt", run_grpo),
-        ("eval", "every policy on fresh draws of the questions (gold = exact match)", run_eval),
-        ("report", "the HTML report", lambda folder: make_report(root)),
-    ]
-    return {"recipe": recipe, "stages": stages}
+    recipe = Recipe(cfg, [
+        Stage("data", "generated sums: corpus in prose, question/answer demonstrations, prompts", run=make_data),
+        Stage("pretrain", "a tiny Llama on sums stated in prose", pretrain.PretrainConfig,
+              dict(data=out("data/corpus.jsonl"), eval_data=out("data/heldout_text.jsonl"), max_steps=p["pretrain_steps"],
+                   batch_size=16, max_length=64, lr=3e-3, **p["model"]),
+              lambda r: {"heldout_perplexity": r.eval_metrics.get("perplexity")}),
+        Stage("sft", "fine-tune on the question/answer format", sft.SFTConfig,
+              dict(model=out("pretrain"), data=out("data/sft.jsonl"), eval_data=out("data/sft_eval.jsonl"),
+                   max_steps=p["sft_steps"], batch_size=16, max_length=64, lr=2e-3),
+              lambda r: {"heldout_loss": r.eval_metrics.get("loss")}),
+        Stage("bon", "rejection sampling: the correct ones of 8 samples, fine-tuned on", bon.BoNConfig,
+              # exact match ties at 0 when no sample is right: "best" would then keep a wrong answer
+              dict(model=out("sft"), data=out("data/prompts_bon.jsonl"), reward=[gold], keep="threshold", threshold=1.0,
+                   num_samples=8, epochs=1.0, batch_size=16, max_length=64, lr=5e-4, eval_fraction=0.0, **gen), _kept),
+        Stage("grpo", "GRPO on exact match, 8 samples per prompt", grpo.GRPOConfig,
+              dict(model=out("sft"), data=out("data/prompts.jsonl"), reward=[gold], max_steps=p["grpo_steps"],
+                   batch_size=64, num_generations=8, lr=5e-4, beta=0.04, eval_fraction=0.0, max_length=64, **gen),
+              _rewards),
+        Stage("eval", "every policy on fresh draws of the questions (gold = exact match)", EvalConfig, run=run_eval),
+        Stage("report", "the HTML report", run=lambda folder: make_report(root)),
+    ])
+    return recipe
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -449,13 +425,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
-    plan = (sentiment_stages if cfg.task == "sentiment" else arithmetic_stages)(cfg)
-    recipe: Recipe = plan["recipe"]
+    recipe = (sentiment_stages if cfg.task == "sentiment" else arithmetic_stages)(cfg)
     unknown = set(cfg.stages) - {s.split("-")[0] for s in recipe.stage_names}
     if unknown:
         raise ValueError(f"demo: unknown stage(s) {sorted(unknown)}; stages: {', '.join(recipe.stage_names)}")
-    for i, (name, description, fn) in enumerate(plan["stages"], 1):
-        recipe.run(i, name, description, fn)
+    for i, stage in enumerate(recipe.stages, 1):
+        recipe.run(i, stage)
     seconds = time.perf_counter() - start
     summary = {"task": cfg.task, "quick": cfg.quick, "seconds": round(seconds, 1), "stages": recipe.summaries}
     root = Path(cfg.output_dir)

@@ -70,6 +70,27 @@ def test_demo_rejects_unknown_stages_and_overrides(tmp_path):
         run_demo(DemoConfig(output_dir=str(tmp_path), overrides=["ppo.betta=0.1"], stages=["ppo"]))
 
 
+def test_a_frontier_stage_keeps_its_beta_under_its_familys_overrides(tmp_path, monkeypatch):
+    """overrides dpo.beta=0.7 dpo.lr=0.01: the dpo stage trains at beta 0.7, each dpo-beta<b> frontier
+    stage at its own b (the frontier is a sweep over beta), and every one of them at lr 0.01."""
+    from types import SimpleNamespace
+
+    from alignkit.pipeline import sentiment_stages
+    from alignkit.train import dpo
+
+    trained = {}
+    monkeypatch.setattr(dpo, "run", lambda cfg: trained.setdefault(Path(cfg.output_dir).name, cfg) and SimpleNamespace(
+        history=[], eval_metrics={}))
+    recipe = sentiment_stages(DemoConfig(output_dir=str(tmp_path), overrides=["dpo.beta=0.7", "dpo.lr=0.01"]))
+    for i, stage in enumerate(recipe.stages, 1):
+        if stage.name.startswith("dpo"):
+            recipe.run(i, stage)
+    frontier = {name: cfg.beta for name, cfg in trained.items() if name != "dpo"}
+    assert trained["dpo"].beta == 0.7 and len(frontier) >= 2
+    assert all(beta == float(name.removeprefix("dpo-beta")) for name, beta in frontier.items()), frontier
+    assert {cfg.lr for cfg in trained.values()} == {0.01}
+
+
 def test_arithmetic_demo_grpo_raises_exact_match(tmp_path):
     summary = run_demo(DemoConfig(task="arithmetic", output_dir=str(tmp_path / "demo"), quick=True))
     models = summary["eval"]["models"]
