@@ -120,3 +120,14 @@ def apply_lora(model, r: int, alpha: float | None = None, dropout: float = 0.0, 
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def save_weights(model, path: Path) -> None:
+    """`model.save_pretrained(path)`, loadable by plain transformers. With LoRA: the merged
+    model at `path` and the adapter alone in `path/adapter` (what resume loads)."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(Path(path) / "adapter")
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path)

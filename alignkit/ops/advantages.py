@@ -167,3 +167,12 @@ def adaptive_kl_beta(
         raise ValueError(f"target_kl and horizon must be > 0, got {target_kl} and {horizon}")
     error = min(max(float(observed_kl) / target_kl - 1.0, -0.2), 0.2)
     return beta * (1.0 + error * n_steps / horizon)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var[R - V] / Var[R] over the masked tokens (population variances): 1 is a perfect
+    critic, 0 one no better than a constant, negative one worse than a constant."""
+    from .masked import masked_var
+
+    var_r = masked_var(returns, mask, unbiased=False)
+    return float(1 - masked_var(returns - values, mask, unbiased=False) / var_r.clamp(min=1e-8))

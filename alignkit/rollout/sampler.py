@@ -60,6 +60,12 @@ class Rollout:
         """[N, P + C]: the prompt mask, then the completion mask (pads after the end are 0)."""
         return torch.cat([self.prompt_mask.to(self.completion_mask.dtype), self.completion_mask], dim=1)
 
+    @property
+    def columns(self) -> Tensor:
+        """[C]: the logit columns of `input_ids` that predict the completion tokens (P - 1, ..., P + C - 2)."""
+        p = self.prompt_ids.shape[1]
+        return torch.arange(p - 1, p - 1 + self.completion_ids.shape[1], device=self.prompt_ids.device)
+
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Set logits outside the top-k / top-p (nucleus) set to -inf: [N, V] -> [N, V].

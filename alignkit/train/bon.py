@@ -29,7 +29,7 @@ from typing import Literal
 
 from alignkit.config import require
 from alignkit.rollout.best_of_n import Samples, sample_and_score
-from alignkit.train.common import lm_count, lm_step, load_train_eval, print_summary, say
+from alignkit.train.common import lm_count, lm_step, print_summary, say
 from alignkit.train.loop import (
     TrainingError,
     TrainResult,
@@ -40,7 +40,7 @@ from alignkit.train.loop import (
     train,
     write_config,
 )
-from alignkit.train.online import OnlineConfig
+from alignkit.train.online import OnlineConfig, load_prompts
 
 ROUND_DONE = "round.json"
 
@@ -181,8 +181,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def run(cfg: BoNConfig) -> BoNResult:
-    from alignkit.data import pad_batch, tokenize_prompts
-    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.data import pad_batch
+    from alignkit.models.load import load_causal_lm
     from alignkit.rollout.best_of_n import as_reward_fns
 
     require(cfg, "model", "reward", "data")
@@ -193,11 +193,7 @@ def run(cfg: BoNConfig) -> BoNResult:
                          "from its latest checkpoint); a single checkpoint path does not say which round")
     if not cfg.resume:
         resolve_resume(cfg)  # claims output_dir: refuses another run's outputs, or clears them with overwrite
-    train_records, eval_records = load_train_eval(cfg, "prompts")
-    tokenizer = load_tokenizer(cfg.model)
-    examples, report = tokenize_prompts(train_records, tokenizer, cfg.max_length, cfg.truncation)
-    report.check_not_all_truncated(cfg.data, cfg.max_length)
-    eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length, cfg.truncation)
+    examples, eval_examples, report, tokenizer = load_prompts(cfg, cfg.model)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, "bon")
     reward_fns, weights = as_reward_fns(cfg.reward, cfg.reward_weights, accelerator.device, cfg.reward_dtype)

@@ -101,17 +101,18 @@ def print_summary(name: str, result: TrainResult, notes: list[str]) -> None:
     Printed by the main process only (rank 0 under torchrun / accelerate launch)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
-    train_logs = [h for h in result.history if "train/loss" in h]
     lines = [f"== {name} finished: {result.steps} steps on {result.device}, mixed precision {result.precision} =="]
-    if train_logs:
-        lines.append(f"train loss {train_logs[0]['train/loss']:.4f} (step {train_logs[0]['step']}) -> "
-                     f"{train_logs[-1]['train/loss']:.4f} (step {train_logs[-1]['step']})")
+    for key in ("loss", "reward", "kl_per_completion"):  # the online trainers log a reward and a KL
+        rows = [h for h in result.history if f"train/{key}" in h]
+        if rows:
+            lines.append(f"train {key.replace('_', ' ')} {rows[0][f'train/{key}']:.4f} (step {rows[0]['step']}) -> "
+                         f"{rows[-1][f'train/{key}']:.4f} (step {rows[-1]['step']})")
     if result.eval_metrics:
         before = result.initial_eval_metrics
         lines.append("held-out " + ", ".join(
             (f"{k} {before[k]:.4f} -> {v:.4f}" if k in before else f"{k} {v:.4f}") for k, v in sorted(result.eval_metrics.items())))
     if result.skipped_steps:
-        lines.append(f"skipped steps (non-finite loss or gradient): {result.skipped_steps}")
+        lines.append(f"skipped optimiser updates (non-finite loss or gradient): {result.skipped_steps}")
     lines += notes
     lines.append(f"model saved to {result.output_dir}")
     print("\n".join(lines), flush=True)

@@ -36,7 +36,7 @@ the final TV to pi* was 0.012 with it against 0.011 with `token`).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -45,9 +45,9 @@ from alignkit.config import require
 from alignkit.losses import aggregate, clipped_policy_loss, kl_penalty_loss
 from alignkit.models.forward import forward_logprobs
 from alignkit.ops import advantage_estimator, kl_k1, masked_sum
-from alignkit.train.common import load_train_eval, print_summary, say
-from alignkit.train.loop import TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
-from alignkit.train.online import OnlineConfig, greedy_reward
+from alignkit.train.common import print_summary, say
+from alignkit.train.loop import StepPlan, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
+from alignkit.train.online import OnlineConfig, collate_prompts, greedy_reward, load_prompts, sample_completions
 from alignkit.train.reference import make_reference
 
 
@@ -80,7 +80,8 @@ class GRPOConfig(OnlineConfig):
     clip_eps: float = 0.2
     """PPO clip range of the ratio pi / pi_old (acts only with num_iterations > 1)."""
     num_iterations: int = 1
-    """mu: optimiser updates on each batch of samples (a step), pi_old being the sampler (1: ratio exactly 1, clip inert)."""
+    """mu: optimiser updates on each batch of samples (a step), pi_old being the sampler (1: ratio exactly 1,
+    clip inert); the learning-rate schedule counts updates (steps x mu)."""
     ref_model: str = ""
     """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
     ref_dtype: str = "float32"
@@ -145,15 +146,6 @@ class RLOOConfig(GRPOConfig):
     """Divide the advantages by the group's reward std (RLOO's paper does not; with it the effective beta varies per prompt)."""
 
 
-def collate_prompts(examples: list[dict], pad_token_id: int) -> dict:
-    from alignkit.data import pad_batch
-
-    batch = pad_batch(examples, pad_token_id, side="left")
-    batch["prompts"] = [ex["prompt"] for ex in examples]
-    batch["fields"] = {k: [ex["fields"].get(k) for ex in examples] for k in examples[0]["fields"]}
-    return batch
-
-
 class Rollouts:
     """Generates, scores and prepares the micro-batches of one step (the loop's `prepare`)."""
 
@@ -165,19 +157,9 @@ class Rollouts:
         self.flat_steps = 0  # steps in a row with every advantage 0
 
     def generate(self, model, batch: dict, step: int, temperature: float):
-        from alignkit.rollout.sampler import completion_generators, sample
-
         g = self.cfg.num_generations if temperature > 0 else 1
-        # Completion k of example i at step s draws from its own generator, seeded by (seed, s, i, k):
-        # the samples are the same however the prompts are split over processes and micro-batches,
-        # and a resumed run draws exactly what an uninterrupted one would.
-        generator = completion_generators(self.cfg.seed * 1_000_003 + step, batch["ids"].tolist(), g)
-        return sample(
-            self.accelerator.unwrap_model(model), batch["input_ids"].repeat_interleave(g, 0),
-            batch["attention_mask"].repeat_interleave(g, 0), max_new_tokens=self.cfg.max_new_tokens,
-            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            temperature=temperature, top_k=self.cfg.top_k, top_p=self.cfg.top_p, generator=generator,
-        )
+        return sample_completions(self.accelerator.unwrap_model(model), batch, self.cfg, self.tokenizer, step, g,
+                                  temperature)
 
     def rewards(self, batch: dict, rollout, g: int):
         from alignkit.rollout.rewards import score_rollout
@@ -188,19 +170,18 @@ class Rollouts:
             missing_eos_penalty=self.cfg.missing_eos_penalty)
         return rewards.to(rollout.completion_ids.device), valid.to(rollout.completion_ids.device), per_source
 
-    def __call__(self, model, batches: list[dict], step: int) -> list[dict]:
+    def __call__(self, model, batches: list[dict], step: int) -> StepPlan:
         cfg, g = self.cfg, self.cfg.num_generations
         prepared = []
         for batch in batches:
             rollout = self.generate(model, batch, step, cfg.temperature)
             rewards, valid, per_source = self.rewards(batch, rollout, g)
-            p = rollout.prompt_ids.shape[1]
-            columns = torch.arange(p - 1, p - 1 + rollout.completion_ids.shape[1], device=rollout.prompt_ids.device)
+            columns = rollout.columns
             out = {
                 "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "columns": columns,
                 "completion_mask": rollout.completion_mask, "sampler_logprobs": rollout.logprobs,
                 "rewards": rewards, "valid": valid, "ended": rollout.ended,
-                "ids": batch["ids"], "reward_sources": per_source,
+                "ids": batch["ids"], "reward_sources": per_source, "weight": batch["weight"],
             }
             if cfg.beta > 0:
                 out["ref_logprobs"] = self.reference(model, lambda m: forward_logprobs(
@@ -213,7 +194,7 @@ class Rollouts:
             out["advantages"] = self.advantages(rewards, g, scale_by_std=cfg.scale_rewards, valid=valid)
             prepared.append(out)
         self.check_learnable(prepared, step)
-        return prepared
+        return StepPlan([prepared] * self.cfg.num_iterations)  # mu updates on the same samples
 
     def check_learnable(self, prepared: list[dict], step: int) -> None:
         """Stop a run that cannot learn: a step where every reward was invalid (all masked), or
@@ -286,8 +267,6 @@ def unit_count(level: str):
 
 
 def run(cfg: GRPOConfig) -> TrainResult:
-    from alignkit.data import tokenize_prompts
-    from alignkit.models.load import load_tokenizer
     from alignkit.rollout.rewards import load_reward_fn
 
     name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
@@ -297,13 +276,9 @@ def run(cfg: GRPOConfig) -> TrainResult:
                          f"of num_generations ({cfg.num_generations})")
     if cfg.reward_weights and len(cfg.reward_weights) != len(cfg.reward):
         raise ValueError(f"{name}: {len(cfg.reward_weights)} reward_weights for {len(cfg.reward)} rewards")
-    train_records, eval_records = load_train_eval(cfg, "prompts")
-    resume_from = resolve_resume(cfg)
-    tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
-    examples, report = tokenize_prompts(train_records, tokenizer, cfg.max_length, cfg.truncation)
-    report.check_not_all_truncated(cfg.data, cfg.max_length)
+    resume_from = resolve_resume(cfg)  # a corrupt or half-written checkpoint stops here, before any loading
+    examples, eval_examples, report, tokenizer = load_prompts(cfg, str(resume_from or cfg.model))
     model = load_trainable_model(cfg, resume_from)
-    eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length, cfg.truncation)
 
     accelerator = make_accelerator(cfg, name)
     reward_fns = [load_reward_fn(spec, accelerator.device, cfg.reward_dtype) for spec in cfg.reward]
@@ -315,9 +290,9 @@ def run(cfg: GRPOConfig) -> TrainResult:
     say(f"{name}: {len(examples)} prompts x {cfg.num_generations} completions, {prompts_per_batch} prompts per "
         f"micro-batch, beta {cfg.beta}, loss per {cfg.loss_level}; {report}")
     result = train(
-        replace(cfg, batch_size=prompts_per_batch), model, tokenizer, examples, make_policy_step(cfg),
+        cfg, model, tokenizer, examples, make_policy_step(cfg),
         unit_count(cfg.loss_level), lambda b: collate_prompts(b, tokenizer.pad_token_id), name=name,
-        resume_from=resume_from, accelerator=accelerator, prepare=rollouts, updates_per_step=cfg.num_iterations,
+        batch_size=prompts_per_batch, resume_from=resume_from, accelerator=accelerator, prepare=rollouts, updates_per_step=cfg.num_iterations,
         # held-out prompts: the reward of greedy completions, before, every eval_steps, after
         eval_examples=eval_examples,
         eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m), eval_examples, tokenizer, reward_fns, cfg,

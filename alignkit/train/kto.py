@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +30,7 @@ from alignkit.data.tokenize import prompt_length
 from alignkit.losses import kto_default_weights, kto_loss, kto_reference_point
 from alignkit.models.forward import sequence_logprobs
 from alignkit.train.common import load_train_eval, print_summary, say
-from alignkit.train.loop import (TrainConfig, TrainResult, load_trainable_model, make_accelerator, plan_steps,
-                                 resolve_resume, step_indices, train)
+from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
 from alignkit.train.reference import make_reference, precompute_reference, reference_sequence_logprobs
 
 
@@ -119,8 +117,7 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def make_step_reference_point(examples: list[dict], pad_token_id: int, reference, accelerator,
-                              shares_step: Callable[[int], bool]):
+def make_step_reference_point(examples: list[dict], pad_token_id: int, reference, accelerator):
     """The loop's `prepare`: z_ref of the whole optimiser step, then each micro-batch's own rows.
 
     With d_i = log pi(y'_i|x_i) - log pi_ref(y'_i|x_i) over the step's mismatched pairs i on
@@ -128,9 +125,9 @@ def make_step_reference_point(examples: list[dict], pad_token_id: int, reference
     so z_ref does not depend on how the step is split. The pass is under no_grad (z_ref is
     detached in the loss anyway). Each returned batch is `collate_rows(.., 0)` of the same
     examples plus `z_ref` [] (0-dim), which `make_kto_step` then uses (the loop's batches give
-    only their example ids: rebuilding rows is cheap next to a forward). `shares_step(step)` is
-    False on a process the loop handed only a stand-in micro-batch (weight 0, an example of
-    another process): it adds nothing to the sums.
+    only their example ids: rebuilding rows is cheap next to a forward). A stand-in micro-batch
+    (the loop's weight 0: an example of another process, on a process with no share of a
+    short last step) adds nothing to the sums.
     """
     by_id = {ex["id"]: ex for ex in examples}
     if len(by_id) != len(examples):
@@ -140,8 +137,8 @@ def make_step_reference_point(examples: list[dict], pad_token_id: int, reference
         device = accelerator.device
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of d_i, n]
         chunks = [[by_id[i] for i in batch["ids"].tolist()] for batch in batches]
-        if shares_step(step):
-            for chunk in chunks:
+        for chunk, batch in zip(chunks, batches):
+            if batch["weight"] > 0:
                 kl = _to(collate_rows(chunk, pad_token_id, 1), device)
                 with torch.no_grad():
                     policy = sequence_logprobs(model, kl)[0]
@@ -226,12 +223,7 @@ def run(cfg: KTOConfig) -> TrainResult:
         for part in (examples, eval_examples):  # no gradients kept: 4x the training batch fits
             precompute_reference(reference, model, part, batch_fn, 4 * cfg.batch_size, accelerator.device)
         reference = None
-    # The loop hands a process with no share of a short last step one stand-in example (weight 0).
-    global_batch, steps_per_epoch, _ = plan_steps(len(examples), cfg, accelerator.num_processes)
-    shares_step = lambda step: accelerator.process_index < len(  # noqa: E731
-        step_indices(step, len(examples), global_batch, steps_per_epoch, cfg.seed))
-    step_reference_point = make_step_reference_point(examples, tokenizer.pad_token_id, reference, accelerator,
-                                                     shares_step)
+    step_reference_point = make_step_reference_point(examples, tokenizer.pad_token_id, reference, accelerator)
     say(f"kto: {n_good} desirable, {n_bad} undesirable (weights {w_d:.3g} / {w_u:.3g}), beta {cfg.beta}; {report}")
     result = train(cfg, model, tokenizer, examples, make_kto_step(cfg.beta, w_d, w_u, reference), example_count,
                    batch_fn, name="kto", eval_examples=eval_examples, resume_from=resume_from, accelerator=accelerator,

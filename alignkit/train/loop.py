@@ -11,6 +11,10 @@ micro-batches, all processes), so accumulation and data parallelism give the
 gradient of one big batch, not a mean of means. The data order is a seeded
 permutation per epoch, so the step number alone fixes the data position and a
 resumed run replays exactly the batches an uninterrupted run would see.
+
+A step is one optimiser update unless the trainer's `prepare` plans several on the step's
+data (a `StepPlan`: PPO's epochs of minibatches, GRPO's num_iterations); the learning-rate
+schedule counts updates.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Floor of cosine_with_min_lr as a fraction of `lr` (a schedule that decays to 0 hides late collapse)."""
     warmup_ratio: float = 0.05
-    """Fraction of the steps spent warming the learning rate up from 0."""
+    """Fraction of the optimiser updates (the steps, unless a trainer says otherwise) spent warming the learning rate up from 0."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0
@@ -106,7 +110,7 @@ class TrainConfig:
     allow_resume_mismatch: bool = False
     """Resume even if the data, process count or batch geometry changed."""
     on_nan: Literal["stop", "skip"] = "stop"
-    """A non-finite loss or gradient stops training, or skips that step leaving weights unchanged."""
+    """A non-finite loss or gradient stops training, or skips that optimiser update leaving weights unchanged."""
 
     def validate(self) -> None:
         """A ConfigError naming the first key out of range (`parse_config` calls this after tyro)."""
@@ -155,6 +159,7 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     initial_eval_metrics: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
+    """Optimiser updates dropped for a non-finite loss or gradient (`on_nan skip`)."""
     train_seconds: float = 0.0
     """Wall time of the optimiser steps alone (no evaluation, no checkpoint writing)."""
     device: str = "cpu"
@@ -505,19 +510,10 @@ def load_state(path: Path) -> dict:
         raise TrainingError(f"{path}: refused to load: not a plain tensor checkpoint ({type(e).__name__})") from None
 
 
-def save_weights(model, path: Path) -> None:
-    """`model.save_pretrained(path)`, loadable by plain transformers. With LoRA: the merged
-    model at `path` and the adapter alone in `path/adapter` (what resume loads)."""
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(Path(path) / "adapter")
-        import copy
-
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(path)
-
-
 def save_model(model, tokenizer, path: Path, accelerator) -> None:
-    """The trained model (see `save_weights`) and its tokenizer in one directory."""
+    """The trained model (see `models.load.save_weights`) and its tokenizer in one directory."""
+    from alignkit.models.load import save_weights
+
     save_weights(accelerator.unwrap_model(model), path)
     tokenizer.save_pretrained(path)
 
@@ -581,7 +577,8 @@ def _check_resume_meta(saved: dict, meta: dict, path: Path, allow: bool) -> None
     if old is not None and new is not None:  # checkpoints written before the config was saved have none
         new = json.loads(json.dumps(new, default=str))
         changed += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in dict.fromkeys([*new, *old])
-                    if k not in RESUME_FREE_KEYS and k not in ("batch_size", "grad_accum") and old.get(k) != new.get(k)]
+                    if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
+    changed = list(dict.fromkeys(changed))  # batch_size, grad_accum: as the loop's geometry and as config keys
     if changed and not allow:
         raise TrainingError(
             f"resume from {path}: the run changed ({'; '.join(changed)}). Only the duration keys "
@@ -689,6 +686,18 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+@dataclass
+class StepPlan:
+    """What `prepare` returns when one step is several optimiser updates (PPO's epochs of
+    minibatches, GRPO's num_iterations): each update's micro-batches, a batch's "weight" key
+    scaling it (0: a stand-in that joins the all-reduce), and the step's own metrics in
+    `add_metrics` form (a tensor or a (sum, count) pair per process; reduced and logged with
+    the updates' as train/<name>)."""
+
+    updates: list[list[dict]]
+    metrics: dict = field(default_factory=dict)
+
+
 def train(
     cfg: TrainConfig,
     model,
@@ -704,22 +713,31 @@ def train(
     accelerator=None,
     derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
     prepare: Callable | None = None,
-    updates_per_step: int = 1,
+    updates_per_step: int | Callable[[int], int] = 1,
     eval_fn: Callable | None = None,
+    batch_size: int | None = None,
+    dropout: bool = True,
+    state: dict | None = None,
 ) -> TrainResult:
     """Run the optimiser steps of `cfg` and save the final model in `cfg.output_dir`.
 
     `model` must already hold the resumed weights when `resume_from` is given (see
     `load_trainable_model`); optimizer, scheduler, RNG and data position are restored here.
     `derived_metrics` adds metrics computed from logged means (e.g. perplexity = exp(loss)).
-    `prepare(model, batches, step) -> batches` runs before the gradient pass of each step:
-    online methods generate and score their completions there, so the unit count (e.g.
-    completion tokens) is known before any micro-batch is weighted.
-    `updates_per_step` (GRPO's num_iterations) runs that many optimiser updates on the
-    step's prepared batches; the scheduler still moves once per step.
+    `prepare(model, batches, step)` runs before the gradient pass of each step: online
+    methods generate and score their completions there, so the unit count (e.g. completion
+    tokens) is known before any micro-batch is weighted. It returns the batches (one update,
+    in the order given) or a `StepPlan` of `updates_per_step` updates (an int, or a function
+    of the step when a step's count varies). The learning-rate schedule counts optimiser
+    updates; an update whose loss or gradient is not finite stops the run, or with
+    `on_nan skip` is dropped (weights unchanged) and counted.
     `eval_fn(model) -> metrics` replaces the mean loss on `eval_examples` as the evaluation
     run before the first step, every `eval_steps` and at the end (online methods: the reward
     of greedy completions of the held-out prompts).
+    `batch_size` overrides cfg.batch_size as the loop's examples per micro-batch (online
+    trainers count prompts here, their cfg.batch_size completions). `dropout=False` keeps
+    the model in eval mode for every forward. `state`, a dict of JSON values the trainer
+    updates (PPO's adaptive beta), is saved in each checkpoint and restored into on resume.
     """
     from accelerate.utils import set_seed
     from alignkit.progress import progress
@@ -728,7 +746,9 @@ def train(
     derived_metrics = derived_metrics or (lambda m: {})
     set_seed(cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch, steps_per_epoch, total_steps = plan_steps(len(examples), cfg, world)
+    geometry = cfg if batch_size is None else dataclasses.replace(cfg, batch_size=batch_size, grad_accum=1)
+    global_batch, steps_per_epoch, total_steps = plan_steps(len(examples), geometry, world)
+    n_updates = updates_per_step if callable(updates_per_step) else (lambda step: updates_per_step)
     lengths = [len(ex["input_ids"]) for ex in examples]
     for warning in position_warnings(model, lengths, getattr(cfg, "max_new_tokens", 0)):
         if accelerator.is_main_process:
@@ -738,8 +758,8 @@ def train(
         "steps_per_epoch": steps_per_epoch,
         "data_fingerprint": data_fingerprint(examples),
         "world_size": world,
-        "batch_size": cfg.batch_size,
-        "grad_accum": cfg.grad_accum,
+        "batch_size": geometry.batch_size,
+        "grad_accum": geometry.grad_accum,
         "config": config_dict(cfg),  # JSON values: a Path given through the Python API becomes its text
     }
 
@@ -747,15 +767,17 @@ def train(
     # The fused kernel updates all parameters in one pass: ~5x faster than foreach on CPU.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    scheduler = make_scheduler(cfg, optimizer, total_steps)
-    # The scheduler is stepped by hand once per optimiser step; accelerate's wrapper would
+    scheduler = make_scheduler(cfg, optimizer, sum(n_updates(s) for s in range(total_steps)))
+    # The scheduler is stepped by hand once per optimiser update; accelerate's wrapper would
     # step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start_step = 0
     if resume_from is not None:
-        start_step = restore_training_state(resume_from, meta, optimizer, scheduler, rank,
-                                            cfg.allow_resume_mismatch)["step"]
+        saved = restore_training_state(resume_from, meta, optimizer, scheduler, rank, cfg.allow_resume_mismatch)
+        start_step = saved["step"]
+        if state is not None:
+            state.update(saved["state"])
 
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -766,21 +788,22 @@ def train(
     result = TrainResult(output_dir=out, steps=total_steps, device=str(accelerator.device),
                          precision=accelerator.mixed_precision)
     log = MetricLog(accelerator, out / "metrics.jsonl", result.history, start_step)
+    model.train(dropout)
 
     def run_eval() -> dict[str, float]:
         if eval_fn is None:
-            return evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)
-        model.eval()
-        with torch.no_grad():
-            metrics = eval_fn(model)
-        model.train()
+            metrics = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)
+        else:
+            model.eval()
+            with torch.no_grad():
+                metrics = eval_fn(model)
+        model.train(dropout)
         return metrics
 
     if eval_examples and start_step == 0:
         ev = run_eval()
         result.initial_eval_metrics = {**ev, **derived_metrics(ev)}
         log({"step": 0, **{f"eval/{k}": v for k, v in result.initial_eval_metrics.items()}})
-    model.train()
     window: dict[str, float] = {}
     window_steps, window_tokens, window_start = 0, 0.0, time.perf_counter()
     stop_on_nan = cfg.on_nan == "stop"
@@ -788,70 +811,82 @@ def train(
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         indices = step_indices(step, len(examples), global_batch, steps_per_epoch, cfg.seed)
-        groups = rank_micro_batches(indices, lengths, rank, world, cfg.batch_size)
+        groups = rank_micro_batches(indices, lengths, rank, world, geometry.batch_size)
         weights = [1.0] * len(groups)
         if not groups:  # a short last batch left this rank nothing: join the all-reduce with weight 0
             groups, weights = [indices[:1]], [0.0]
-        batches = [_to_device(collate([examples[i] for i in g]), accelerator.device) for g in groups]
-        if prepare is not None:
-            batches = prepare(model, batches, step)
-        skipped = False
-        for _ in range(updates_per_step):  # the metrics logged are the last update's
-            sums, step_count, bad_ids = accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator)
-            window_tokens += sums.pop("_tokens")
+        batches = [{**_to_device(collate([examples[i] for i in g]), accelerator.device), "weight": w}
+                   for g, w in zip(groups, weights)]
+        plan = prepare(model, batches, step) if prepare is not None else batches
+        if not isinstance(plan, StepPlan):  # one update on the given batches, in their order
+            plan = StepPlan([[{**b, "weight": w} for b, w in zip(plan, weights)]])
+        if len(plan.updates) != n_updates(step):
+            raise TrainingError(f"step {step + 1}: prepare planned {len(plan.updates)} updates, "
+                                f"updates_per_step says {n_updates(step)}")
+        step_sums: dict[str, float] = {}
+        add_metrics(step_sums, plan.metrics)
+        step_count = 0.0
+        for k, update in enumerate(plan.updates):
+            sums, count, bad_ids = accumulate_gradients(model, update, [float(b["weight"]) for b in update],
+                                                        step_fn, count_fn, accelerator)
             if cfg.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             else:
                 grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
             flags = accelerator.reduce(torch.tensor([float(bool(bad_ids)), float(not torch.isfinite(grad_norm))], device=accelerator.device), "sum")
-            if float(flags.sum()) > 0 or step_count == 0:
-                what = "loss" if float(flags[0]) > 0 else ("gradient" if step_count > 0 else "count of loss units (0)")
-                if stop_on_nan and step_count > 0:
+            if float(flags.sum()) > 0 or count == 0:
+                what = "loss" if float(flags[0]) > 0 else ("gradient" if count > 0 else "count of loss units (0)")
+                if stop_on_nan and count > 0:
+                    where = f"step {step + 1}" + (f", update {k + 1} of {len(plan.updates)}" if len(plan.updates) > 1 else "")
                     raise TrainingError(
-                        f"step {step + 1}: non-finite {what} (example ids {bad_ids or indices}); "
-                        "stopped so that no NaN is averaged into the weights. Set on_nan=skip to skip such steps."
+                        f"{where}: non-finite {what} (example ids {sorted(set(bad_ids)) or indices}); "
+                        "stopped so that no NaN is averaged into the weights. Set on_nan=skip to skip such updates."
                     )
                 optimizer.zero_grad(set_to_none=True)
-                skipped = True
-                break
+                result.skipped_steps += 1
+                scheduler.step()  # a dropped update moves the schedule too: it counts the updates planned
+                continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if skipped:  # the rest of the step's updates are dropped with the bad one
-            result.skipped_steps += 1
             scheduler.step()
-            bar.update(1)
-            continue
-        scheduler.step()
+            window_tokens += sums.pop("_tokens")
+            for key, v in sums.items():
+                step_sums[key] = step_sums.get(key, 0.0) + v
+            step_count += count
+            window["_grad_norm"] = window.get("_grad_norm", 0.0) + float(grad_norm)
+            window["_updates"] = window.get("_updates", 0.0) + 1
         result.train_seconds += time.perf_counter() - step_start
 
-        step_sums = accelerator.reduce(torch.tensor([step_count] + [sums[k] for k in sorted(sums)], dtype=torch.float64, device=accelerator.device), "sum") if world > 1 else None
-        if step_sums is not None:
-            sums = dict(zip(sorted(sums), step_sums[1:].tolist()))
-        for k, v in sums.items():
-            window[k] = window.get(k, 0.0) + v
+        if world > 1:  # the updates' count was already over all processes; the metric sums are per process
+            keys = sorted(step_sums)
+            totals = accelerator.reduce(torch.tensor([step_sums[k] for k in keys], dtype=torch.float64, device=accelerator.device), "sum")
+            step_sums = dict(zip(keys, totals.tolist()))
+        for key, v in step_sums.items():
+            window[key] = window.get(key, 0.0) + v
         window["_count"] = window.get("_count", 0.0) + step_count
-        window["_grad_norm"] = window.get("_grad_norm", 0.0) + float(grad_norm)
         window_steps += 1
         bar.update(1)
         done = step + 1
         if done % cfg.log_steps == 0 or done == total_steps:
-            n = window.pop("_count")
-            means = metric_means(window, n)
+            means = metric_means(window, window.get("_count", 0.0))
             elapsed = time.perf_counter() - window_start
             record = {"step": done, **{f"train/{k}": v for k, v in {**means, **derived_metrics(means)}.items()}}
-            record["train/grad_norm"] = window["_grad_norm"] / window_steps
-            record["train/lr"] = scheduler.get_last_lr()[0]
+            if window.get("_updates"):
+                record["train/grad_norm"] = window["_grad_norm"] / window["_updates"]
+            record["train/lr"] = scheduler.get_last_lr()[0]  # the next update's
             record["train/tokens_per_s"] = window_tokens * world / elapsed
-            record["train/skipped_steps"] = result.skipped_steps
+            record["train/skipped_updates"] = result.skipped_steps
             record["train/examples"] = window.get("_examples", 0.0)  # all processes: an epoch's sum is the data size
             log(record)
-            bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{record['train/lr']:.2e}", refresh=False)
+            if "loss" in means:
+                bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{record['train/lr']:.2e}", refresh=False)
             window, window_steps, window_tokens, window_start = {}, 0, 0.0, time.perf_counter()
         if eval_examples and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != total_steps:
             ev = run_eval()
             log({"step": done, **{f"eval/{k}": v for k, v in {**ev, **derived_metrics(ev)}.items()}})
         if cfg.save_steps > 0 and (done % cfg.save_steps == 0 or done == total_steps):
-            save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, done, meta)
+            save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, done,
+                            {**meta, **({"state": dict(state)} if state is not None else {})})
     bar.close()
 
     if eval_examples:

@@ -48,6 +48,22 @@ class OnlineConfig(TrainConfig):
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+def load_prompts(cfg: OnlineConfig, tokenizer_from: str):
+    """(training prompts, held-out prompts, truncation report, tokenizer) of an online run, tokenised
+    with the tokenizer at `tokenizer_from` (the resumed checkpoint's, else the model's); a run whose
+    every prompt was truncated stops here."""
+    from alignkit.data import tokenize_prompts
+    from alignkit.models.load import load_tokenizer
+    from alignkit.train.common import load_train_eval
+
+    records, eval_records = load_train_eval(cfg, "prompts")
+    tokenizer = load_tokenizer(tokenizer_from)
+    examples, report = tokenize_prompts(records, tokenizer, cfg.max_length, cfg.truncation)
+    report.check_not_all_truncated(cfg.data, cfg.max_length)
+    eval_examples, _ = tokenize_prompts(eval_records, tokenizer, cfg.max_length, cfg.truncation)
+    return examples, eval_examples, report, tokenizer
+
+
 @torch.no_grad()
 def greedy_reward(policy, examples: list[dict], tokenizer, reward_fns, cfg: OnlineConfig, batch_size: int,
                   device) -> dict[str, float]:
@@ -76,3 +92,39 @@ def greedy_reward(policy, examples: list[dict], tokenizer, reward_fns, cfg: Onli
                      **{f"reward/{name}": mean * len(chunk) for name, mean in per_source.items()}}.items():
             sums[k] = sums.get(k, 0.0) + v
     return {k: v / len(examples) for k, v in sums.items()}
+
+
+def collate_prompts(examples: list[dict], pad_token_id: int) -> dict:
+    from alignkit.data import pad_batch
+
+    batch = pad_batch(examples, pad_token_id, side="left")
+    batch["prompts"] = [ex["prompt"] for ex in examples]
+    batch["fields"] = {k: [ex["fields"].get(k) for ex in examples] for k in examples[0]["fields"]}
+    return batch
+
+
+def sample_completions(policy, batch: dict, cfg: OnlineConfig, tokenizer, step: int, n: int, temperature: float):
+    """n completions of each prompt of a collated `batch` (prompt-major), at `temperature`.
+
+    Completion k of prompt i at step s draws from its own generator, seeded by (seed, s, i, k):
+    the samples are the same however the prompts are split over processes and micro-batches,
+    and a resumed run draws exactly what an uninterrupted one would."""
+    from alignkit.rollout.sampler import completion_generators, sample
+
+    return sample(policy, batch["input_ids"].repeat_interleave(n, 0), batch["attention_mask"].repeat_interleave(n, 0),
+                  max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                  generator=completion_generators(cfg.seed * 1_000_003 + step, batch["ids"].tolist(), n))
+
+
+def whiten_over_processes(x, mask, accelerator):
+    """`masked_whiten` with the mean and (unbiased) variance over every process's tokens."""
+    from alignkit.ops import masked_whiten
+
+    if accelerator.num_processes == 1:
+        return masked_whiten(x, mask)
+    m = mask.to(x.dtype)
+    n, total = accelerator.reduce(torch.stack([m.sum(), (x * m).sum()]), "sum")
+    mean = total / n
+    var = accelerator.reduce(((x - mean) ** 2 * m).sum(), "sum") / (n - 1)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), 0.0)

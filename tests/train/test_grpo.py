@@ -93,7 +93,8 @@ def test_kl_in_reward_enters_the_advantages_not_the_loss(tiny_model_dir, tmp_pat
     rollouts = grpo.Rollouts(cfg, tokenizer, [load_reward_fn("tests.helpers:digit_fraction")], reference,
                              make_accelerator(cfg, "grpo"))
     examples, _ = tokenize_prompts([{"prompt": "What is 1+2?"}, {"prompt": "What is 3+4?"}], tokenizer, 64)
-    (batch,) = rollouts(policy, [grpo.collate_prompts(examples, tokenizer.pad_token_id)], step=0)
+    ((batch,),) = rollouts(policy, [{**grpo.collate_prompts(examples, tokenizer.pad_token_id), "weight": 1.0}],
+                           step=0).updates
     k1 = ((batch["sampler_logprobs"] - batch["ref_logprobs"]) * batch["completion_mask"]).sum(-1)
     assert k1.abs().max() > 1e-3
     torch.testing.assert_close(batch["rewards_with_kl"], batch["rewards"] - 0.5 * k1)

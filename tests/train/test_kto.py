@@ -140,19 +140,20 @@ def test_step_reference_point_pools_every_micro_batch_and_process(tiny_model_dir
             assert op == "sum"
             return totals + torch.tensor([float(d[4:].sum()), 2.0], dtype=torch.float64)
 
-    prepare = kto.make_step_reference_point(examples, 0, reference, SecondOfTwo(), shares_step=lambda step: step == 0)
-    prepared = prepare(policy, [kto.collate(examples[:2], 0), kto.collate(examples[2:4], 0)], 0)
+    prepare = kto.make_step_reference_point(examples, 0, reference, SecondOfTwo())
+    prepared = prepare(policy, [{**kto.collate(examples[:2], 0), "weight": 1.0},
+                                {**kto.collate(examples[2:4], 0), "weight": 1.0}], 0)
     for batch, ids in zip(prepared, ([0, 1], [2, 3])):
         assert batch["ids"].tolist() == ids and batch["input_ids"].shape[0] == 2  # own rows only
         torch.testing.assert_close(batch["z_ref"], d.mean(), atol=1e-6, rtol=0)
-    stand_in = prepare(policy, [kto.collate(examples[:1], 0)], 1)  # no share of step 1: only the other's pairs
+    stand_in = prepare(policy, [{**kto.collate(examples[:1], 0), "weight": 0.0}], 1)  # no share: the other's pairs only
     torch.testing.assert_close(stand_in[0]["z_ref"], d[4:].mean(), atol=1e-6, rtol=0)
 
     class One:
         device, num_processes, process_index = torch.device("cpu"), 1, 0
 
     step = kto.make_kto_step(0.3, 1.0, 1.5, reference)
-    own_rows = kto.make_step_reference_point(examples, 0, reference, One(), lambda _: True)(policy, [full], 0)[0]
+    own_rows = kto.make_step_reference_point(examples, 0, reference, One())(policy, [{**full, "weight": 1.0}], 0)[0]
     results = []
     for batch in (own_rows, full):
         policy.zero_grad(set_to_none=True)
