@@ -5,9 +5,14 @@ a trainer imports them at run time, in torchrun workers and CLI subprocesses too
 """
 
 import json
+import os
 import random
+import socket
+import subprocess
+import sys
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 DIGITS = set("0123456789")
@@ -65,3 +70,32 @@ def sft_file(path, n: int):
     rows = [{"prompt": f"What is {a}+{a % 7}?", "completion": f" The answer is {a + a % 7}."} for a in range(n)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(trainer: str, args: dict, nproc: int = 2, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --nproc_per_node 2 -m alignkit <trainer> --key value ...`
+    (or `launcher` in place of the torchrun part, e.g. `accelerate launch --config_file ...`)."""
+    launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    cmd = [*launcher, "-m", "alignkit", trainer]
+    for k, v in args.items():
+        cmd += [f"--{k}" if v else f"--no-{k}"] if isinstance(v, bool) else [f"--{k}", str(v)]
+    # No ACCELERATE_USE_CPU: make_accelerator must form the gloo group by itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def max_abs_diff(a, b) -> float:
+    """max |w_a - w_b| over the model.safetensors of two save_pretrained folders."""
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)

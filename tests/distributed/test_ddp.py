@@ -6,17 +6,16 @@ tests of this module (one SFT and one DPO pair of runs, one resumed run).
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from alignkit.train import dpo, sft
 from alignkit.train.loop import checkpoint_problem, rank_micro_batches, step_indices
+from tests.helpers import free_port, max_abs_diff, torchrun
 
 N_SFT, N_DPO = 17, 11  # odd sizes: the last step of the SFT epoch holds 1 example, so rank 1 gets none
 SFT_ARGS = dict(batch_size=2, grad_accum=2, epochs=1, lr=1e-2, log_steps=1, max_length=64, seed=3, save_steps=1)
@@ -26,36 +25,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs/accelerate"
 CPU_GLOO = CONFIGS / "cpu_gloo.yaml"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(trainer: str, args: dict, nproc: int = 2, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --nproc_per_node 2 -m alignkit <trainer> --key value ...`
-    (or `launcher` in place of the torchrun part, e.g. `accelerate launch --config_file ...`)."""
-    launcher = launcher or [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                            "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    cmd = [*launcher, "-m", "alignkit", trainer]
-    for k, v in args.items():
-        cmd += [f"--{k}" if v else f"--no-{k}"] if isinstance(v, bool) else [f"--{k}", str(v)]
-    # No ACCELERATE_USE_CPU: make_accelerator must form the gloo group by itself.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
 def _records(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def max_abs_diff(a, b) -> float:
-    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +53,7 @@ def runs(tiny_model_dir, data, tmp_path_factory, one_thread):
                              "batch_size": 2 * SFT_ARGS["batch_size"], "output_dir": str(root / "sft1")}))
     (root / "sft2.log").write_text(torchrun("sft", {**sft_base, "output_dir": root / "sft2"}).stdout)
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_GLOO),
-                  "--main_process_port", str(_free_port())]
+                  "--main_process_port", str(free_port())]
     torchrun("sft", {**sft_base, "output_dir": root / "sft2_accelerate"}, launcher=accelerate)
     dpo.run(dpo.DPOConfig(**{**dpo_base, "model": str(tiny_model_dir), "data": str(data / "prefs.jsonl"),
                              "batch_size": 2 * DPO_ARGS["batch_size"], "output_dir": str(root / "dpo1")}))
@@ -225,7 +196,7 @@ def test_fsdp_through_accelerate_gives_the_ddp_loss_curve(runs, tiny_model_dir, 
     config["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] = False
     (tmp_path / "fsdp_cpu.yaml").write_text(yaml.safe_dump(config))
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp_cpu.yaml"),
-                "--main_process_port", str(_free_port())]
+                "--main_process_port", str(free_port())]
     out = tmp_path / "sft_fsdp"
     proc = torchrun("sft", {"model": tiny_model_dir, "data": data / "sft.jsonl", **SFT_ARGS, "output_dir": out},
                     launcher=launcher)
@@ -350,7 +321,7 @@ def test_ppo_gradients_are_averaged_over_processes(tiny_model_dir, tmp_path):
     script = tmp_path / "sync.py"
     script.write_text(PPO_SYNC_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(script), str(tiny_model_dir), str(tmp_path)]
+           "--master_port", str(free_port()), str(script), str(tiny_model_dir), str(tmp_path)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

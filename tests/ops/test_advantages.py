@@ -7,6 +7,7 @@ from alignkit.ops import (
     ADVANTAGE_ESTIMATORS,
     adaptive_kl_beta,
     advantage_estimator,
+    explained_variance,
     gae,
     grpo_advantages,
     rloo_advantages,
@@ -205,3 +206,17 @@ def test_rloo_scaled_by_the_group_std_by_hand():
     # ((-2)^2 + (-1)^2 + 3^2) / 2 = 7, so each is divided by sqrt(7)
     scaled = rloo_advantages(torch.tensor([1.0, 2.0, 6.0]), 3, scale_by_std=True, eps=0.0)
     torch.testing.assert_close(scaled, torch.tensor([-3.0, -1.5, 4.5]) / 7 ** 0.5)
+
+
+# --- explained variance ----------------------------------------------------------------------
+# R = [1, 2, 3] on the mask (a 4th token masked out, garbage there): Var R = 2/3 (population).
+# V = [1, 2, 2]: R - V = [0, 0, 1], mean 1/3, Var = (1/9 + 1/9 + 4/9) / 3 = 2/9: EV = 1 - (2/9) / (2/3) = 2/3.
+# V = R: EV = 1. V = 2 (a constant): R - V has R's variance: EV = 0.
+
+
+def test_explained_variance_hand_values():
+    returns, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1, 1, 1, 0]])
+    assert explained_variance(torch.tensor([[1.0, 2.0, 2.0, -100.0]]), returns, mask) == pytest.approx(2 / 3)
+    assert explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full((1, 4), 2.0), returns, mask) == pytest.approx(0.0, abs=1e-7)
+

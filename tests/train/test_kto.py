@@ -211,7 +211,7 @@ def test_two_processes_share_one_reference_point(tiny_model_dir, tmp_path, one_t
     reduced over the processes as [sum, count], so the logged KL and the weights agree."""
     from safetensors.torch import load_file
 
-    from tests.distributed.test_ddp import torchrun
+    from tests.helpers import torchrun
 
     data = _feedback(tmp_path / "t.jsonl", 8, 2, desirable_share=0.5)
     policy = _policy_away_from(tiny_model_dir, tmp_path / "policy")
