@@ -370,6 +370,14 @@ def _read_dataset(source: Any, split: str, config_name: str | None) -> tuple[str
 _FILE_SUFFIX = re.compile(r"\.[a-z][a-z0-9]{0,4}")
 
 
+def names_a_file(source: str | Path) -> bool:
+    """True when `source` is read as a file, not as a `datasets` name or folder: an existing file, or
+    a name with a file suffix that is not a folder (a missing data.jsonl is a missing file)."""
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    return path.is_file() or suffix in FILE_SUFFIXES or bool(_FILE_SUFFIX.fullmatch(suffix) and not path.is_dir())
+
+
 def _read(source: Any, split: str, config_name: str | None) -> tuple[str, Iterable[tuple[str, Any]]]:
     """(name of the source, iterator of (where, raw record))."""
     if isinstance(source, (list, tuple)):
@@ -382,8 +390,7 @@ def _read(source: Any, split: str, config_name: str | None) -> tuple[str, Iterab
         # A Hub name is "name" or "org/name": a path that is absolute or starts with "." or "~" is local,
         # and so is a name with a file suffix, unless it is a folder (a data directory or save_to_disk).
         local = path.is_absolute() or name.startswith((".", "~"))
-        named_as_file = suffix in FILE_SUFFIXES or (_FILE_SUFFIX.fullmatch(suffix) and not path.is_dir())
-        if path.is_file() or named_as_file or (local and not path.exists()):
+        if names_a_file(path) or (local and not path.exists()):
             if not path.is_file():
                 raise DataError(name, None, "not a file" if path.exists() else "file not found")
             if suffix not in FILE_SUFFIXES:

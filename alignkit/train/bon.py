@@ -40,7 +40,7 @@ from alignkit.train.loop import (
     train,
     write_config,
 )
-from alignkit.train.online import OnlineConfig, load_prompts
+from alignkit.train.online import OnlineConfig, greedy_reward, load_prompts
 
 ROUND_DONE = "round.json"
 
@@ -165,12 +165,12 @@ def _sample(cfg: BoNConfig, model, tokenizer, examples, reward_fns, weights, acc
     return Samples(n=n, completion_ids=ids, texts=texts, rewards=rewards, ended=ended)
 
 
-def greedy_reward(cfg, model, tokenizer, examples, reward_fns, weights, accelerator) -> float | None:
-    """Mean reward of greedy completions of held-out prompts (None when there are none)."""
+def held_out_reward(cfg, model, tokenizer, examples, reward_fns, accelerator) -> float | None:
+    """Mean reward of greedy completions of the held-out prompts (`online.greedy_reward`; None: there are none)."""
     if not examples:
         return None
-    s = _sample(cfg, model, tokenizer, examples, reward_fns, weights, accelerator, n=1, temperature=0.0, seed=0)
-    return sum(s.rewards) / len(s.rewards)
+    metrics = greedy_reward(model, examples, tokenizer, reward_fns, cfg, cfg.generation_batch_size, accelerator.device)
+    return metrics["reward"]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -215,8 +215,8 @@ def run(cfg: BoNConfig) -> BoNResult:
         f"{f' >= {cfg.threshold}' if cfg.keep == 'threshold' else ''}; {report}")
 
     model = load_trainable_model(replace(cfg, model=start_model), None).to(accelerator.device)
-    eval_before = reports[-1].eval_reward_after if reports else greedy_reward(
-        cfg, model, tokenizer, eval_examples, reward_fns, weights, accelerator)
+    eval_before = reports[-1].eval_reward_after if reports else held_out_reward(
+        cfg, model, tokenizer, eval_examples, reward_fns, accelerator)
     history, skipped, seconds = [], 0, 0.0
     for r in range(len(reports), cfg.rounds):
         round_dir = out / f"round-{r}"
@@ -252,16 +252,16 @@ def run(cfg: BoNConfig) -> BoNResult:
             lambda b: pad_batch(b, tokenizer.pad_token_id), name=f"bon-round-{r}", resume_from=resume_from,
             # eval_steps > 0: the held-out greedy reward during the round too (before and after are in the report)
             eval_examples=eval_examples if cfg.eval_steps > 0 else None,
-            eval_fn=lambda m: {"reward": greedy_reward(cfg, accelerator.unwrap_model(m), tokenizer, eval_examples,
-                                                       reward_fns, weights, accelerator)},
+            eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m), eval_examples, tokenizer, reward_fns, cfg,
+                                            cfg.generation_batch_size, accelerator.device),
         )
         # The next round samples from the model just saved: with LoRA that is the merged
         # model, which gets fresh adapters.
         start_model = str(round_dir)
         model = load_trainable_model(replace(cfg, model=start_model), None).to(accelerator.device)
         rep.steps = trained.steps
-        rep.eval_reward_after = eval_before = greedy_reward(cfg, model, tokenizer, eval_examples, reward_fns,
-                                                            weights, accelerator)
+        rep.eval_reward_after = eval_before = held_out_reward(cfg, model, tokenizer, eval_examples, reward_fns,
+                                                              accelerator)
         history += [{"round": r, **h} for h in trained.history]
         skipped, seconds = skipped + trained.skipped_steps, seconds + trained.train_seconds
         if accelerator.is_main_process:

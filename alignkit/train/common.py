@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 
 import torch
 
@@ -39,6 +38,7 @@ def lm_count(batch: dict) -> int:
 def load_train_eval(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]]:
     """Validated records of `cfg.data`, and of `cfg.eval_data` or a seeded `eval_fraction` of `data`."""
     from alignkit.data import load_records
+    from alignkit.data.formats import names_a_file
 
     if not cfg.data:
         raise ValueError("no training data: set `data` (a file or a datasets name)")
@@ -46,7 +46,7 @@ def load_train_eval(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]
     eval_split = cfg.eval_split or cfg.split
     for key, source, asked in (("split", cfg.data, cfg.split != "train"), ("eval_split", eval_source, cfg.eval_split),
                                ("dataset_config", cfg.data, cfg.dataset_config)):
-        if asked and _is_file(source):  # a key that would do nothing is refused, not ignored
+        if asked and names_a_file(source):  # a key that would do nothing is refused, not ignored
             raise ConfigError(f"{key} applies to a `datasets` name or folder, and {source} is a file (it has no "
                               "splits or configurations)")
     config_name = cfg.dataset_config or None
@@ -81,12 +81,6 @@ def drop_identical_pairs(records: list[dict], kind: str) -> list[dict]:
     say(f"dropped {len(same)} of {len(records)} pairs whose chosen equals rejected (they carry no preference): "
         f"{', '.join(first)}{', ...' if len(same) > 3 else ''}")
     return kept
-
-
-def _is_file(source: str) -> bool:
-    from alignkit.data.formats import FILE_SUFFIXES
-
-    return Path(source).is_file() or Path(source).suffix.lower() in FILE_SUFFIXES
 
 
 def say(message: str) -> None:

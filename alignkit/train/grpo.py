@@ -12,8 +12,10 @@ beta * KL to the reference (`kl_estimator`, k3 by default), aggregated per seque
 or per token (`loss_level`). With `num_iterations` mu = 1 (the default) each batch of
 samples gets one update, so the ratio is exactly 1 and `clip_eps` is inert; with
 mu > 1 the same samples get mu updates, pi_old is the sampler's log-probs, and the
-clip bounds how far the later updates move (as in the GRPO paper and TRL). `batch_size` counts completions per micro-batch, as in TRL:
-prompts per micro-batch = batch_size / num_generations; a group is never split.
+clip bounds how far the later updates move (as in the GRPO paper and TRL); the
+learning-rate schedule counts the updates. `batch_size` counts completions per
+micro-batch, as in TRL: prompts per micro-batch = batch_size / num_generations; a group
+is never split.
 
 Where the KL goes decides what is optimised (`kl_in_reward`):
 - in the reward (`kl_in_reward true`, RLOO's default; `kl_estimator auto` is k1 there): each
@@ -292,7 +294,8 @@ def run(cfg: GRPOConfig) -> TrainResult:
     result = train(
         cfg, model, tokenizer, examples, make_policy_step(cfg),
         unit_count(cfg.loss_level), lambda b: collate_prompts(b, tokenizer.pad_token_id), name=name,
-        batch_size=prompts_per_batch, resume_from=resume_from, accelerator=accelerator, prepare=rollouts, updates_per_step=cfg.num_iterations,
+        batch_size=prompts_per_batch, resume_from=resume_from, accelerator=accelerator, prepare=rollouts,
+        updates_per_step=cfg.num_iterations,
         # held-out prompts: the reward of greedy completions, before, every eval_steps, after
         eval_examples=eval_examples,
         eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m), eval_examples, tokenizer, reward_fns, cfg,

@@ -76,7 +76,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Floor of cosine_with_min_lr as a fraction of `lr` (a schedule that decays to 0 hides late collapse)."""
     warmup_ratio: float = 0.05
-    """Fraction of the optimiser updates (the steps, unless a trainer says otherwise) spent warming the learning rate up from 0."""
+    """Fraction of the optimiser updates (the steps, unless a trainer says otherwise) spent warming the
+    learning rate up from 0."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0

@@ -86,7 +86,8 @@ def greedy_reward(policy, examples: list[dict], tokenizer, reward_fns, cfg: Onli
         fields = {k: [ex["fields"].get(k) for ex in chunk] for k in chunk[0]["fields"]}
         rewards, _, per_source, _ = score_rollout(roll, tokenizer, reward_fns, weights, [ex["prompt"] for ex in chunk],
                                                   fields, on_error=getattr(cfg, "reward_on_error", "raise"),
-                                                  timeout=cfg.reward_timeout, missing_eos_penalty=cfg.missing_eos_penalty)
+                                                  timeout=cfg.reward_timeout,
+                                                  missing_eos_penalty=getattr(cfg, "missing_eos_penalty", 0.0))
         for k, v in {"reward": float(rewards.sum()), "completion_length": float(roll.completion_mask.sum()),
                      "ended_with_eos": float(roll.ended.sum()),
                      **{f"reward/{name}": mean * len(chunk) for name, mean in per_source.items()}}.items():
