@@ -22,6 +22,15 @@ that is, each message renders as "{Role}: {content}\\n" with the role capitalise
 assistant message renders as " {content}" after that generation prompt. Example:
 
     [user "2+2?", assistant "4"]  ->  prompt "User: 2+2?\\nAssistant:", completion " 4"
+
+The same format as a Jinja2 chat template, `PLAIN_CHAT_TEMPLATE`, travels with every
+tokenizer alignkit loads or saves (`load_tokenizer`, `save_tiny`), so other tools
+(`apply_chat_template`, `transformers serve`, vLLM) render alignkit's prompts token for
+token: `plain_chat_template(tokenizer)` leads it with `{{ bos_token }}` when the tokenizer
+adds BOS itself (as alignkit tokenizes prompts with the tokenizer's special tokens, while
+`apply_chat_template(tokenize=True)` adds none). `_render_plain` stays the reference: a
+tokenizer that carries one of these two templates is rendered by it, so the text alignkit
+produces is the same with the template attached as without.
 """
 
 from __future__ import annotations
@@ -29,6 +38,20 @@ from __future__ import annotations
 from typing import Any
 
 GENERATION_PROMPT = "Assistant:"
+
+# The PLAIN format as a Hugging Face chat template (variables `messages`, `add_generation_prompt`).
+# Written without literal newlines (transformers renders with trim_blocks/lstrip_blocks): the
+# Jinja string literal '\n' (a backslash and an n in the template text) is the one newline each
+# message ends with. Pinned equal to `_render_plain` by tests/data/test_chat_template.py.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "{%- if not (loop.last and message['role'] == 'assistant' and not add_generation_prompt) %}{{ '\\n' }}{% endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}Assistant:{% endif -%}"
+)
+# The template for tokenizers that add BOS with their special tokens (Llama's, alignkit's tiny one).
+PLAIN_CHAT_TEMPLATE_BOS = "{{ bos_token }}" + PLAIN_CHAT_TEMPLATE
 
 
 def _render_plain(messages: list[dict], add_generation_prompt: bool) -> str:
@@ -40,8 +63,34 @@ def _render_plain(messages: list[dict], add_generation_prompt: bool) -> str:
     return "".join(parts)
 
 
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether tokenizing with special tokens puts BOS in front (Llama-style), which
+    `apply_chat_template(tokenize=True)` does not do: the template must then write it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return tokenizer("a", add_special_tokens=True)["input_ids"] == [bos, *plain]
+
+
+def plain_chat_template(tokenizer: Any) -> str:
+    """The PLAIN chat template for `tokenizer`: rendered by `apply_chat_template` (text, or
+    ids with its default `add_special_tokens=False`), it gives the ids alignkit tokenizes
+    the same messages into (the prompt with the tokenizer's special tokens)."""
+    return PLAIN_CHAT_TEMPLATE_BOS if _adds_bos(tokenizer) else PLAIN_CHAT_TEMPLATE
+
+
+def ensure_chat_template(tokenizer: Any) -> Any:
+    """Give `tokenizer` the PLAIN chat template unless it has a chat template of its own
+    (left untouched); returns it. A later `save_pretrained` then writes the template."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = plain_chat_template(tokenizer)
+    return tokenizer
+
+
 def _render(messages: list[dict], tokenizer: Any, add_generation_prompt: bool) -> str:
-    if getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if template and template not in (PLAIN_CHAT_TEMPLATE, PLAIN_CHAT_TEMPLATE_BOS):
         return tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )

@@ -70,13 +70,20 @@ def hub_errors(path: str):
 
 
 def load_tokenizer(path: str):
-    """`AutoTokenizer.from_pretrained(path)`, with a pad token guaranteed.
+    """`AutoTokenizer.from_pretrained(path)`, with a pad token and a chat template guaranteed.
 
     A tokenizer without a pad token gets EOS as pad. That is safe here because every
     alignkit mask is built from sequence lengths, never from `input_ids != pad_id`, so
     the EOS that ends a completion is still trained on.
+
+    A tokenizer without a chat template (a base model) gets alignkit's PLAIN one
+    (`alignkit.data.chat.plain_chat_template`), the format alignkit renders messages in
+    anyway, so every `save_pretrained` of it writes the template and other tools render
+    the prompts alignkit trained on. A tokenizer with its own template keeps it.
     """
     from transformers import AutoTokenizer
+
+    from alignkit.data.chat import ensure_chat_template
 
     check_model_path(path, ("config.json", "tokenizer_config.json", "tokenizer.json"))
     with hub_errors(str(path)):
@@ -85,7 +92,7 @@ def load_tokenizer(path: str):
         if tokenizer.eos_token_id is None:
             raise ValueError(f"{path}: tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return ensure_chat_template(tokenizer)
 
 
 def load_causal_lm(path: str, dtype: str = "float32", device: str | torch.device | None = None):

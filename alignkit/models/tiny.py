@@ -1,7 +1,8 @@
 """A tiny model factory: a BPE tokenizer trained with `tokenizers` and a small Llama.
 
 Both are ordinary Hugging Face objects saved with `save_pretrained`, so what this
-builds loads back with `AutoTokenizer` / `AutoModelForCausalLM` unchanged:
+builds loads back with `AutoTokenizer` / `AutoModelForCausalLM` unchanged (the saved
+tokenizer carries alignkit's PLAIN chat template):
 
     tok = train_tokenizer(texts, vocab_size=512)
     model = build_tiny_llama(tok, hidden_size=64, num_layers=2, num_heads=4)
@@ -10,6 +11,7 @@ builds loads back with `AutoTokenizer` / `AutoModelForCausalLM` unchanged:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -86,8 +88,17 @@ def build_tiny_llama(
 
 
 def save_tiny(model, tokenizer, path: str | Path) -> Path:
-    """Save model and tokenizer side by side as one `save_pretrained` directory."""
+    """Save model and tokenizer side by side as one `save_pretrained` directory.
+
+    The saved tokenizer carries a chat template: its own, or else alignkit's PLAIN one
+    (`alignkit.data.chat.plain_chat_template`), so plain transformers renders message
+    lists as alignkit does. `tokenizer` itself is not changed.
+    """
+    from alignkit.data.chat import ensure_chat_template
+
     path = Path(path)
     model.save_pretrained(path)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer = ensure_chat_template(copy.deepcopy(tokenizer))
     tokenizer.save_pretrained(path)
     return path
