@@ -17,6 +17,8 @@ Kinds and their fields (TRL's names, so public datasets load unchanged):
 | ---------- | ----------------------------------------------------------------------- |
 | text       | `text`                                                                  |
 | sft        | `prompt` + `completion` (both strings or both message lists), or `messages` |
+|            | or `instruction`, `output`, optional `input` (Stanford Alpaca)           |
+|            | or `inputs`, `targets` (FLAN collection, T0/P3, xP3; see below)         |
 | preference | `prompt`, `chosen`, `rejected` (all strings, or all message lists)      |
 |            | or `chosen`, `rejected` that start with the prompt (as HH-RLHF ships)   |
 | ranking    | `prompt`, `responses` (>= 2 strings, best first), optional `scores`     |
@@ -35,6 +37,23 @@ completions (`"\n\nHuman: hi\n\nAssistant:"` + `" Hello!"`); for message lists i
 their longest common run of leading messages, leaving each at least its last message.
 A pair with chosen == rejected is not an error here: see `identical_pairs`.
 In CSV, list-valued fields (`messages`, `responses`, `scores`) are JSON-encoded cells.
+
+Instruction data loads as sft in the message form, so it goes through the tokenizer's chat
+template (or chat.py's plain template) like any message record: the record gains
+`prompt` = `[{"role": "user", ...}]` and `completion` = `[{"role": "assistant", ...}]`.
+An Alpaca row's user message is `instruction`, or `instruction + "\\n\\n" + input` when `input`
+is not blank; the assistant message is `output`. (Alpaca's own "Below is an instruction that
+describes a task..." prompt is not applied: to train with it, write the templated text into
+`prompt` / `completion` strings, which are used as they are.) A FLAN row's user message is
+`inputs` and its assistant message `targets`: FLAN's and T0's released data hold the task
+text already templated (template applied, options listed), so no template is applied here;
+to template raw task fields yourself, write the result into `inputs` / `targets` (or into
+`prompt` / `completion`) before loading. P3's `inputs_pretokenized` / `targets_pretokenized`
+(text) are preferred to its `inputs` / `targets` (token ids); a singular `input` / `target`
+pair is read as FLAN's only in a row without `instruction` and `output`. Layouts are tried
+in the order `messages`, `prompt` + `completion`, Alpaca, FLAN; the first whose fields are
+there decides (a field holding null counts as absent), and its errors name its fields
+(`train.jsonl:7: field 'output': missing ...`).
 
 Every record comes back as a plain dict with all its fields (extra fields kept) plus
 `"_where"`, the location later stages put in their own error messages: `path:LINE`
@@ -474,14 +493,75 @@ def _check_prompt_completion(record: dict, where: str, kind: str, needs: str) ->
     _check_same_form(form, prompt_form, completion, where, "completion")
 
 
+# Instruction data that loads as sft (see the module docstring): Alpaca's fields, then FLAN's / T0's.
+ALPACA_FIELDS = ("instruction", "output")  # + optional "input"
+# FLAN / T0 (P3) / xP3 column names, each with the alternatives tried in order: P3 keeps the text in
+# `*_pretokenized` (its `inputs` / `targets` are token ids); a singular `input` / `target` only counts
+# in a row without Alpaca's fields (`instruction`, `output`), where `input` is Alpaca's.
+FLAN_PROMPT_FIELDS = ("inputs_pretokenized", "inputs", "input")
+FLAN_COMPLETION_FIELDS = ("targets_pretokenized", "targets", "target")
+
+
+def _present(record: dict, field: str) -> bool:
+    """A field with a value: a `datasets` table with several layouts holds None where a row lacks a column."""
+    return record.get(field) is not None
+
+
+def _as_chat(record: dict, prompt: str, completion: str) -> None:
+    """Give an instruction row the sft fields: one user message, one assistant message (in place)."""
+    record["prompt"] = [{"role": "user", "content": prompt}]
+    record["completion"] = [{"role": "assistant", "content": completion}]
+
+
+def _check_alpaca(record: dict, where: str) -> None:
+    """Stanford Alpaca's `instruction`, optional `input`, `output` -> user: instruction (+ "\\n\\n" + input
+    when input is not blank), assistant: output."""
+    needs = "'instruction' and 'output' (Alpaca's layout; 'input' optional)"
+    instruction = _require(record, where, "instruction", "sft", needs)
+    _check_string(instruction, where, "instruction")
+    extra = record.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(where, "input", f"expected a string (it may be empty), got {_type_name(extra)}")
+    output = _require(record, where, "output", "sft", needs)
+    _check_string(output, where, "output")
+    _as_chat(record, f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction, output)
+
+
+def _check_flan(record: dict, where: str) -> None:
+    """FLAN's / T0's `inputs` (the task text, already templated) -> user, `targets` -> assistant."""
+    texts = []
+    for names in (FLAN_PROMPT_FIELDS, FLAN_COMPLETION_FIELDS):
+        name = next((n for n in names if _present(record, n)), None)
+        if name is None:
+            raise DataError(where, names[1], "missing (a sft record needs 'inputs' and 'targets' (FLAN's layout))")
+        _check_string(record[name], where, name)
+        texts.append(record[name])
+    _as_chat(record, *texts)
+
+
 def _check_sft(record: dict, where: str) -> None:
+    """Layouts tried in this order, the first whose fields the row has deciding: `messages`;
+    `prompt` + `completion`; Alpaca's `instruction` / `output`; FLAN's `inputs` / `targets`
+    (see FLAN_*_FIELDS). A field holding None counts as absent, as in a `datasets` table that
+    mixes layouts, except that `prompt` / `completion` keys with nothing else are still checked
+    as that layout (so a null prompt is named as such)."""
     needs = "'prompt' and 'completion', or 'messages'"
-    # A `datasets` table with both layouts holds None where a row lacks a column.
-    if record.get("messages") is not None or ("prompt" not in record and "completion" not in record):
-        messages = _require(record, where, "messages", "sft", needs)
-        _check_messages(messages, where, "messages", is_completion=True)
-    else:
+    if record.get("messages") is not None:
+        _check_messages(record["messages"], where, "messages", is_completion=True)
+        return
+    alpaca = any(_present(record, f) for f in ALPACA_FIELDS)
+    flan = any(_present(record, f) for f in FLAN_PROMPT_FIELDS[:2] + FLAN_COMPLETION_FIELDS)
+    if _present(record, "prompt") or _present(record, "completion") or (
+            ("prompt" in record or "completion" in record) and not (alpaca or flan)):
         _check_prompt_completion(record, where, "sft", needs)
+    elif alpaca:
+        _check_alpaca(record, where)
+    elif flan:
+        _check_flan(record, where)
+    else:
+        _require(record, where, "messages", "sft", needs + ", or Alpaca's 'instruction' and 'output', "
+                                                           "or FLAN's 'inputs' and 'targets'")
+        _check_messages(record["messages"], where, "messages", is_completion=True)
 
 
 def _take_prompt_from_pair(record: dict, where: str) -> None:
@@ -580,7 +660,7 @@ CHECKS: dict[str, Callable[[dict, str], None]] = {
 # when every row fails as one kind and each has the fields of the same other kind, the error says so.
 KIND_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "text": (("text",),),
-    "sft": (("prompt", "completion"), ("messages",)),
+    "sft": (("prompt", "completion"), ("messages",), ("instruction", "output"), ("inputs", "targets")),
     "preference": (("prompt", "chosen", "rejected"), ("chosen", "rejected")),
     "ranking": (("prompt", "responses"),),
     "unpaired": (("prompt", "completion", "label"),),

@@ -36,31 +36,72 @@ def lm_count(batch: dict) -> int:
 
 
 def load_train_eval(cfg: TrainConfig, kind: str) -> tuple[list[dict], list[dict]]:
-    """Validated records of `cfg.data`, and of `cfg.eval_data` or a seeded `eval_fraction` of `data`."""
+    """Validated records of `cfg.data`, and of `cfg.eval_data` or a seeded `eval_fraction` of `data`.
+
+    `data` and `eval_data` may name several sources separated by commas; every source loads as
+    `kind`, and `split` / `dataset_config` apply to each. Training sources are concatenated, or
+    with `data_weights` mixed by `alignkit.data.mixture.mix` (seeded by `seed`), and a one-line
+    report names each source's rows. With several sources, `eval_fraction` holds out that
+    fraction of each source before mixing, so that no held-out row is also drawn for training
+    (a weighted mixture repeats rows of an up-weighted source). `eval_data` sources are
+    concatenated, unweighted.
+    """
     from alignkit.data import load_records
     from alignkit.data.formats import names_a_file
+    from alignkit.data.mixture import describe, mix, split_sources, weights_problem
 
     if not cfg.data:
         raise ValueError("no training data: set `data` (a file or a datasets name)")
-    eval_source = cfg.eval_data or (cfg.data if cfg.eval_split else "")
+    sources, eval_sources = [], []
+    for key, value, names in (("data", cfg.data, sources), ("eval_data", cfg.eval_data, eval_sources)):
+        try:
+            names += split_sources(value) if value else []
+        except ValueError as e:
+            raise ConfigError(f"{key} {e}") from None
+    if not eval_sources and cfg.eval_split:
+        eval_sources = sources
+    weights = list(cfg.data_weights)
+    problem = weights_problem(weights, len(sources))
+    if problem:
+        raise ConfigError(f"data_weights: {problem}")
     eval_split = cfg.eval_split or cfg.split
-    for key, source, asked in (("split", cfg.data, cfg.split != "train"), ("eval_split", eval_source, cfg.eval_split),
-                               ("dataset_config", cfg.data, cfg.dataset_config)):
-        if asked and names_a_file(source):  # a key that would do nothing is refused, not ignored
-            raise ConfigError(f"{key} applies to a `datasets` name or folder, and {source} is a file (it has no "
-                              "splits or configurations)")
+    for key, names, asked in (("split", sources, cfg.split != "train"), ("eval_split", eval_sources, cfg.eval_split),
+                              ("dataset_config", sources, cfg.dataset_config)):
+        for source in names if asked else ():
+            if names_a_file(source):  # a key that would do nothing is refused, not ignored
+                raise ConfigError(f"{key} applies to a `datasets` name or folder, and {source} is a file (it has no "
+                                  "splits or configurations)")
     config_name = cfg.dataset_config or None
-    records = drop_identical_pairs(load_records(cfg.data, kind, split=cfg.split, config_name=config_name), kind)
-    if eval_source:
-        return records, drop_identical_pairs(
-            load_records(eval_source, kind, split=eval_split, config_name=config_name), kind)
-    if cfg.eval_fraction <= 0:
-        return records, []
-    order = list(range(len(records)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = max(1, round(cfg.eval_fraction * len(records)))
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+    def load(source: str, split: str) -> list[dict]:
+        return drop_identical_pairs(load_records(source, kind, split=split, config_name=config_name), kind)
+
+    parts = [load(source, cfg.split) for source in sources]
+    held: list[list[dict]] = [[] for _ in parts]
+    if eval_sources:
+        eval_records = [record for source in eval_sources for record in load(source, eval_split)]
+    elif cfg.eval_fraction > 0:
+        rng = random.Random(cfg.seed)  # one source: the same rows held out as before mixtures existed
+        for i, part in enumerate(parts):
+            order = list(range(len(part)))
+            rng.shuffle(order)
+            out = set(order[:max(1, round(cfg.eval_fraction * len(part)))])
+            held[i] = [r for j, r in enumerate(part) if j in out]
+            parts[i] = [r for j, r in enumerate(part) if j not in out]
+        eval_records = [record for part in held for record in part]
+    else:
+        eval_records = []
+    if len(sources) == 1:
+        return parts[0], eval_records
+    for name, part, weight in zip(sources, parts, weights):
+        if weight > 0 and not part:
+            raise ConfigError(f"data source {name}: no rows left for training after eval_fraction {cfg.eval_fraction}")
+    records, counts = mix(parts, weights, cfg.seed)
+    line = describe(sources, counts, "mixture" if weights else "data (concatenated)")
+    if any(held):
+        line += "; held out for eval: " + ", ".join(f"{name} {len(h)}" for name, h in zip(sources, held))
+    say(line)
+    return records, eval_records
 
 
 def drop_identical_pairs(records: list[dict], kind: str) -> list[dict]:

@@ -48,7 +48,9 @@ class TrainConfig:
     model: str = ""
     """Model to train: a local `save_pretrained` directory or a Hub id."""
     data: str = ""
-    """Training data: a .jsonl/.json/.parquet/.csv file or a `datasets` name."""
+    """Training data: a .jsonl/.json/.parquet/.csv file or a `datasets` name; several, comma-separated, mix."""
+    data_weights: list[float] = field(default_factory=list)
+    """One weight per `data` source: a seeded mixture of as many rows as all sources (empty: concatenation)."""
     eval_data: str = ""
     """Held-out data in the same format (empty: hold out `eval_fraction` of `data`)."""
     split: str = "train"
@@ -132,6 +134,16 @@ class TrainConfig:
         for key, ok, wanted in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {wanted}, got {getattr(self, key)}")
+        if self.data_weights:  # load_train_eval checks again: run(cfg) from Python skips validate()
+            from alignkit.data.mixture import split_sources, weights_problem
+
+            try:  # no data: `require` says so, not a count mismatch
+                n_sources = len(split_sources(self.data)) if self.data else len(self.data_weights)
+            except ValueError as e:
+                raise ConfigError(f"data {e}") from None
+            problem = weights_problem(self.data_weights, n_sources)
+            if problem:
+                raise ConfigError(f"data_weights: {problem}")
         if self.lr_scheduler == "constant" and self.warmup_ratio > 0:  # transformers ignores it there
             raise ConfigError(f"warmup_ratio {self.warmup_ratio} has no effect with lr_scheduler constant; "
                               "use constant_with_warmup, or warmup_ratio 0")
@@ -577,8 +589,9 @@ def _check_resume_meta(saved: dict, meta: dict, path: Path, allow: bool) -> None
     old, new = saved.get("config"), meta.get("config")
     if old is not None and new is not None:  # checkpoints written before the config was saved have none
         new = json.loads(json.dumps(new, default=str))
-        changed += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in dict.fromkeys([*new, *old])
-                    if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
+        # a key added or removed since the checkpoint was saved did not change the run
+        changed += [f"{k}: {old[k]!r} -> {new[k]!r}" for k in new
+                    if k not in RESUME_FREE_KEYS and k in old and old[k] != new[k]]
     changed = list(dict.fromkeys(changed))  # batch_size, grad_accum: as the loop's geometry and as config keys
     if changed and not allow:
         raise TrainingError(
