@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e ".[test,tensorboard,app]"
+	$(PY) -m pip install -q -e ".[test,tensorboard,app,feedback]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": ("alignkit.pipeline", "the built-in recipe end to end on a CPU"),
     "app": ("alignkit.app.server", "web app: labelling campaigns, a blind arena, leaderboard, admin (docs/app.md)"),
     "export": ("alignkit.app.export", "a campaign's judgements as a dpo / rm / kto / ranking training file"),
+    "label-ai": ("alignkit.feedback.rlaif", "RLAIF: an AI judge labels responses into dpo / ranking / kto files"),
 }
 # Commands whose modules need the `app` extra (FastAPI, SQLAlchemy, ...).
 NEEDS_APP_EXTRA = {"app", "export"}

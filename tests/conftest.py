@@ -1,6 +1,12 @@
-"""Session-cached tiny models: built once per test session, never downloaded."""
+"""Session-cached tiny models: built once per test session, never downloaded; `transformers serve` on one."""
 
 import random
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,3 +43,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model_dir):
+    """`transformers serve` on the tiny checkpoint; yields its /v1 base URL."""
+    exe = Path(sys.executable).with_name("transformers")
+    if not exe.exists() and shutil.which("transformers") is None:
+        pytest.skip("the transformers CLI is not installed")
+    from tests.helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([str(exe if exe.exists() else "transformers"), "serve", str(tiny_model_dir),
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"HF_HUB_OFFLINE": "1",
+                                                                                        "PATH": "/usr/bin:/bin"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"transformers serve did not start (exit code {proc.poll()})")
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(10)
