@@ -149,3 +149,29 @@ def test_an_endpoint_that_never_answers_times_out_naming_it(stub):
     with pytest.raises(JudgeError, match=r"judge endpoint http://127\.0\.0\.1:\d+/v1: no answer within 0\.5 s after 2 tries"):
         judge.score(["p"], ["r"])
     assert judge.stats["failures"] == 1
+
+
+def test_a_local_lm_judge_reads_the_labels_probabilities(tiny_model_dir):
+    """lm:PATH: P(A) is the model's probability of " A" after the judge prompt, renormalised
+    over " A" / " B", both orders averaged; a score is the expected rating over "1".."10"."""
+    import torch
+
+    from alignkit.feedback.judges import PAIRWISE_TEMPLATE
+    from alignkit.models.forward import forward_logprobs
+
+    judge = load_judge(f"lm:{tiny_model_dir}")
+    (p,) = judge.compare(["What is 2+3?"], [" 5"], [" 7"])
+
+    def p_first(a, b):  # by hand: the two continuations' log-probs, one row each
+        tok = judge.tokenizer
+        prefix = tok(PAIRWISE_TEMPLATE.format(prompt="What is 2+3?", a=a, b=b))["input_ids"]
+        lp = []
+        for label in (" A", " B"):
+            ids = torch.tensor([prefix + tok(label, add_special_tokens=False)["input_ids"]])
+            lp.append(float(forward_logprobs(judge.model, ids, torch.ones_like(ids))[0][0, len(prefix) - 1:].sum()))
+        return math.exp(lp[0]) / (math.exp(lp[0]) + math.exp(lp[1]))
+
+    assert p == pytest.approx((p_first(" 5", " 7") + 1 - p_first(" 7", " 5")) / 2, abs=1e-5)
+    assert judge.stats["calls"] == 2 and 0 <= judge.stats["flip_rate"] <= 1
+    (score,) = judge.score(["What is 2+3?"], [" 5"])
+    assert 1.0 <= score <= 10.0
