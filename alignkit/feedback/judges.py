@@ -185,19 +185,25 @@ class CallableJudge(Judge):
 
         super().__init__(spec, cache_path)
         self.reads_pairs = spec.startswith("compare:")
-        self.fn = load_reward_fn(spec.removeprefix("compare:"))
+        self.fn = load_reward_fn(spec.removeprefix("compare:"))  # imported and checked as rewards are
+        # a comparator takes (prompts, a, b): the function itself, not the reward wrapper's (prompts, completions)
+        self.compare_fn = _import(spec.removeprefix("compare:")) if self.reads_pairs else None
 
     def _score(self, items):
         self.stats["calls"] += 1
         return [float("nan") if v is None else float(v) for v in self.fn([p for p, _ in items], [r for _, r in items])]
 
     def _compare_one_order(self, items):
-        import importlib
-
         self.stats["calls"] += 1
-        module, _, attr = self.name.removeprefix("compare:").partition(":")
-        fn = getattr(importlib.import_module(module), attr)
-        return [float(v) for v in fn([p for p, _, _ in items], [a for _, a, _ in items], [b for _, _, b in items])]
+        return [float(v) for v in self.compare_fn([p for p, _, _ in items], [a for _, a, _ in items],
+                                                  [b for _, _, b in items])]
+
+
+def _import(spec: str):
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 class LocalLMJudge(Judge):

@@ -215,8 +215,9 @@ def run(cfg: PPOConfig) -> TrainResult:
     def step_ids(step: int) -> list[int]:
         return [examples[i]["id"] for i in step_indices(step, len(examples), cfg.rollout_batch_size, steps_per_epoch, cfg.seed)]
 
-    def updates_per_step(step: int) -> int:  # ppo_epochs x the minibatches of this step's prompts
-        return cfg.ppo_epochs * -(-len(step_ids(step)) // cfg.batch_size)
+    def updates_per_step(step: int) -> int:  # ppo_epochs x the minibatches of this step's prompts (an epoch's last may be short)
+        prompts = min(cfg.rollout_batch_size, len(examples) - (step % steps_per_epoch) * cfg.rollout_batch_size)
+        return cfg.ppo_epochs * -(-prompts // cfg.batch_size)
 
     kl = {"beta": cfg.beta}  # the KL coefficient, which target_kl moves: checkpointed as the loop's `state`
     say(f"ppo: {len(examples)} prompts, {cfg.rollout_batch_size} per step, {cfg.ppo_epochs} epochs of minibatches of "
