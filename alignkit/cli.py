@@ -105,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from alignkit.config import ConfigError
         from alignkit.data import DataError
+        from alignkit.feedback.judges import JudgeError
         from alignkit.models.load import ModelNotFoundError
         from alignkit.rollout.rewards import RewardError
         from alignkit.train.loop import TrainingError
 
-        known = (ConfigError, DataError, TrainingError, RewardError, ModelNotFoundError, OSError)
+        known = (ConfigError, DataError, TrainingError, RewardError, ModelNotFoundError, JudgeError, OSError)
         if isinstance(e, known) or (isinstance(e, ValueError) and _raised_by_alignkit(e)):
             print(f"alignkit {command}: error: {_one_line(command, e)}", file=sys.stderr)
         else:

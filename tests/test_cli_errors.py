@@ -130,3 +130,15 @@ def test_real_process_mistyped_model(tmp_path, data):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert f"model '{tmp_path / 'sftt'}': no such directory" in one_error_line(proc.stderr)
+
+
+def test_label_ai_mistakes_are_one_line(tmp_path, capsys):
+    """A mistyped judge, and an endpoint that does not answer, each end in one error line."""
+    data = tmp_path / "c.jsonl"
+    data.write_text('{"prompt": "p", "responses": [" a", " b"]}\n')
+    assert main(["label-ai", "--judge", str(tmp_path / "rmm"), "--data", str(data), "--output", str(tmp_path / "o.jsonl")]) == 1
+    assert "judge '" in one_error_line(capsys.readouterr().err, "label-ai")
+    assert main(["label-ai", "--judge", "openai-chat:m@http://127.0.0.1:9/v1", "--data", str(data), "--output",
+                 str(tmp_path / "o.jsonl"), "--timeout", "1", "--max_retries", "0"]) == 1
+    line = one_error_line(capsys.readouterr().err, "label-ai")
+    assert "judge endpoint http://127.0.0.1:9/v1: no answer within 1 s after 1 tries" in line and "JudgeError" not in line
