@@ -22,6 +22,8 @@ COMMANDS = {
     "app": ("alignkit.app.server", "web app: labelling campaigns, a blind arena, leaderboard, admin (docs/app.md)"),
     "export": ("alignkit.app.export", "a campaign's judgements as a dpo / rm / kto / ranking training file"),
     "label-ai": ("alignkit.feedback.rlaif", "RLAIF: an AI judge labels responses into dpo / ranking / kto files"),
+    "cai": ("alignkit.feedback.cai", "Constitutional AI: critique and revise against principles, SFT, AI preferences, DPO"),
+    "self-instruct": ("alignkit.feedback.self_instruct", "Self-Instruct: a teacher model writes instruction data (Alpaca rows) from seed tasks"),
 }
 # Commands whose modules need the `app` extra (FastAPI, SQLAlchemy, ...).
 NEEDS_APP_EXTRA = {"app", "export"}
@@ -105,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from alignkit.config import ConfigError
         from alignkit.data import DataError
-        from alignkit.feedback.judges import JudgeError
+        from alignkit.feedback.endpoint import FeedbackError
         from alignkit.models.load import ModelNotFoundError
         from alignkit.rollout.rewards import RewardError
         from alignkit.train.loop import TrainingError
 
-        known = (ConfigError, DataError, TrainingError, RewardError, ModelNotFoundError, JudgeError, OSError)
+        known = (ConfigError, DataError, TrainingError, RewardError, ModelNotFoundError, FeedbackError, OSError)
         if isinstance(e, known) or (isinstance(e, ValueError) and _raised_by_alignkit(e)):
             print(f"alignkit {command}: error: {_one_line(command, e)}", file=sys.stderr)
         else:

@@ -72,12 +72,14 @@ PRESETS = {
     ("sentiment", False): dict(
         model=dict(tiny_vocab_size=1024, tiny_hidden_size=96, tiny_layers=3, tiny_heads=4),
         pretrain_steps=800, sft_demos=2800, sft_steps=300, pref_prompts=1024, pref_samples=8, rm_epochs=2.0, bon_prompts=512,
-        rl_prompts=1024, ppo_steps=60, grpo_steps=60, dpo_steps=200, kto_steps=200, eval_prompts=256, samples_per_prompt=2, max_new_tokens=24,
+        rl_prompts=1024, ppo_steps=60, grpo_steps=60, dpo_steps=200, kto_steps=200, cai_prompts=512, eval_prompts=256, samples_per_prompt=2,
+        max_new_tokens=24,
         dpo_betas=[0.05, 0.5], ppo_betas=[0.02, 0.2]),
     ("sentiment", True): dict(
         model=dict(tiny_vocab_size=768, tiny_hidden_size=64, tiny_layers=2, tiny_heads=4),
         pretrain_steps=300, sft_demos=1500, sft_steps=150, pref_prompts=384, pref_samples=8, rm_epochs=2.0, bon_prompts=512,
-        rl_prompts=512, ppo_steps=20, grpo_steps=20, dpo_steps=60, kto_steps=60, eval_prompts=256, samples_per_prompt=2, max_new_tokens=24,
+        rl_prompts=512, ppo_steps=20, grpo_steps=20, dpo_steps=60, kto_steps=60, cai_prompts=384, eval_prompts=256, samples_per_prompt=2,
+        max_new_tokens=24,
         dpo_betas=[], ppo_betas=[]),
     # Arithmetic's questions form a small closed table (sums of 0-9 or 0-19), so GRPO's many
     # cheap steps revisit each question; its gain is learning the table, not a new skill.
@@ -102,29 +104,29 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, dict]:
+def parse_overrides(overrides: list[str], prog: str = "demo") -> dict[str, dict]:
     """["ppo.beta=0.1", ...] -> {"ppo": {"beta": 0.1}}; values parsed as YAML scalars."""
     out: dict[str, dict] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         stage, dot, name = key.partition(".")
         if not sep or not dot:
-            raise ValueError(f"demo: override {item!r} is not stage.key=value")
+            raise ValueError(f"{prog}: override {item!r} is not stage.key=value")
         out.setdefault(stage, {})[name] = yaml.safe_load(value)
     return out
 
 
-def _coerce(value, annotation, name: str):
+def _coerce(value, annotation, name: str, prog: str = "demo"):
     """A YAML scalar as the config field's type (YAML reads 3e-3 as a string, 1 as an int)."""
     if annotation in (float, int) and not isinstance(value, bool):
         try:
             return annotation(value)
         except (TypeError, ValueError):
-            raise ValueError(f"demo: override {name}: expected {annotation.__name__}, got {value!r}") from None
+            raise ValueError(f"{prog}: override {name}: expected {annotation.__name__}, got {value!r}") from None
     if annotation is str:
         return str(value)
     if annotation is bool and not isinstance(value, bool):
-        raise ValueError(f"demo: override {name}: expected true or false, got {value!r}")
+        raise ValueError(f"{prog}: override {name}: expected true or false, got {value!r}")
     return value
 
 
@@ -145,25 +147,26 @@ class Stage:
 class Recipe:
     """Runs a table of stages in order, skipping finished ones, and collects their summaries."""
 
-    def __init__(self, cfg: DemoConfig, stages: list[Stage]):
+    def __init__(self, cfg, stages: list[Stage], prog: str = "demo"):
+        """`cfg`: the command's config, with output_dir, seed, stages and overrides (DemoConfig, CAIConfig)."""
         self.cfg, self.root, self.stages = cfg, Path(cfg.output_dir), stages
         self.stage_names = [s.name for s in stages]
         self.summaries: dict[str, dict] = {}
-        self.overrides = parse_overrides(cfg.overrides)
+        self.overrides = parse_overrides(cfg.overrides, prog)
         # A frontier stage (dpo-beta0.5) has no overrides of its own: it takes its family's.
         config_classes = {s.name: s.config for s in stages if s.config and "-" not in s.name}
         # Checked before any stage runs: a typo fails now, not an hour in.
         for stage, keys in self.overrides.items():
             if stage not in config_classes:
-                raise ValueError(f"demo: override for unknown stage {stage!r}; stages with keys: "
+                raise ValueError(f"{prog}: override for unknown stage {stage!r}; stages with keys: "
                                  f"{', '.join(config_classes)}")
             types = typing.get_type_hints(config_classes[stage])
             for key, value in keys.items():
                 if key not in types:
                     hint = difflib.get_close_matches(key, types, n=1)
-                    raise ValueError(f"demo: override {stage}.{key}: {config_classes[stage].__name__} has no key "
+                    raise ValueError(f"{prog}: override {stage}.{key}: {config_classes[stage].__name__} has no key "
                                      f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-                keys[key] = _coerce(value, types[key], f"{stage}.{key}")
+                keys[key] = _coerce(value, types[key], f"{stage}.{key}", prog)
 
     def config(self, stage: str, cls, **keys):
         """A stage's config: the recipe's keys, then the user's overrides (a frontier stage such as
@@ -313,10 +316,32 @@ def sentiment_stages(cfg: DemoConfig) -> Recipe:
                           max_steps=p["dpo_steps"], epochs=2.0, batch_size=16, max_length=64, lr=5e-4, beta=beta),
                      lambda r: {"beta": beta, "heldout_accuracy": r.eval_metrics.get("rewards/accuracy")})
 
+    def run_cai(folder):
+        # Constitutional AI with the task's scripted critic, reviser and feedback model (tasks/sentiment_feedback.py):
+        # the tiny models cannot write critiques. `alignkit cai` with writer: openai-chat:MODEL@URL runs the real loop.
+        from alignkit.feedback import cai
+
+        write_jsonl(folder / "prompts.jsonl", sentiment.prompts(p["cai_prompts"], seed=seed + 5))
+        feedback = "alignkit.tasks.sentiment_feedback"
+        summaries = cai.run(cai.CAIConfig(
+            model=out("sft"), data=str(folder / "prompts.jsonl"), output_dir=str(folder), principles=str(
+                Path(sentiment.__file__).parent / "data" / "sentiment_principles.yaml"),
+            writer=f"{feedback}:scripted_writer", judge=f"{feedback}:lexicon_score", num_samples=2, gold=gold,
+            max_new_tokens=p["max_new_tokens"], seed=seed, overrides=[
+                "sl.epochs=2", "sl.batch_size=32", "sl.max_length=64", "sl.lr=1e-3", "sl.log_steps=5",
+                f"rl.max_steps={p['dpo_steps']}", "rl.batch_size=16", "rl.max_length=64", "rl.lr=5e-4", "rl.beta=0.1",
+                "rl.log_steps=5"]))
+        revise, label = summaries["revise"], summaries["label"]
+        return {"revisions": revise["revised"], "changed": revise["changed"], "gold_original": revise["gold_original"],
+                "gold_revised": revise["gold_revised"], "ai_pairs": label["pairs"],
+                "ai_gold_agreement": label.get("gold_agreement")}
+
     def run_eval(folder):  # base, sft and every aligned policy that finished; `recipe` is built from the table below
         aligned = [s.name for s in recipe.stages if s.name.split("-")[0] in ("bon", "ppo", "grpo", "dpo", "kto")]
         models = [f"base={root / 'pretrain'}", f"sft={root / 'sft'}"]
         models += [f"{m}={root / m}" for m in aligned if (root / m / DONE).exists()]
+        if (root / "cai" / DONE).exists():  # the SL-CAI model (SFT on revisions) and the RL-CAI one (DPO on AI labels)
+            models += [f"cai-sl={root / 'cai' / 'sl'}", f"cai={root / 'cai' / 'rl'}"]
         return _evaluate(recipe, folder, models, prompts=out("data/prompts_eval.jsonl"), reward=[gold],
                          proxy_reward=out("rm"), reference="sft", text_data=out("data/heldout_text.jsonl"),
                          samples_per_prompt=p["samples_per_prompt"], max_new_tokens=p["max_new_tokens"], seed=seed)
@@ -348,6 +373,7 @@ def sentiment_stages(cfg: DemoConfig) -> Recipe:
               dict(model=out("sft"), data=out("preferences/thumbs.jsonl"), eval_fraction=0.1, max_steps=p["kto_steps"],
                    epochs=1.0, batch_size=16, max_length=64, lr=5e-4),
               lambda r: {"heldout_loss": r.eval_metrics.get("loss")}),
+        Stage("cai", "Constitutional AI: scripted critique and revision, SFT on revisions, AI labels, DPO", run=run_cai),
         *[dpo_stage(f"dpo-beta{b:g}", b, f"DPO at beta {b} (frontier)") for b in p["dpo_betas"]],
         *[ppo_stage(f"ppo-beta{b:g}", b, f"PPO at beta {b} (frontier)") for b in p["ppo_betas"]],
         Stage("eval", "every policy on held-out prompts, and the arena", EvalConfig, run=run_eval),

@@ -141,4 +141,4 @@ def test_label_ai_mistakes_are_one_line(tmp_path, capsys):
     assert main(["label-ai", "--judge", "openai-chat:m@http://127.0.0.1:9/v1", "--data", str(data), "--output",
                  str(tmp_path / "o.jsonl"), "--timeout", "1", "--max_retries", "0"]) == 1
     line = one_error_line(capsys.readouterr().err, "label-ai")
-    assert "judge endpoint http://127.0.0.1:9/v1: no answer within 1 s after 1 tries" in line and "JudgeError" not in line
+    assert "judge endpoint http://127.0.0.1:9/v1: no answer within 1 s after 1 tries" in line and "FeedbackError" not in line

@@ -53,6 +53,13 @@ def test_sentiment_demo_aligns_and_resumes_after_a_kill(tmp_path, capsys):
     assert gold["sft"] > gold["base"] + 0.05, gold
     for name in ("bon", "ppo", "grpo", "dpo"):
         assert gold[name] > gold["sft"] + 0.05, (name, gold)
+    # Constitutional AI with the scripted critic and reviser, seed 0 (seeds 1-3: tests/feedback/test_cai_learning.py):
+    # the revisions are warmer than the SFT samples they revise, and SFT on them moves the policy
+    cai = summary["stages"]["cai"]
+    assert cai["gold_revised"] > cai["gold_original"] + 0.2, cai
+    assert gold["cai-sl"] > gold["sft"] + 0.05 and gold["cai"] > gold["sft"] + 0.05, gold
+    rows = [json.loads(line) for line in (out / "cai" / "revise" / "revisions.jsonl").read_text().splitlines()]
+    assert rows and all(r["principle"] in ("warm", "encouraging", "generous") and r["round"] == 1 for r in rows)
     for name, m in models.items():
         assert abs(m["kl"]) < 1e4 and m["kl"] == m["kl"], (name, m["kl"])  # finite and reported
     board = [r["model"] for r in summary["eval"]["leaderboard"]]

@@ -32,13 +32,14 @@ The endpoint's key comes from the environment (`api_key_env`), never from a conf
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
-import os
 import threading
-import time
 from pathlib import Path
+
+from alignkit.feedback.endpoint import Endpoint, FeedbackError
 
 PAIRWISE_TEMPLATE = (
     "Which response answers the prompt better? Answer with one letter, A or B.\n\n"
@@ -50,10 +51,6 @@ SCORE_TEMPLATE = (
 )
 PAIRWISE_LABELS = ("A", "B")
 SCORE_LABELS = tuple(str(i) for i in range(1, 11))
-
-
-class JudgeError(RuntimeError):
-    pass
 
 
 def debias(p_first: list[float], p_second: list[float]) -> tuple[list[float], float]:
@@ -86,6 +83,11 @@ def label_distribution(logprobs: dict[str, float], labels: tuple[str, ...]) -> l
     return [w / total for w in weights]
 
 
+def prompt_text(prompt: str | list[dict]) -> str:
+    """A prompt as a judge template shows it: a string as it is, a message list as `role: content` lines."""
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
 def strict_label(text: str, labels: tuple[str, ...]) -> str | None:
     """The answer when it is exactly one label (surrounding whitespace and one trailing '.' allowed)."""
     answer = text.strip().removesuffix(".").strip()
@@ -102,7 +104,7 @@ class Judge:
         self.name = name
         self.stats: dict[str, float] = {"calls": 0, "cached": 0, "unparsed": 0, "failures": 0,
                                         "prompt_tokens": 0, "completion_tokens": 0, "flip_rate": float("nan")}
-        self._latencies: list[float] = []
+        self._flips = [0, 0]  # pairs whose decision changed with the order, pairs judged both ways
         self._cache: dict[str, float] = {}
         self._lock = threading.Lock()
         self._cache_file = Path(cache_path) if cache_path else None
@@ -127,18 +129,29 @@ class Judge:
                     for x, y in zip(sa, sb)]
         first = self._cached("compare", list(zip(prompts, a, b)), self._compare_one_order)
         second = self._cached("compare", list(zip(prompts, b, a)), self._compare_one_order)
-        probs, self.stats["flip_rate"] = debias(first, second)
+        probs, rate = debias(first, second)
+        with self._lock:  # the rate over every pair this judge has compared
+            judged = sum(not math.isnan(p) for p in probs)
+            self._flips[0] += round(rate * judged) if judged else 0
+            self._flips[1] += judged
+            self.stats["flip_rate"] = self._flips[0] / self._flips[1] if self._flips[1] else float("nan")
         return probs
+
+    def with_pairwise_template(self, template: str) -> "Judge":
+        """The same judge (model, client, cache, stats shared) asking pairs with `template`;
+        a judge that reads no template (a reward model, a scorer) is returned as it is."""
+        if not hasattr(self, "templates"):
+            return self
+        judge = copy.copy(self)
+        judge.templates = (template, self.templates[1])
+        return judge
 
     def report(self) -> str:
         s = self.stats
-        lat = sorted(self._latencies)
-        latency = (f", latency p50 {lat[len(lat) // 2]:.3f} s p95 {lat[min(len(lat) - 1, int(0.95 * len(lat)))]:.3f} s"
-                   if lat else "")
         flip = f", flip rate {s['flip_rate']:.3f}" if not math.isnan(s["flip_rate"]) else ""
-        tokens = f", tokens {int(s['prompt_tokens'])} in / {int(s['completion_tokens'])} out" if s["prompt_tokens"] else ""
+        endpoint = self.endpoint.report() if hasattr(self, "endpoint") else ""
         return (f"judge {self.name}: {int(s['calls'])} calls, {int(s['cached'])} answers from the cache, "
-                f"{int(s['unparsed'])} unusable (masked), {int(s['failures'])} failed{tokens}{latency}{flip}")
+                f"{int(s['unparsed'])} unusable (masked), {int(s['failures'])} failed{endpoint}{flip}")
 
     def _cached(self, kind: str, items: list[tuple], fn) -> list[float]:
         keys = [hashlib.sha256(json.dumps([self.identity(), kind, *item]).encode()).hexdigest() for item in items]
@@ -157,7 +170,7 @@ class Judge:
         return [self._cache[k] for k in keys]
 
     def _score(self, items: list[tuple[str, str]]) -> list[float]:
-        raise JudgeError(f"judge {self.name} cannot score single responses")
+        raise FeedbackError(f"judge {self.name} cannot score single responses")
 
     def _compare_one_order(self, items: list[tuple[str, str, str]]) -> list[float]:
         raise NotImplementedError
@@ -245,11 +258,11 @@ class LocalLMJudge(Judge):
         return out
 
     def _compare_one_order(self, items):
-        texts = [self.templates[0].format(prompt=p, a=a, b=b) for p, a, b in items]
+        texts = [self.templates[0].format(prompt=prompt_text(p), a=a, b=b) for p, a, b in items]
         return [dist[0] for dist in self._label_probs(texts, PAIRWISE_LABELS)]
 
     def _score(self, items):
-        texts = [self.templates[1].format(prompt=p, response=r) for p, r in items]
+        texts = [self.templates[1].format(prompt=prompt_text(p), response=r) for p, r in items]
         return [sum(float(label) * q for label, q in zip(SCORE_LABELS, dist))
                 for dist in self._label_probs(texts, SCORE_LABELS)]
 
@@ -263,61 +276,27 @@ class EndpointJudge(Judge):
     def __init__(self, spec: str, cache_path: str | None = None, pairwise_template: str = PAIRWISE_TEMPLATE,
                  score_template: str = SCORE_TEMPLATE, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 8, timeout: float = 60.0, max_retries: int = 3):
-        try:
-            import openai
-        except ImportError:
-            raise JudgeError(f"judge {spec!r} needs the openai client: pip install 'alignkit[feedback]'") from None
-
         super().__init__(spec, cache_path)
-        api, _, rest = spec.partition(":")
-        model, at, base_url = rest.rpartition("@")
-        if api not in ("openai", "openai-chat") or not at or not model or not base_url.startswith(("http://", "https://")):
-            raise JudgeError(f"judge {spec!r} is not openai:MODEL@http(s)://HOST/v1 or openai-chat:MODEL@...")
-        self.chat, self.model, self.base_url = api == "openai-chat", model, base_url
-        self.templates, self.concurrency = (pairwise_template, score_template), concurrency
-        self.timeout, self.max_retries = timeout, max_retries
-        # The client retries 408/409/429/5xx and connection errors with exponential backoff.
-        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "none",
-                                    timeout=timeout, max_retries=max_retries)
+        self.endpoint = Endpoint(spec, self.stats, "judge", api_key_env, concurrency, timeout, max_retries)
+        self.templates = (pairwise_template, score_template)
 
     def identity(self) -> str:
-        return json.dumps([self.name, self.chat, *self.templates])
+        return json.dumps([self.name, self.endpoint.chat, *self.templates])
 
     def _ask(self, text: str, labels: tuple[str, ...]) -> list[float] | None:
-        import openai
-
-        start = time.perf_counter()
-        try:
-            if self.chat:
-                r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": text}],
-                                                        max_tokens=2, temperature=0.0, logprobs=True, top_logprobs=20)
-                choice = r.choices[0]
-                answer = choice.message.content or ""
-                top = choice.logprobs.content[0].top_logprobs if choice.logprobs and choice.logprobs.content else []
-                logprobs = {t.token.strip(): t.logprob for t in top}
-            else:
-                r = self.client.completions.create(model=self.model, prompt=text, max_tokens=2, temperature=0.0,
-                                                   logprobs=20)
-                choice = r.choices[0]
-                answer = choice.text
-                top = choice.logprobs.top_logprobs[0] if choice.logprobs and choice.logprobs.top_logprobs else {}
-                logprobs = {t.strip(): lp for t, lp in top.items()}
-        except (openai.APITimeoutError, openai.APIConnectionError) as e:
-            with self._lock:
-                self.stats["failures"] += 1
-            raise JudgeError(f"judge endpoint {self.base_url}: no answer within {self.timeout:g} s after "
-                             f"{self.max_retries + 1} tries ({type(e).__name__})") from None
-        except openai.APIStatusError as e:
-            with self._lock:
-                self.stats["failures"] += 1
-            raise JudgeError(f"judge endpoint {self.base_url}: HTTP {e.status_code} after {self.max_retries + 1} "
-                             f"tries: {str(e)[:200]}") from None
-        with self._lock:
-            self.stats["calls"] += 1
-            self._latencies.append(time.perf_counter() - start)
-            if r.usage:
-                self.stats["prompt_tokens"] += r.usage.prompt_tokens or 0
-                self.stats["completion_tokens"] += r.usage.completion_tokens or 0
+        if self.endpoint.chat:
+            r = self.endpoint.request(messages=[{"role": "user", "content": text}], max_tokens=2, temperature=0.0,
+                                      logprobs=True, top_logprobs=20)
+            choice = r.choices[0]
+            answer = choice.message.content or ""
+            top = choice.logprobs.content[0].top_logprobs if choice.logprobs and choice.logprobs.content else []
+            logprobs = {t.token.strip(): t.logprob for t in top}
+        else:
+            r = self.endpoint.request(prompt=text, max_tokens=2, temperature=0.0, logprobs=20)
+            choice = r.choices[0]
+            answer = choice.text
+            top = choice.logprobs.top_logprobs[0] if choice.logprobs and choice.logprobs.top_logprobs else {}
+            logprobs = {t.strip(): lp for t, lp in top.items()}
         dist = label_distribution({k: v for k, v in logprobs.items() if k in labels}, labels) if logprobs else None
         if dist is None:  # no logprobs: the answer itself, read strictly
             label = strict_label(answer, labels)
@@ -328,17 +307,14 @@ class EndpointJudge(Judge):
         return dist
 
     def _ask_all(self, texts: list[str], labels: tuple[str, ...]) -> list[list[float] | None]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda t: self._ask(t, labels), texts))
+        return self.endpoint.map(lambda t: self._ask(t, labels), texts)
 
     def _compare_one_order(self, items):
-        dists = self._ask_all([self.templates[0].format(prompt=p, a=a, b=b) for p, a, b in items], PAIRWISE_LABELS)
+        dists = self._ask_all([self.templates[0].format(prompt=prompt_text(p), a=a, b=b) for p, a, b in items], PAIRWISE_LABELS)
         return [float("nan") if d is None else d[0] for d in dists]
 
     def _score(self, items):
-        dists = self._ask_all([self.templates[1].format(prompt=p, response=r) for p, r in items], SCORE_LABELS)
+        dists = self._ask_all([self.templates[1].format(prompt=prompt_text(p), response=r) for p, r in items], SCORE_LABELS)
         return [float("nan") if d is None else sum(float(x) * q for x, q in zip(SCORE_LABELS, d)) for d in dists]
 
 
@@ -354,5 +330,5 @@ def load_judge(spec: str, cache_path: str | None = None, **options) -> Judge:
         return RewardModelJudge(spec, cache_path)
     if ":" in spec:
         return CallableJudge(spec, cache_path)
-    raise JudgeError(f"judge {spec!r}: not a reward-model folder, lm:PATH, openai[-chat]:MODEL@URL, "
+    raise FeedbackError(f"judge {spec!r}: not a reward-model folder, lm:PATH, openai[-chat]:MODEL@URL, "
                      "module:function or compare:module:function")

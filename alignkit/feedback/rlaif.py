@@ -96,16 +96,23 @@ def candidates(cfg: LabelAIConfig) -> list[dict]:
 
     if not cfg.model:
         return [{"prompt": r["prompt"], "responses": list(r["responses"])} for r in load_records(cfg.data, "ranking")]
+    return sample_candidates(cfg.model, load_records(cfg.data, "prompts"), cfg.num_samples,
+                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
+
+
+def sample_candidates(model_path: str, records: list[dict], n: int, *, max_new_tokens: int, temperature: float,
+                      seed: int) -> list[dict]:
+    """[{prompt, responses}]: `n` completions of each prompt record sampled from a local model;
+    `prompt` is the record's own (a string or a message list), as the trainers read it."""
     from alignkit.data import tokenize_prompts
     from alignkit.models.load import load_causal_lm, load_tokenizer
     from alignkit.rollout.best_of_n import sample_and_score
 
-    model, tokenizer = load_causal_lm(cfg.model).eval(), load_tokenizer(cfg.model)
-    records = load_records(cfg.data, "prompts")
+    model, tokenizer = load_causal_lm(model_path).eval(), load_tokenizer(model_path)
     examples, _ = tokenize_prompts(records, tokenizer, max_length=1024)
-    s = sample_and_score(model, tokenizer, examples, cfg.num_samples, [], [], max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, seed=cfg.seed)
-    return [{"prompt": ex["prompt"], "responses": [s.texts[j] for j in s.group(i)]} for i, ex in enumerate(examples)]
+    s = sample_and_score(model, tokenizer, examples, n, [], [], max_new_tokens=max_new_tokens,
+                         temperature=temperature, seed=seed)
+    return [{"prompt": r["prompt"], "responses": [s.texts[j] for j in s.group(i)]} for i, r in enumerate(records)]
 
 
 def drop_empty(rows: list[dict], least: int) -> tuple[list[dict], int]:

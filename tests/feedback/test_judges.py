@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from alignkit.feedback.judges import (JudgeError, debias, label_distribution, load_judge, strict_label)
+from alignkit.feedback.endpoint import FeedbackError
+from alignkit.feedback.judges import (debias, label_distribution, load_judge, strict_label)
 from tests.helpers import free_port
 
 
@@ -146,7 +147,7 @@ def test_an_unparseable_answer_is_counted_and_masked(stub):
 def test_an_endpoint_that_never_answers_times_out_naming_it(stub):
     server, spec = stub([(200, None)])
     judge = load_judge(spec, timeout=0.5, max_retries=1)
-    with pytest.raises(JudgeError, match=r"judge endpoint http://127\.0\.0\.1:\d+/v1: no answer within 0\.5 s after 2 tries"):
+    with pytest.raises(FeedbackError, match=r"judge endpoint http://127\.0\.0\.1:\d+/v1: no answer within 0\.5 s after 2 tries"):
         judge.score(["p"], ["r"])
     assert judge.stats["failures"] == 1
 
