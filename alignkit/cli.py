@@ -16,6 +16,7 @@ COMMANDS = {
     "grpo": ("alignkit.train.grpo", "GRPO: G samples per prompt, group-normalised advantages, KL to the reference"),
     "rloo": ("alignkit.train.grpo:main_rloo", "REINFORCE with a leave-one-out baseline"),
     "bon": ("alignkit.train.bon", "rejection sampling (iterative SFT): N samples, keep the best, fine-tune, repeat"),
+    "iterative-dpo": ("alignkit.train.iterative_dpo", "iterative DPO: pairs sampled from the current policy, labelled by a reward, DPO, repeat"),
     "eval": ("alignkit.evaluate.policies", "policies side by side: gold/proxy reward, KL, win rate, diversity, Elo/BT arena"),
     "rl": ("alignkit.rl.cli", "RL from first principles: the cat gridworld, exact planning, Q-learning to PPO"),
     "demo": ("alignkit.pipeline", "the built-in recipe end to end on a CPU"),

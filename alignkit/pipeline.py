@@ -17,9 +17,12 @@ Stages of the sentiment task (tasks/sentiment.py), each from the SFT model:
     bon          rejection sampling: best of N by the reward model, fine-tuned on         -> bon/
     ppo, grpo    online RL on the reward model, with a KL penalty to SFT                  -> ppo/, grpo/
     dpo, kto     offline, on the same annotators' pairs / thumbs                          -> dpo/, kto/
+    idpo         iterative DPO: rounds of pairs sampled from the current policy, labelled -> idpo/
+                 by the reward model
     frontier     DPO and PPO at more betas, for the reward-vs-KL frontier (not --quick)   -> dpo-beta*/, ppo-beta*/
     eval         every policy on held-out prompts: gold/proxy reward, KL, win rate,       -> eval.json
-                 diversity, alignment tax, Elo and Bradley-Terry leaderboard
+                 diversity, alignment tax, Elo and Bradley-Terry leaderboard, the
+                 over-optimisation flags, best-of-n by gold from SFT (what the task allows)
     report       one self-contained HTML page with the plots                              -> report.html
 
 Each stage writes its own folder (or file) and marks it finished last; a finished stage
@@ -72,13 +75,13 @@ PRESETS = {
     ("sentiment", False): dict(
         model=dict(tiny_vocab_size=1024, tiny_hidden_size=96, tiny_layers=3, tiny_heads=4),
         pretrain_steps=800, sft_demos=2800, sft_steps=300, pref_prompts=1024, pref_samples=8, rm_epochs=2.0, bon_prompts=512,
-        rl_prompts=1024, ppo_steps=60, grpo_steps=60, dpo_steps=200, kto_steps=200, cai_prompts=512, eval_prompts=256, samples_per_prompt=2,
+        rl_prompts=1024, ppo_steps=60, grpo_steps=60, dpo_steps=200, kto_steps=200, idpo_rounds=2, cai_prompts=512, eval_prompts=256, samples_per_prompt=2,
         max_new_tokens=24,
         dpo_betas=[0.05, 0.5], ppo_betas=[0.02, 0.2]),
     ("sentiment", True): dict(
         model=dict(tiny_vocab_size=768, tiny_hidden_size=64, tiny_layers=2, tiny_heads=4),
         pretrain_steps=300, sft_demos=1500, sft_steps=150, pref_prompts=384, pref_samples=8, rm_epochs=2.0, bon_prompts=512,
-        rl_prompts=512, ppo_steps=20, grpo_steps=20, dpo_steps=60, kto_steps=60, cai_prompts=384, eval_prompts=256, samples_per_prompt=2,
+        rl_prompts=512, ppo_steps=20, grpo_steps=20, dpo_steps=60, kto_steps=60, idpo_rounds=2, cai_prompts=384, eval_prompts=256, samples_per_prompt=2,
         max_new_tokens=24,
         dpo_betas=[], ppo_betas=[]),
     # Arithmetic's questions form a small closed table (sums of 0-9 or 0-19), so GRPO's many
@@ -254,7 +257,7 @@ def sentiment_stages(cfg: DemoConfig) -> Recipe:
     """The sentiment recipe: its table of stages at the end; above it, the work of the stages that train nothing."""
     from alignkit.evaluate.policies import EvalConfig
     from alignkit.tasks import annotators, sentiment
-    from alignkit.train import bon, dpo, grpo, kto, ppo, pretrain, reward, sft
+    from alignkit.train import bon, dpo, grpo, iterative_dpo, kto, ppo, pretrain, reward, sft
 
     p = PRESETS[(cfg.task, cfg.quick)]
     root, seed = Path(cfg.output_dir), cfg.seed
@@ -304,10 +307,10 @@ def sentiment_stages(cfg: DemoConfig) -> Recipe:
         return {**counts, "thumbs": len(thumbs), "thumbs_threshold": threshold,
                 "sft_sample_gold": sum(s.rewards) / len(s.rewards)}
 
-    def ppo_stage(name: str, beta: float, description: str) -> Stage:  # ppo, and each beta of the frontier
+    def ppo_stage(name: str, beta: float, description: str, **keys) -> Stage:  # ppo, and each beta of the frontier
         return Stage(name, description, ppo.PPOConfig,
                      dict(model=out("sft"), data=out("data/prompts.jsonl"), max_steps=p["ppo_steps"], rollout_batch_size=32,
-                          batch_size=16, ppo_epochs=2, lr=5e-4, beta=beta, max_length=64, **watched, **gen),
+                          batch_size=16, ppo_epochs=2, lr=5e-4, beta=beta, max_length=64, **watched, **gen, **keys),
                      lambda r: {"beta": beta, **_rewards(r), "kl_last": _last(r.history, "train/kl_per_completion")})
 
     def dpo_stage(name: str, beta: float, description: str) -> Stage:  # dpo, and each beta of the frontier
@@ -337,14 +340,15 @@ def sentiment_stages(cfg: DemoConfig) -> Recipe:
                 "ai_gold_agreement": label.get("gold_agreement")}
 
     def run_eval(folder):  # base, sft and every aligned policy that finished; `recipe` is built from the table below
-        aligned = [s.name for s in recipe.stages if s.name.split("-")[0] in ("bon", "ppo", "grpo", "dpo", "kto")]
+        aligned = [s.name for s in recipe.stages if s.name.split("-")[0] in ("bon", "ppo", "grpo", "dpo", "idpo", "kto")]
         models = [f"base={root / 'pretrain'}", f"sft={root / 'sft'}"]
         models += [f"{m}={root / m}" for m in aligned if (root / m / DONE).exists()]
         if (root / "cai" / DONE).exists():  # the SL-CAI model (SFT on revisions) and the RL-CAI one (DPO on AI labels)
             models += [f"cai-sl={root / 'cai' / 'sl'}", f"cai={root / 'cai' / 'rl'}"]
         return _evaluate(recipe, folder, models, prompts=out("data/prompts_eval.jsonl"), reward=[gold],
                          proxy_reward=out("rm"), reference="sft", text_data=out("data/heldout_text.jsonl"),
-                         samples_per_prompt=p["samples_per_prompt"], max_new_tokens=p["max_new_tokens"], seed=seed)
+                         samples_per_prompt=p["samples_per_prompt"], max_new_tokens=p["max_new_tokens"], seed=seed,
+                         reference_best_of_n=64)
 
     recipe = Recipe(cfg, [
         Stage("data", "real movie-review snippets: corpus, positive demonstrations, prompts", run=make_data),
@@ -364,11 +368,20 @@ def sentiment_stages(cfg: DemoConfig) -> Recipe:
         Stage("bon", "rejection sampling: best of 16 by the reward model, fine-tuned on", bon.BoNConfig,
               dict(model=out("sft"), data=out("data/prompts_bon.jsonl"), reward=[out("rm")], num_samples=16, epochs=2.0,
                    batch_size=16, max_length=64, lr=2e-3, eval_fraction=0.0, **gen), _kept),
-        ppo_stage("ppo", 0.05, "PPO on the reward model, KL penalty to SFT (beta 0.05)"),
-        Stage("grpo", "GRPO on the reward model, 8 samples per prompt", grpo.GRPOConfig,
+        # a fixed beta lets PPO and GRPO run far from SFT (KL 18 and 32 at full size, collapsed): PPO's beta adapts
+        # to hold KL 8, GRPO's rises while its KL is over a budget of 8 (the frontier stages keep fixed betas)
+        ppo_stage("ppo", 0.2, "PPO on the reward model, beta adapted to hold KL 8 to SFT", target_kl=8.0, kl_horizon=64.0),
+        Stage("grpo", "GRPO on the reward model, 8 samples per prompt, KL budget 8", grpo.GRPOConfig,
               dict(model=out("sft"), data=out("data/prompts.jsonl"), max_steps=p["grpo_steps"], batch_size=64,
-                   num_generations=8, lr=5e-4, beta=0.04, eval_fraction=0.0, max_length=64, **watched, **gen), _rewards),
+                   num_generations=8, lr=5e-4, beta=0.04, kl_budget=8.0, kl_horizon=32.0, eval_fraction=0.0,
+                   max_length=64, **watched, **gen), _rewards),
         dpo_stage("dpo", 0.1, "DPO on the annotators' pairs (beta 0.1)"),
+        Stage("idpo", "iterative DPO: pairs sampled from the current policy, labelled by the reward model",
+              iterative_dpo.IterativeDPOConfig,
+              dict(model=out("sft"), data=out("data/prompts.jsonl"), reward=[out("rm")], rounds=p["idpo_rounds"],
+                   num_samples=4, beta=0.5, lr=3e-4, epochs=1.0, batch_size=16, max_length=64, require_eos=False,
+                   eval_fraction=0.0, **gen),
+              lambda r: {"pairs": [x.pairs for x in r.rounds], "sample_reward": [x.sample_reward for x in r.rounds]}),
         Stage("kto", "KTO on the annotators' thumbs", kto.KTOConfig,
               dict(model=out("sft"), data=out("preferences/thumbs.jsonl"), eval_fraction=0.1, max_steps=p["kto_steps"],
                    epochs=1.0, batch_size=16, max_length=64, lr=5e-4),
@@ -419,7 +432,7 @@ def arithmetic_stages(cfg: DemoConfig) -> Recipe:
         models[0] = models[0].replace("pretrain=", "base=")
         return _evaluate(recipe, folder, models, prompts=out("data/prompts_eval.jsonl"), reward=[gold], reference="sft",
                          text_data=out("data/heldout_text.jsonl"), samples_per_prompt=p["samples_per_prompt"],
-                         max_new_tokens=p["max_new_tokens"], temperature=1.0, seed=seed)
+                         max_new_tokens=p["max_new_tokens"], temperature=1.0, seed=seed, reference_best_of_n=64)
 
     recipe = Recipe(cfg, [
         Stage("data", "generated sums: corpus in prose, question/answer demonstrations, prompts", run=make_data),

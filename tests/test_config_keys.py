@@ -71,10 +71,12 @@ COMMANDS = {
                                              "ppo_epochs": 1, "max_new_tokens": 4}),
     "bon": ("bon", "BoNConfig", "prompts", {"reward": REWARD, "num_samples": 2, "max_new_tokens": 4,
                                             "require_eos": False}),
+    "iterative-dpo": ("iterative_dpo", "IterativeDPOConfig", "prompts", {"reward": REWARD, "num_samples": 2,
+                                                                         "max_new_tokens": 4, "require_eos": False}),
 }
 # The optional paths, switched on where the command has the key.
 FEATURES = {"lr_scheduler": "cosine_with_min_lr", "warmup_ratio": 0.5, "eval_fraction": 0.25, "eval_steps": 1, "save_steps": 1, "save_total_limit": 1, "logging": "tensorboard",
-            "lora_r": 2, "precompute_ref": True, "on_nan": "skip", "target_kl": 1.0, "kl_in_reward": True,
+            "lora_r": 2, "precompute_ref": True, "on_nan": "skip", "target_kl": 1.0, "kl_budget": 1.0, "kl_in_reward": True,
             "reward_on_error": "mask", "packing": False, "share_backbone": True, "rounds": 2}
 
 
@@ -92,12 +94,12 @@ def test_every_key_is_read_on_the_commands_path(command, data, tiny_model_dir, t
     runs = [
         {**base, "output_dir": str(tmp_path / "plain"), "max_steps": 0, "epochs": 0.25},
         {**base, **features, "output_dir": str(tmp_path / "all")},
-        {**base, **features, "output_dir": str(tmp_path / "all"), "max_steps": 2 if command == "bon" else 3,
+        {**base, **features, "output_dir": str(tmp_path / "all"), "max_steps": 2 if command in ("bon", "iterative-dpo") else 3,
          "resume": "auto"},
     ]
     READS.clear()
     for i, kwargs in enumerate(runs):
-        if command == "bon" and i == 2:  # an interrupted last round, so that the resume resumes it
+        if command in ("bon", "iterative-dpo") and i == 2:  # an interrupted last round, so that the resume resumes it
             (tmp_path / "all" / "round-1" / "round.json").unlink()
         module.run(cls(**{k: v for k, v in kwargs.items() if k in names}))
     unread = sorted(names - READS)

@@ -1,5 +1,7 @@
 """End to end: `alignkit demo --quick` on both built-in tasks, and resuming after a kill."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -32,15 +34,22 @@ def _run_until(output_dir: Path, marker: str, timeout: float = 600) -> list[str]
     return lines
 
 
-def test_sentiment_demo_aligns_and_resumes_after_a_kill(tmp_path, capsys):
-    out = tmp_path / "demo"
-    # Killed in the middle of rejection sampling (its training bar has started).
-    _run_until(out, "] bon: rejection sampling")
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """The quick sentiment demo, killed in the middle of rejection sampling and resumed: (folder, summary,
+    what the resumed run printed, the rm stage's mtime before the resume)."""
+    out = tmp_path_factory.mktemp("quick") / "demo"
+    _run_until(out, "] bon: rejection sampling")  # killed once its training bar has started
     assert (out / "rm" / "stage.json").exists() and not (out / "bon" / "stage.json").exists()
     rm_stamp = (out / "rm" / "stage.json").stat().st_mtime_ns
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = run_demo(DemoConfig(output_dir=str(out), quick=True))
+    return out, summary, printed.getvalue(), rm_stamp
 
-    summary = run_demo(DemoConfig(output_dir=str(out), quick=True))
-    printed = capsys.readouterr().out
+
+def test_sentiment_demo_aligns_and_resumes_after_a_kill(quick_demo):
+    out, summary, printed, rm_stamp = quick_demo
     for stage in ("data", "pretrain", "sft", "preferences", "rm"):
         assert f"{stage}: finished earlier" in printed, stage
     assert (out / "rm" / "stage.json").stat().st_mtime_ns == rm_stamp  # not redone
@@ -68,6 +77,48 @@ def test_sentiment_demo_aligns_and_resumes_after_a_kill(tmp_path, capsys):
     report = (out / "report" / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 3 and "Samples side by side" in report
     assert json.loads((out / "summary.json").read_text())["eval"]["reference"] == "sft"
+    # what the task allows: best-of-n by gold from SFT climbs with n, and is drawn
+    curve = summary["eval"]["reference_best_of_n"]
+    assert [c["n"] for c in curve] == [1, 2, 4, 8, 16, 32, 64]
+    assert curve[-1]["gold"] > curve[0]["gold"] + 0.3 and abs(curve[0]["gold"] - gold["sft"]) < 0.1, curve
+    assert "best-of-n by gold" in printed and "At a KL budget" in report
+
+
+def test_the_monitor_flags_an_over_optimised_run_and_not_sft_or_a_mild_beta_one(quick_demo, tmp_path):
+    """GRPO with no KL penalty (beta 0) and a high learning rate on the demo's reward model collapses:
+    flagged; SFT and DPO at beta 0.1 are not."""
+    from alignkit.evaluate.policies import EvalConfig, evaluate
+    from alignkit.train import grpo
+
+    out, *_ = quick_demo
+    grpo.run(grpo.GRPOConfig(model=str(out / "sft"), data=str(out / "data" / "prompts.jsonl"),
+                             reward=[str(out / "rm"), "alignkit.tasks.sentiment:gold_reward"], reward_weights=[1.0, 0.0],
+                             max_steps=30, batch_size=64, num_generations=8, lr=2e-3, beta=0.0, eval_fraction=0.0,
+                             max_length=64, max_new_tokens=24, output_dir=str(tmp_path / "grpo0"), log_steps=5))
+    result = evaluate(EvalConfig(models=[f"sft={out / 'sft'}", f"dpo={out / 'dpo'}", f"grpo0={tmp_path / 'grpo0'}"],
+                                 prompts=str(out / "data" / "prompts_eval.jsonl"),
+                                 reward=["alignkit.tasks.sentiment:gold_reward"], proxy_reward=str(out / "rm"),
+                                 reference="sft", samples_per_prompt=2, output="", bootstrap_rounds=20))
+    flags = {name: m["flags"] for name, m in result["models"].items()}
+    assert "collapsed" in flags["grpo0"] and flags["sft"] == [] and flags["dpo"] == [], result["models"]
+    assert next(r for r in result["leaderboard"] if r["model"] == "grpo0")["flags"] == flags["grpo0"]
+
+
+def test_ppo_holds_a_target_kl(quick_demo, tmp_path):
+    """PPO's adaptive beta (target_kl) on the quick task: from beta 0.05, far too weak for 4 nats, the controller
+    climbs beta until the sampled KL settles at the target. Measured at seed 0: KL peaks at 17 by step 20 (the
+    controller lags: beta must rise ~25x), then 4.5, 4.0, 3.8, 3.7 at steps 48-60."""
+    from alignkit.train import ppo
+
+    out, *_ = quick_demo
+    result = ppo.run(ppo.PPOConfig(
+        model=str(out / "sft"), data=str(out / "data" / "prompts.jsonl"), reward=[str(out / "rm")], max_steps=60,
+        rollout_batch_size=32, batch_size=16, ppo_epochs=2, lr=5e-4, beta=0.05, target_kl=4.0, kl_horizon=64.0,
+        max_length=64, max_new_tokens=24, output_dir=str(tmp_path / "ppo"), log_steps=4))
+    kl = [h["train/kl_per_completion"] for h in result.history if "train/kl_per_completion" in h]
+    last = sum(kl[-3:]) / 3  # steps 52-60
+    assert abs(last - 4.0) < 1.2, kl
+    assert max(kl) > 8.0 and result.history[-1]["train/beta"] > 0.5  # it got there by raising beta
 
 
 def test_demo_rejects_unknown_stages_and_overrides(tmp_path):

@@ -50,7 +50,7 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _reward_keys(history: list[dict]) -> tuple[str | None, str | None]:
+def reward_keys(history: list[dict]) -> tuple[str | None, str | None]:
     """The proxy (optimised) and gold (watched) reward keys of an online run's log."""
     sources = sorted({k for h in history for k in h if k.startswith("train/reward/")})
     gold = next((k for k in sources if "gold" in k or "exact_match" in k), None)
@@ -71,7 +71,7 @@ def plot_online(runs: dict[str, list[dict]]) -> str | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, history in runs.items():
-        proxy, gold = _reward_keys(history)
+        proxy, gold = reward_keys(history)
         if proxy:
             line, = axes[0].plot(*_series(history, proxy), label=f"{name} proxy (reward model)")
             if gold:
@@ -103,19 +103,30 @@ def plot_offline(runs: dict[str, list[dict]]) -> str | None:
     return _png(fig)
 
 
-def plot_frontier(models: dict[str, dict], reference: str) -> str:
-    """Gold reward against KL to the reference: the DPO paper's frontier, one point per policy."""
+def plot_frontier(models: dict[str, dict], reference: str, curve: list[dict] | None = None) -> str:
+    """Gold reward against KL to the reference: the DPO paper's frontier, one point per policy (hollow: flagged by
+    the over-optimisation monitor), and what the task allows: best-of-n by gold from the reference at its KL bound."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if curve:
+        ax.plot([c["kl_bound"] for c in curve], [c["gold"] for c in curve], "k--", alpha=0.6,
+                label=f"best-of-n by gold from {reference} (KL bound)")
+        for c in curve:
+            ax.annotate(f"n={c['n']}", (c["kl_bound"], c["gold"]), fontsize=7, color="0.4", xytext=(-4, 5),
+                        textcoords="offset points", ha="right")
     for family in ("dpo", "ppo"):
         members = sorted((m["kl"], m["gold"], n) for n, m in models.items() if n == family or n.startswith(family + "-"))
         if len(members) > 1:
             ax.plot([k for k, _, _ in members], [g for _, g, _ in members], "-", alpha=0.4)
-    for name, m in models.items():
-        ax.scatter(m["kl"], m["gold"], s=30)
-        ax.annotate(name, (m["kl"], m["gold"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    for i, (name, m) in enumerate(models.items()):
+        flags, color = m.get("flags"), f"C{i % 10}"
+        ax.scatter(m["kl"], m["gold"], s=30, facecolors="none" if flags else color, edgecolors=color)
+        ax.annotate(name + (f" ({', '.join(flags)})" if flags else ""), (m["kl"], m["gold"]), fontsize=8,
+                    xytext=(4, 3), textcoords="offset points")
     ax.set(title=f"gold reward vs KL to {reference}", xlabel="KL (nats per completion, sampled)",
            ylabel="mean gold reward")
+    if curve:
+        ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     return _png(fig)
 
@@ -179,15 +190,33 @@ def render_report(out: str | Path, title: str, result: dict | None, histories: d
                     "text_nll": "text_nll: held-out pretraining text (alignment tax when it rises)"}
         parts.append(f"<h2>Policies on {result['prompts']} held-out prompts</h2>"
                      f"<p>{'; '.join(meanings[c] for c, _ in cols if c in meanings)}.</p>")
-        parts.append(_table(["policy"] + [c for c, _ in cols],
-                            [[n] + [_fmt(m.get(c), f) for c, f in cols] for n, m in models.items()]))
-        images["frontier"] = plot_frontier(models, result["reference"])
+        flagged = any(m.get("flags") for m in models.values())
+        parts.append(_table(["policy"] + [c for c, _ in cols] + (["flags"] if flagged else []),
+                            [[n] + [_fmt(m.get(c), f) for c, f in cols] + ([", ".join(m.get("flags", []))]
+                                                                            if flagged else [])
+                             for n, m in models.items()]))
+        if flagged:
+            parts.append("<p>Flags, the over-optimisation monitor (against the reference): <b>collapsed</b>, "
+                         "distinct_2 fell well below the reference's (mode collapse); <b>unended</b>, far fewer "
+                         "completions end with EOS; <b>over-optimised</b>, the proxy rose while gold fell (in the "
+                         "table, or in the run's training log).</p>")
+        images["frontier"] = plot_frontier(models, result["reference"], result.get("reference_best_of_n"))
+        if result.get("kl_budgets"):
+            parts.append("<h2>At a KL budget</h2><p>The best unflagged policy by gold within K nats of "
+                         f"{ref}; beside it, what best-of-n by the gold reward from {ref} reaches within the same "
+                         "bound (where it was measured).</p>")
+            parts.append(_table(["KL budget", "policy", "gold", "kl", "best-of-n by gold", "flagged, higher gold"], [
+                [f"{b['kl_budget']:g}", b["model"] or "none", _fmt(b["gold"], "+.3f"), _fmt(b["kl"], ".2f"),
+                 (f"n={b['reference_best_of_n']['n']}: {b['reference_best_of_n']['gold']:+.3f}"
+                  if b.get("reference_best_of_n") else "-"), ", ".join(b["flagged_above"])]
+                for b in result["kl_budgets"]]))
         if result["leaderboard"]:
             parts.append("<h2>Arena</h2><p>Every two policies on every prompt, judged by the gold reward. "
                          "Bradley-Terry maximum likelihood with 95% bootstrap intervals; online Elo beside it.</p>")
-            parts.append(_table(["rank", "policy", "BT rating", "95% interval", "Elo", "win rate", "battles"], [
+            parts.append(_table(["rank", "policy", "BT rating", "95% interval", "Elo", "win rate", "battles", "flags"], [
                 [i, r["model"], f"{r['bt']:.0f}", f"{r['bt_low']:.0f} to {r['bt_high']:.0f}", f"{r['elo']:.0f}",
-                 f"{r['win_rate']:.2f}", r["battles"]] for i, r in enumerate(result["leaderboard"], 1)]))
+                 f"{r['win_rate']:.2f}", r["battles"], ", ".join(r.get("flags", []))]
+                for i, r in enumerate(result["leaderboard"], 1)]))
             images["leaderboard"] = plot_leaderboard(result["leaderboard"])
     images["online"] = plot_online(histories)
     images["training_loss"] = plot_offline(histories)

@@ -165,6 +165,15 @@ def _sample(cfg: BoNConfig, model, tokenizer, examples, reward_fns, weights, acc
     return Samples(n=n, completion_ids=ids, texts=texts, rewards=rewards, ended=ended)
 
 
+def finished_rounds(out: Path, rounds: int, resume: str, model: str) -> tuple[list[dict], str]:
+    """With resume auto: the reports (round.json) of the rounds under `out` that finished, in order, and the model
+    the next round starts from (the last finished round's, else `model`)."""
+    done: list[dict] = []
+    while resume == "auto" and len(done) < rounds and (out / f"round-{len(done)}" / ROUND_DONE).exists():
+        done.append(json.loads((out / f"round-{len(done)}" / ROUND_DONE).read_text()))
+    return done, str(out / f"round-{len(done) - 1}") if done else model
+
+
 def held_out_reward(cfg, model, tokenizer, examples, reward_fns, accelerator) -> float | None:
     """Mean reward of greedy completions of the held-out prompts (`online.greedy_reward`; None: there are none)."""
     if not examples:
@@ -203,12 +212,8 @@ def run(cfg: BoNConfig) -> BoNResult:
 
     # resume=auto: the rounds that finished are read back, and the next one starts from
     # the last finished model. Sampling depends only on that model and (seed, round).
-    reports: list[RoundReport] = []
-    start_model = cfg.model
-    while cfg.resume == "auto" and len(reports) < cfg.rounds and (out / f"round-{len(reports)}" / ROUND_DONE).exists():
-        done = out / f"round-{len(reports)}"
-        reports.append(RoundReport(**json.loads((done / ROUND_DONE).read_text())))
-        start_model = str(done)
+    done, start_model = finished_rounds(out, cfg.rounds, cfg.resume, cfg.model)
+    reports = [RoundReport(**r) for r in done]
     if reports:
         say(f"bon: resuming after round {len(reports) - 1} ({start_model})")
     say(f"bon: {len(examples)} prompts x {cfg.num_samples} samples, {cfg.rounds} rounds, keep {cfg.keep}"

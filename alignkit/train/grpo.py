@@ -46,7 +46,7 @@ import torch
 from alignkit.config import require
 from alignkit.losses import aggregate, clipped_policy_loss, kl_penalty_loss
 from alignkit.models.forward import forward_logprobs
-from alignkit.ops import advantage_estimator, kl_k1, masked_sum
+from alignkit.ops import adaptive_kl_beta, advantage_estimator, kl_k1, masked_sum
 from alignkit.train.common import print_summary, say
 from alignkit.train.loop import StepPlan, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
 from alignkit.train.online import OnlineConfig, collate_prompts, greedy_reward, load_prompts, sample_completions
@@ -79,6 +79,10 @@ class GRPOConfig(OnlineConfig):
     """Subtract beta * sum_t k1 from each completion's reward before the advantages (no KL in the loss)."""
     kl_estimator: Literal["auto", "k1", "k2", "k3"] = "auto"
     """Per-token KL estimate (alignkit.ops.kl); auto: k3 in the loss, k1 in the reward (`kl_in_reward`)."""
+    kl_budget: float = 0.0
+    """A ceiling on the KL per completion (sampled k1, nats): while a step's KL exceeds it, beta rises by PPO's controller (Ziegler et al. 2019), and it falls back while under it, never below `beta` (0: beta stays fixed)."""
+    kl_horizon: float = 32.0
+    """Horizon of the KL-budget controller, in completions: each step moves beta by at most 20% x completions / horizon."""
     clip_eps: float = 0.2
     """PPO clip range of the ratio pi / pi_old (acts only with num_iterations > 1)."""
     num_iterations: int = 1
@@ -108,6 +112,10 @@ class GRPOConfig(OnlineConfig):
             raise ConfigError(f"max_flat_steps must be >= 0, got {self.max_flat_steps}")
         if self.num_iterations < 1:
             raise ConfigError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.kl_budget < 0 or (self.kl_budget > 0 and (self.beta <= 0 or self.kl_horizon <= 0)):
+            raise ConfigError(f"kl_budget needs beta > 0 (its least value; 0 loads no reference model) and "
+                              f"kl_horizon > 0, got kl_budget {self.kl_budget}, beta {self.beta}, "
+                              f"kl_horizon {self.kl_horizon}")
         if self.kl_estimator == "k1" and not self.kl_in_reward:
             raise ConfigError("kl_estimator k1 in the loss has zero expected gradient (E[grad log pi] = 0 on "
                               "samples from pi); use k2 or k3 in the loss, or --kl_in_reward for k1 in the reward")
@@ -157,6 +165,7 @@ class Rollouts:
         self.accelerator = accelerator
         self.advantages = advantage_estimator(cfg.advantage)
         self.flat_steps = 0  # steps in a row with every advantage 0
+        self.kl = {"beta": cfg.beta}  # the KL coefficient, which kl_budget moves: checkpointed as the loop's `state`
 
     def generate(self, model, batch: dict, step: int, temperature: float):
         g = self.cfg.num_generations if temperature > 0 else 1
@@ -173,8 +182,8 @@ class Rollouts:
         return rewards.to(rollout.completion_ids.device), valid.to(rollout.completion_ids.device), per_source
 
     def __call__(self, model, batches: list[dict], step: int) -> StepPlan:
-        cfg, g = self.cfg, self.cfg.num_generations
-        prepared = []
+        cfg, g, beta = self.cfg, self.cfg.num_generations, self.kl["beta"]
+        prepared, kl_sum, kl_count = [], 0.0, 0
         for batch in batches:
             rollout = self.generate(model, batch, step, cfg.temperature)
             rewards, valid, per_source = self.rewards(batch, rollout, g)
@@ -183,19 +192,30 @@ class Rollouts:
                 "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "columns": columns,
                 "completion_mask": rollout.completion_mask, "sampler_logprobs": rollout.logprobs,
                 "rewards": rewards, "valid": valid, "ended": rollout.ended,
-                "ids": batch["ids"], "reward_sources": per_source, "weight": batch["weight"],
+                "ids": batch["ids"], "reward_sources": per_source, "weight": batch["weight"], "beta": beta,
             }
             if cfg.beta > 0:
                 out["ref_logprobs"] = self.reference(model, lambda m: forward_logprobs(
                     m, out["input_ids"], out["attention_mask"], cfg.temperature, columns=columns)[0])
-            if cfg.beta > 0 and cfg.kl_in_reward:
                 # the sampler's log-probs are pi's at the sampling temperature: k1 of the sampled tokens
+                kl_sum += float(masked_sum(rollout.logprobs - out["ref_logprobs"], rollout.completion_mask)
+                                * batch["weight"])
+                kl_count += len(rewards) * int(batch["weight"] > 0)
+            if cfg.beta > 0 and cfg.kl_in_reward:
                 rewards = kl_penalised_rewards(rewards, rollout.logprobs, out["ref_logprobs"], rollout.completion_mask,
-                                               cfg.beta, resolved_kl_estimator(cfg)).masked_fill(~valid, 0.0)
+                                               beta, resolved_kl_estimator(cfg)).masked_fill(~valid, 0.0)
                 out["rewards_with_kl"] = rewards
             out["advantages"] = self.advantages(rewards, g, scale_by_std=cfg.scale_rewards, valid=valid)
             prepared.append(out)
         self.check_learnable(prepared, step)
+        if cfg.kl_budget > 0:  # the next step's beta from this step's sampled KL, alike on every process
+            totals = torch.tensor([kl_sum, kl_count], dtype=torch.float64, device=prepared[0]["valid"].device)
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals, "sum")
+            # a ceiling, not a target: under budget beta only returns toward its configured value, so a run that
+            # starts at KL 0 does not first shrink beta to nothing (Ziegler's two-sided controller does)
+            self.kl["beta"] = max(cfg.beta, adaptive_kl_beta(beta, float(totals[0] / totals[1].clamp(min=1)),
+                                                             cfg.kl_budget, cfg.kl_horizon, int(totals[1])))
         return StepPlan([prepared] * self.cfg.num_iterations)  # mu updates on the same samples
 
     def check_learnable(self, prepared: list[dict], step: int) -> None:
@@ -252,9 +272,11 @@ def make_policy_step(cfg: GRPOConfig):
             metrics["reward_with_kl"] = (batch["rewards_with_kl"].sum(), n_seq)
         elif "ref_logprobs" in batch:
             kl = kl_penalty_loss(logprobs, batch["ref_logprobs"], mask, resolved_kl_estimator(cfg))
-            per_token = per_token + cfg.beta * kl
+            per_token = per_token + batch["beta"] * kl
             metrics["kl_per_token"] = (masked_sum(kl.detach(), mask), n_tok)
             metrics["kl_per_completion"] = (masked_sum(kl.detach(), mask), n_seq)
+        if "ref_logprobs" in batch:
+            metrics["beta"] = (torch.tensor(batch["beta"] * n_seq), n_seq)
         for name, value in batch["reward_sources"].items():
             metrics[f"reward/{name}"] = (torch.tensor(value * n_seq), n_seq)
         loss_sum, _ = aggregate(per_token, mask, cfg.loss_level)
@@ -295,13 +317,14 @@ def run(cfg: GRPOConfig) -> TrainResult:
         cfg, model, tokenizer, examples, make_policy_step(cfg),
         unit_count(cfg.loss_level), lambda b: collate_prompts(b, tokenizer.pad_token_id), name=name,
         batch_size=prompts_per_batch, resume_from=resume_from, accelerator=accelerator, prepare=rollouts,
+        state=rollouts.kl,
         updates_per_step=cfg.num_iterations,
         # held-out prompts: the reward of greedy completions, before, every eval_steps, after
         eval_examples=eval_examples,
         eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m), eval_examples, tokenizer, reward_fns, cfg,
                                         cfg.batch_size, accelerator.device),
     )
-    print_summary(name, result, [str(report)])
+    print_summary(name, result, ([f"beta {rollouts.kl['beta']:.4f}"] if cfg.kl_budget > 0 else []) + [str(report)])
     return result
 
 

@@ -107,7 +107,8 @@ def test_eval_report_shows_each_policy_and_the_numbers_of_eval_json(tiny_model_d
              ("ended", ".2f"), ("distinct_1", ".2f"), ("distinct_2", ".2f"), ("entropy", ".2f")]
     for name in ("sft", "tuned"):
         m = result["models"][name]
-        assert _row(page, f"<td>{name}</td>") == [format(m[key], spec) for key, spec in specs], name
+        flags = [", ".join(m["flags"])] if any(x["flags"] for x in result["models"].values()) else []
+        assert _row(page, f"<td>{name}</td>") == [format(m[key], spec) for key, spec in specs] + flags, name
     assert result["models"]["sft"]["gold"] != result["models"]["tuned"]["gold"]  # the numbers tell them apart
     for rank, r in enumerate(result["leaderboard"], 1):
         assert _row(page, f"<td>{rank}</td><td>{r['model']}</td>")[:1] == [f"{r['bt']:.0f}"]

@@ -154,3 +154,21 @@ def test_kl_estimators_in_the_reward_come_from_the_registry():
     for name, kl in (("k1", 0.25), ("k2", k2), ("k3", k3)):
         torch.testing.assert_close(grpo.kl_penalised_rewards(rewards, logprobs, ref, mask, 2.0, name),
                                    torch.tensor([1.0 - 2.0 * kl]))
+
+
+def test_a_kl_budget_raises_beta_over_it_and_never_lowers_it_below_beta(tiny_model_dir, tmp_path, one_thread):
+    data = prompts_file(tmp_path / "p.jsonl")
+    # under budget: beta stays at its configured value (a ceiling, not a target)
+    grpo.run(_cfg(tiny_model_dir, data, tmp_path / "high", beta=0.04, kl_budget=100.0, max_steps=3))
+    assert [h["train/beta"] for h in _history(tmp_path / "high")] == pytest.approx([0.04] * 3)
+    # over budget from the second step on (step 1 samples pi == pi_ref: KL 0): with 16 completions a step and
+    # horizon 16, each step multiplies beta by 1 + clip(KL / budget - 1, -0.2, 0.2) = 1.2
+    grpo.run(_cfg(tiny_model_dir, data, tmp_path / "low", beta=0.04, kl_budget=1e-3, kl_horizon=16.0, max_steps=5,
+                  save_steps=4))
+    history = _history(tmp_path / "low")
+    assert all(h["train/kl_per_completion"] > 1e-3 for h in history[1:])
+    assert [h["train/beta"] for h in history] == pytest.approx([0.04, 0.04, 0.048, 0.0576, 0.06912])
+    saved = json.loads((tmp_path / "low" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert saved["state"]["beta"] == pytest.approx(0.04 * 1.2 ** 3)  # the beta of step 5: a resume goes on with it
+    with pytest.raises(Exception, match="kl_budget needs beta > 0"):
+        _cfg(tiny_model_dir, data, tmp_path / "x", beta=0.0, kl_budget=1.0).validate()
