@@ -332,7 +332,7 @@ def sentiment_stages(cfg: DemoConfig) -> Recipe:
             writer=f"{feedback}:scripted_writer", judge=f"{feedback}:lexicon_score", num_samples=2, gold=gold,
             max_new_tokens=p["max_new_tokens"], seed=seed, overrides=[
                 "sl.epochs=2", "sl.batch_size=32", "sl.max_length=64", "sl.lr=1e-3", "sl.log_steps=5",
-                f"rl.max_steps={p['dpo_steps']}", "rl.batch_size=16", "rl.max_length=64", "rl.lr=5e-4", "rl.beta=0.1",
+                "rl.epochs=2", "rl.batch_size=16", "rl.max_length=64", "rl.lr=5e-4", "rl.beta=0.1",
                 "rl.log_steps=5"]))
         revise, label = summaries["revise"], summaries["label"]
         return {"revisions": revise["revised"], "changed": revise["changed"], "gold_original": revise["gold_original"],
@@ -381,7 +381,7 @@ def sentiment_stages(cfg: DemoConfig) -> Recipe:
               dict(model=out("sft"), data=out("data/prompts.jsonl"), reward=[out("rm")], rounds=p["idpo_rounds"],
                    num_samples=4, beta=0.5, lr=3e-4, epochs=1.0, batch_size=16, max_length=64, require_eos=False,
                    eval_fraction=0.0, **gen),
-              lambda r: {"pairs": [x.pairs for x in r.rounds], "sample_reward": [x.sample_reward for x in r.rounds]}),
+              lambda r: {"pairs": [x.pairs for x in r.rounds], "sample_reward": [round(x.sample_reward, 3) for x in r.rounds]}),
         Stage("kto", "KTO on the annotators' thumbs", kto.KTOConfig,
               dict(model=out("sft"), data=out("preferences/thumbs.jsonl"), eval_fraction=0.1, max_steps=p["kto_steps"],
                    epochs=1.0, batch_size=16, max_length=64, lr=5e-4),

@@ -24,8 +24,9 @@ an online Elo table and a Bradley-Terry leaderboard with bootstrap intervals.
 The over-optimisation monitor reads the same numbers against the reference policy:
     collapsed         distinct_2 < flag_distinct_ratio * the reference's (mode collapse)
     unended           ended < flag_ended_ratio * the reference's (completions run to the limit)
-    over-optimised    proxy above the reference's while gold is below it, or, in the policy's
-                      training log, gold fell flag_gold_drop below its peak while the proxy rose
+    over-optimised    proxy above the reference's while gold is more than flag_gold_drop below
+                      it, or, in the policy's training log, gold fell flag_gold_drop below its
+                      peak while the proxy rose
 Flags ride along in the table, the leaderboard and the report. `kl_budgets` reads the
 leaderboard at a KL budget: the best unflagged gold within K nats. With
 `reference_best_of_n N`, N samples per prompt from the reference give what the task allows:
@@ -89,7 +90,7 @@ class EvalConfig:
     flag_ended_ratio: float = 0.5
     """Flag `unended`: the fraction of completions that end with EOS below this fraction of the reference's."""
     flag_gold_drop: float = 0.05
-    """Flag `over-optimised` when the training log's gold reward (smoothed) fell this far below its peak while the proxy rose."""
+    """Flag `over-optimised` when gold is this far below the reference's while the proxy is above it, or the training log's gold (smoothed) fell this far below its peak while the proxy rose."""
 
 
 def distinct_n(sequences: list[list], n: int) -> float:
@@ -149,8 +150,9 @@ def monitor_flags(m: dict, ref: dict, history: list[dict], cfg: "EvalConfig") ->
         flags.append("unended")
     proxy_key, gold_key = reward_keys(history)
     logged = [h for h in history if proxy_key in h and gold_key in h] if proxy_key and gold_key else []
-    if ("proxy" in m and m["proxy"] > ref["proxy"] and m["gold"] < ref["gold"]) or gold_fell_while_proxy_rose(
-            [h[proxy_key] for h in logged], [h[gold_key] for h in logged], cfg.flag_gold_drop):
+    drop = cfg.flag_gold_drop
+    if ("proxy" in m and m["proxy"] > ref["proxy"] and m["gold"] < ref["gold"] - drop) or gold_fell_while_proxy_rose(
+            [h[proxy_key] for h in logged], [h[gold_key] for h in logged], drop):
         flags.append("over-optimised")
     return flags
 

@@ -107,7 +107,7 @@ def plot_frontier(models: dict[str, dict], reference: str, curve: list[dict] | N
     """Gold reward against KL to the reference: the DPO paper's frontier, one point per policy (hollow: flagged by
     the over-optimisation monitor), and what the task allows: best-of-n by gold from the reference at its KL bound."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 5))
     if curve:
         ax.plot([c["kl_bound"] for c in curve], [c["gold"] for c in curve], "k--", alpha=0.6,
                 label=f"best-of-n by gold from {reference} (KL bound)")
@@ -134,7 +134,7 @@ def plot_frontier(models: dict[str, dict], reference: str, curve: list[dict] | N
 def plot_leaderboard(board: list[dict]) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 0.4 * len(board) + 1))
-    names = [r["model"] for r in board][::-1]
+    names = [r["model"] + (f" ({', '.join(r['flags'])})" if r.get("flags") else "") for r in board][::-1]
     bt = [r["bt"] for r in board][::-1]
     err = [[r["bt"] - r["bt_low"] for r in board][::-1], [r["bt_high"] - r["bt"] for r in board][::-1]]
     ax.errorbar(bt, range(len(names)), xerr=err, fmt="o", capsize=3)

@@ -51,9 +51,10 @@ def test_monitor_flags_against_the_reference():
     assert monitor_flags({"gold": 0.5, "proxy": 1.0, "distinct_2": 0.8, "ended": 0.4}, ref, [], cfg) == []
     assert monitor_flags({"gold": 0.9, "proxy": 3.0, "distinct_2": 0.5, "ended": 0.1}, ref, [], cfg) == [
         "collapsed", "unended"]
-    # the proxy rose above the reference's while gold fell below it
+    # the proxy rose above the reference's while gold fell more than flag_gold_drop (0.05) below it
     assert monitor_flags({"gold": 0.1, "proxy": 2.0, "distinct_2": 0.9, "ended": 0.6}, ref, [], cfg) == [
         "over-optimised"]
+    assert monitor_flags({"gold": 0.16, "proxy": 2.0, "distinct_2": 0.9, "ended": 0.6}, ref, [], cfg) == []
     # ... or the training log says so
     history = [{"step": i, "train/reward/rm": float(i), "train/reward/mod:gold_reward": g}
                for i, g in enumerate([0, 1, 2, 3, 4, 4, 3, 2, 1, 0])]
