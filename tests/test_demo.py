@@ -60,8 +60,11 @@ def test_sentiment_demo_aligns_and_resumes_after_a_kill(quick_demo):
     models = summary["eval"]["models"]
     gold = {name: m["gold"] for name, m in models.items()}
     assert gold["sft"] > gold["base"] + 0.05, gold
-    for name in ("bon", "ppo", "grpo", "dpo"):
+    for name in ("ppo", "grpo", "dpo", "idpo"):
         assert gold[name] > gold["sft"] + 0.05, (name, gold)
+    # rejection sampling spends a KL budget of 1.84 nats (best of 16), then one gentle epoch: a small, cheap gain
+    # (seed 0: +0.116 -> +0.163 at KL 1.09)
+    assert gold["bon"] > gold["sft"] + 0.03 and models["bon"]["kl"] < 2.5, models["bon"]
     # Constitutional AI with the scripted critic and reviser, seed 0 (seeds 1-3: tests/feedback/test_cai_learning.py):
     # the revisions are warmer than the SFT samples they revise, and SFT on them moves the policy
     cai = summary["stages"]["cai"]
@@ -72,7 +75,7 @@ def test_sentiment_demo_aligns_and_resumes_after_a_kill(quick_demo):
     for name, m in models.items():
         assert abs(m["kl"]) < 1e4 and m["kl"] == m["kl"], (name, m["kl"])  # finite and reported
     board = [r["model"] for r in summary["eval"]["leaderboard"]]
-    best_aligned = max(("bon", "ppo", "grpo", "dpo", "kto"), key=gold.get)
+    best_aligned = max(("bon", "ppo", "grpo", "dpo", "idpo", "kto"), key=gold.get)
     assert board.index("sft") > board.index(best_aligned), board
     report = (out / "report" / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 3 and "Samples side by side" in report

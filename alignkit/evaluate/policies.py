@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import require
+from alignkit.rollout.best_of_n import best_of_n_kl_bound
 
 
 @dataclass
@@ -116,11 +117,6 @@ def best_of_n_expected(rewards: list[float], n: int) -> float:
         raise ValueError(f"best-of-{n} needs at least {n} rewards, got {len(rewards)}")
     r, total = sorted(rewards), math.comb(len(rewards), n)
     return sum(math.comb(i - 1, n - 1) * r[i - 1] for i in range(n, len(r) + 1)) / total
-
-
-def best_of_n_kl_bound(n: int) -> float:
-    """KL(best-of-n || pi) <= log n - (n - 1) / n nats (Beirami et al. 2024; exact for continuous rewards)."""
-    return math.log(n) - (n - 1) / n
 
 
 def gold_fell_while_proxy_rose(proxy: list[float], gold: list[float], drop: float) -> bool:

@@ -17,6 +17,7 @@ False): it was cut off, not finished, and no EOS is appended to it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +42,21 @@ class Samples:
     def group(self, i: int) -> range:
         """The rows of prompt i."""
         return range(i * self.n, (i + 1) * self.n)
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """KL(best-of-n || pi) <= log n - (n - 1) / n nats (Beirami et al. 2024; exact for continuous rewards)."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_for_kl(budget: float) -> int:
+    """The largest n whose best-of-n KL bound log n - (n - 1) / n is within `budget` nats (n >= 1)."""
+    if budget < 0:
+        raise ValueError(f"a KL budget must be >= 0, got {budget}")
+    n = 1
+    while best_of_n_kl_bound(n + 1) <= budget:
+        n += 1
+    return n
 
 
 def as_reward_fns(reward_fns, weights: list[float] | None, device=None,

@@ -53,6 +53,8 @@ class BoNConfig(OnlineConfig):
     """Peak learning rate (AdamW) of each round's fine-tuning."""
     num_samples: int = 16
     """N: completions sampled per prompt in each round."""
+    kl_budget: float = 0.0
+    """Choose N for a KL budget instead: the largest N whose best-of-N bound log N - (N-1)/N is within it, in nats per round (keep best only; fine-tuning on the kept samples adds KL of its own; 0: use num_samples)."""
     rounds: int = 1
     """R: sample -> select -> fine-tune rounds, each sampling from the previous round's model."""
     keep: Literal["best", "threshold"] = "best"
@@ -195,6 +197,12 @@ def run(cfg: BoNConfig) -> BoNResult:
     from alignkit.rollout.best_of_n import as_reward_fns
 
     require(cfg, "model", "reward", "data")
+    if cfg.kl_budget < 0 or (cfg.kl_budget > 0 and cfg.keep != "best"):
+        raise ValueError(f"bon: kl_budget ({cfg.kl_budget}) must be >= 0, and sets N for keep best only")
+    if cfg.kl_budget > 0:
+        from alignkit.rollout.best_of_n import best_of_n_for_kl
+
+        cfg = replace(cfg, num_samples=best_of_n_for_kl(cfg.kl_budget))
     if cfg.num_samples < 1 or cfg.rounds < 1:
         raise ValueError(f"bon: num_samples ({cfg.num_samples}) and rounds ({cfg.rounds}) must be at least 1")
     if cfg.resume not in ("", "auto"):
@@ -216,7 +224,9 @@ def run(cfg: BoNConfig) -> BoNResult:
     reports = [RoundReport(**r) for r in done]
     if reports:
         say(f"bon: resuming after round {len(reports) - 1} ({start_model})")
-    say(f"bon: {len(examples)} prompts x {cfg.num_samples} samples, {cfg.rounds} rounds, keep {cfg.keep}"
+    say(f"bon: {len(examples)} prompts x {cfg.num_samples} samples"
+        + (f" (the most within KL budget {cfg.kl_budget:g})" if cfg.kl_budget > 0 else "")
+        + f", {cfg.rounds} rounds, keep {cfg.keep}"
         f"{f' >= {cfg.threshold}' if cfg.keep == 'threshold' else ''}; {report}")
 
     model = load_trainable_model(replace(cfg, model=start_model), None).to(accelerator.device)

@@ -308,7 +308,9 @@ def synced(forward):
 result = f"through the wrapper: {synced(both)} around it: {synced(accelerator.unwrap_model(both).logprobs_and_values)}"
 with open(f"{sys.argv[2]}/sync-rank{accelerator.process_index}.txt", "w") as f:
     f.write(result)
-# A gloo group left alive at exit aborts the process (SIGABRT, seen on CI).
+# A gloo group left alive at exit aborts the process (SIGABRT, seen on CI), and so does one destroyed while the
+# other rank is still in a collective (seen on a loaded CI machine): meet, then destroy.
+dist.barrier()
 dist.destroy_process_group()
 """
 

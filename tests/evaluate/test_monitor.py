@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from alignkit.evaluate.policies import (EvalConfig, at_kl_budgets, best_of_n_expected, best_of_n_kl_bound,
-                                        format_table, gold_fell_while_proxy_rose, monitor_flags, reference_curve)
+from alignkit.evaluate.policies import (EvalConfig, at_kl_budgets, best_of_n_expected, format_table,
+                                        gold_fell_while_proxy_rose, monitor_flags, reference_curve)
+from alignkit.rollout.best_of_n import best_of_n_for_kl, best_of_n_kl_bound
 
 
 def test_best_of_n_expected_by_hand():
@@ -23,6 +24,10 @@ def test_best_of_n_kl_bound_by_hand():
     assert best_of_n_kl_bound(1) == 0.0
     assert best_of_n_kl_bound(2) == pytest.approx(math.log(2) - 0.5)  # 0.1931
     assert best_of_n_kl_bound(64) == pytest.approx(4.158883 - 63 / 64, abs=1e-6)  # 3.1745
+    # the largest n within a budget: bounds 0.193 (n=2), 0.432 (3), 0.636 (4), 1.835 (16), 1.892 (17), 3.175 (64)
+    assert [best_of_n_for_kl(b) for b in (0.0, 0.19, 0.2, 0.64, 1.84, 3.18)] == [1, 1, 2, 4, 16, 64]
+    with pytest.raises(ValueError):
+        best_of_n_for_kl(-1.0)
 
 
 def test_reference_curve_over_prompts():

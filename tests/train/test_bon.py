@@ -110,3 +110,12 @@ def test_resume_auto_skips_finished_rounds(tiny_model_dir, tmp_path):
     assert all(torch.equal(full[k], cut[k]) for k in full)
     with pytest.raises(ValueError, match="resume takes 'auto'"):
         bon.run(_cfg(tiny_model_dir, data, tmp_path / "x", resume=str(tmp_path / "full/round-0")))
+
+
+def test_a_kl_budget_chooses_n(tiny_model_dir, tmp_path):
+    data = prompts_file(tmp_path / "p.jsonl")
+    # log 4 - 3/4 = 0.636 <= 0.64 < log 5 - 4/5 = 0.809: best of 4
+    result = bon.run(_cfg(tiny_model_dir, data, tmp_path / "o", kl_budget=0.64, epochs=1))
+    assert result.rounds[0].samples == 43 * 4 and result.rounds[0].kept == 43
+    with pytest.raises(ValueError, match="kl_budget .* sets N for keep best only"):
+        bon.run(_cfg(tiny_model_dir, data, tmp_path / "x", kl_budget=1.0, keep="threshold"))
