@@ -77,7 +77,8 @@ COMMANDS = {
 # The optional paths, switched on where the command has the key.
 FEATURES = {"lr_scheduler": "cosine_with_min_lr", "warmup_ratio": 0.5, "eval_fraction": 0.25, "eval_steps": 1, "save_steps": 1, "save_total_limit": 1, "logging": "tensorboard",
             "lora_r": 2, "precompute_ref": True, "on_nan": "skip", "target_kl": 1.0, "kl_budget": 1.0, "kl_in_reward": True,
-            "reward_on_error": "mask", "packing": False, "share_backbone": True, "rounds": 2}
+            "reward_on_error": "mask", "packing": False, "share_backbone": True, "rounds": 2,
+            "early_stop_patience": 5}
 
 
 @pytest.mark.slow
@@ -91,6 +92,7 @@ def test_every_key_is_read_on_the_commands_path(command, data, tiny_model_dir, t
     names = {f.name for f in dataclasses.fields(cls)}
     base = {"model": str(tiny_model_dir), "data": data[kind], "max_steps": 2, "log_steps": 1, "seed": 1, **keys}
     features = {k: v for k, v in FEATURES.items() if k in names and k not in keys}
+    features["best_metric"] = "reward" if command in ("grpo", "rloo", "ppo", "bon", "iterative-dpo") else "loss"  # an online eval: greedy reward
     runs = [
         {**base, "output_dir": str(tmp_path / "plain"), "max_steps": 0, "epochs": 0.25},
         {**base, **features, "output_dir": str(tmp_path / "all")},

@@ -73,6 +73,36 @@ def _named(fn: Callable, name: str) -> Callable:
     return call
 
 
+def penalised_ensemble(values: torch.Tensor, weights: torch.Tensor, penalty: float) -> torch.Tensor:
+    """An ensemble's reward, lowered where its members disagree (uncertainty-weighted optimisation,
+    Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization"):
+
+        r = sum_k w_k r_k - lambda * sqrt(1/K sum_k (r_k - mean_k r_k)^2)
+
+    values [K, N]: member k's reward of completion n; weights [K]; returns [N]. The spread is
+    the members' population standard deviation, unweighted: how much they disagree."""
+    return (weights[:, None] * values).sum(0) - penalty * values.std(0, correction=0)
+
+
+class PenalisedEnsemble:
+    """Reward sources (e.g. reward models trained from different seeds) as one source whose
+    reward is `penalised_ensemble` of theirs; a member's None / NaN makes the ensemble's NaN."""
+
+    def __init__(self, members: list[Callable], weights: list[float], penalty: float):
+        self.members, self.weights, self.penalty = members, torch.tensor(weights, dtype=torch.float64), penalty
+        names = [getattr(f, "reward_name", getattr(f, "__name__", repr(f))) for f in members]
+        self.reward_name = f"ensemble({', '.join(names)}; -{penalty:g} std)"
+
+    def __call__(self, prompts, completions, **fields) -> list[float]:
+        values = [[math.nan if v is None else float(v) for v in f(prompts, completions, **fields)]
+                  for f in self.members]
+        for f, v in zip(self.members, values):
+            if len(v) != len(completions):
+                name = getattr(f, "reward_name", repr(f))
+                raise RewardError(f"reward '{name}' returned {len(v)} values for {len(completions)} completions")
+        return penalised_ensemble(torch.tensor(values, dtype=torch.float64), self.weights, self.penalty).tolist()
+
+
 def _call(fn: Callable, timeout: float | None, *args, **kwargs):
     if timeout is None:
         return fn(*args, **kwargs)

@@ -40,7 +40,7 @@ from alignkit.train.loop import (
     train,
     write_config,
 )
-from alignkit.train.online import OnlineConfig, greedy_reward, load_prompts
+from alignkit.train.online import OnlineConfig, greedy_reward, load_prompts, load_rewards
 
 ROUND_DONE = "round.json"
 
@@ -176,11 +176,12 @@ def finished_rounds(out: Path, rounds: int, resume: str, model: str) -> tuple[li
     return done, str(out / f"round-{len(done) - 1}") if done else model
 
 
-def held_out_reward(cfg, model, tokenizer, examples, reward_fns, accelerator) -> float | None:
+def held_out_reward(cfg, model, tokenizer, examples, reward_fns, weights, accelerator) -> float | None:
     """Mean reward of greedy completions of the held-out prompts (`online.greedy_reward`; None: there are none)."""
     if not examples:
         return None
-    metrics = greedy_reward(model, examples, tokenizer, reward_fns, cfg, cfg.generation_batch_size, accelerator.device)
+    metrics = greedy_reward(model, examples, tokenizer, reward_fns, weights, cfg, cfg.generation_batch_size,
+                            accelerator.device)
     return metrics["reward"]
 
 
@@ -194,7 +195,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def run(cfg: BoNConfig) -> BoNResult:
     from alignkit.data import pad_batch
     from alignkit.models.load import load_causal_lm
-    from alignkit.rollout.best_of_n import as_reward_fns
 
     require(cfg, "model", "reward", "data")
     if cfg.kl_budget < 0 or (cfg.kl_budget > 0 and cfg.keep != "best"):
@@ -213,7 +213,7 @@ def run(cfg: BoNConfig) -> BoNResult:
     examples, eval_examples, report, tokenizer = load_prompts(cfg, cfg.model)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, "bon")
-    reward_fns, weights = as_reward_fns(cfg.reward, cfg.reward_weights, accelerator.device, cfg.reward_dtype)
+    reward_fns, weights = load_rewards(cfg, accelerator.device)
 
     if accelerator.is_main_process:
         write_config(cfg, out)
@@ -231,7 +231,7 @@ def run(cfg: BoNConfig) -> BoNResult:
 
     model = load_trainable_model(replace(cfg, model=start_model), None).to(accelerator.device)
     eval_before = reports[-1].eval_reward_after if reports else held_out_reward(
-        cfg, model, tokenizer, eval_examples, reward_fns, accelerator)
+        cfg, model, tokenizer, eval_examples, reward_fns, weights, accelerator)
     history, skipped, seconds = [], 0, 0.0
     for r in range(len(reports), cfg.rounds):
         round_dir = out / f"round-{r}"
@@ -267,7 +267,7 @@ def run(cfg: BoNConfig) -> BoNResult:
             lambda b: pad_batch(b, tokenizer.pad_token_id), name=f"bon-round-{r}", resume_from=resume_from,
             # eval_steps > 0: the held-out greedy reward during the round too (before and after are in the report)
             eval_examples=eval_examples if cfg.eval_steps > 0 else None,
-            eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m), eval_examples, tokenizer, reward_fns, cfg,
+            eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m), eval_examples, tokenizer, reward_fns, weights, cfg,
                                             cfg.generation_batch_size, accelerator.device),
         )
         # The next round samples from the model just saved: with LoRA that is the merged
@@ -275,7 +275,7 @@ def run(cfg: BoNConfig) -> BoNResult:
         start_model = str(round_dir)
         model = load_trainable_model(replace(cfg, model=start_model), None).to(accelerator.device)
         rep.steps = trained.steps
-        rep.eval_reward_after = eval_before = held_out_reward(cfg, model, tokenizer, eval_examples, reward_fns,
+        rep.eval_reward_after = eval_before = held_out_reward(cfg, model, tokenizer, eval_examples, reward_fns, weights,
                                                               accelerator)
         history += [{"round": r, **h} for h in trained.history]
         skipped, seconds = skipped + trained.skipped_steps, seconds + trained.train_seconds

@@ -146,6 +146,11 @@ def print_summary(name: str, result: TrainResult, notes: list[str]) -> None:
         before = result.initial_eval_metrics
         lines.append("held-out " + ", ".join(
             (f"{k} {before[k]:.4f} -> {v:.4f}" if k in before else f"{k} {v:.4f}") for k, v in sorted(result.eval_metrics.items())))
+    if result.best:
+        b = result.best
+        stop = f"stopped early at step {b['stopped_at']} of {result.steps}; " if b.get("stopped_at") else ""
+        lines.append(f"{stop}kept the best evaluation by {b['metric']}: {b['value']:.4f} at step {b['step']}"
+                     " (the held-out numbers above are its)")
     if result.skipped_steps:
         lines.append(f"skipped optimiser updates (non-finite loss or gradient): {result.skipped_steps}")
     lines += notes

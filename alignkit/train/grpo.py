@@ -52,7 +52,8 @@ from alignkit.models.forward import forward_logprobs
 from alignkit.ops import adaptive_kl_beta, advantage_estimator, kl_k1, masked_sum
 from alignkit.train.common import print_summary, say
 from alignkit.train.loop import StepPlan, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
-from alignkit.train.online import OnlineConfig, collate_prompts, greedy_reward, load_prompts, sample_completions
+from alignkit.train.online import (OnlineConfig, collate_prompts, greedy_reward, load_prompts, load_rewards,
+                                   sample_completions)
 from alignkit.train.reference import make_reference
 
 
@@ -162,9 +163,8 @@ class RLOOConfig(GRPOConfig):
 class Rollouts:
     """Generates, scores and prepares the micro-batches of one step (the loop's `prepare`)."""
 
-    def __init__(self, cfg: GRPOConfig, tokenizer, reward_fns, reference, accelerator):
-        self.cfg, self.tokenizer, self.reward_fns, self.reference = cfg, tokenizer, reward_fns, reference
-        self.weights = cfg.reward_weights or [1.0] * len(reward_fns)
+    def __init__(self, cfg: GRPOConfig, tokenizer, reward_fns, weights, reference, accelerator):
+        self.cfg, self.tokenizer, self.reward_fns, self.weights, self.reference = cfg, tokenizer, reward_fns, weights, reference
         self.accelerator = accelerator
         self.advantages = advantage_estimator(cfg.advantage)
         self.flat_steps = 0  # steps in a row with every advantage 0
@@ -294,7 +294,6 @@ def unit_count(level: str):
 
 
 def run(cfg: GRPOConfig) -> TrainResult:
-    from alignkit.rollout.rewards import load_reward_fn
 
     name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
     require(cfg, "model", "reward", "data")
@@ -308,10 +307,10 @@ def run(cfg: GRPOConfig) -> TrainResult:
     model = load_trainable_model(cfg, resume_from)
 
     accelerator = make_accelerator(cfg, name)
-    reward_fns = [load_reward_fn(spec, accelerator.device, cfg.reward_dtype) for spec in cfg.reward]
+    reward_fns, weights = load_rewards(cfg, accelerator.device)
     reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast,
                                dtype=cfg.ref_dtype) if cfg.beta > 0 else None
-    rollouts = Rollouts(cfg, tokenizer, reward_fns, reference, accelerator)
+    rollouts = Rollouts(cfg, tokenizer, reward_fns, weights, reference, accelerator)
     model.to(accelerator.device)
     prompts_per_batch = cfg.batch_size // cfg.num_generations
     say(f"{name}: {len(examples)} prompts x {cfg.num_generations} completions, {prompts_per_batch} prompts per "
@@ -324,7 +323,7 @@ def run(cfg: GRPOConfig) -> TrainResult:
         updates_per_step=cfg.num_iterations,
         # held-out prompts: the reward of greedy completions, before, every eval_steps, after
         eval_examples=eval_examples,
-        eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m), eval_examples, tokenizer, reward_fns, cfg,
+        eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m), eval_examples, tokenizer, reward_fns, weights, cfg,
                                         cfg.batch_size, accelerator.device),
     )
     print_summary(name, result, ([f"beta {rollouts.kl['beta']:.4f}"] if cfg.kl_budget > 0 else []) + [str(report)])

@@ -51,7 +51,7 @@ from alignkit.train.loop import (
     train,
     write_config,
 )
-from alignkit.train.online import OnlineConfig, greedy_reward, load_prompts
+from alignkit.train.online import OnlineConfig, greedy_reward, load_prompts, load_rewards
 from alignkit.train.reference import make_reference
 
 
@@ -182,7 +182,6 @@ def run(cfg: IterativeDPOConfig) -> IterativeDPOResult:
     from alignkit.data import pad_groups
     from alignkit.data.tokenize import pad_shared_prompt
     from alignkit.models.load import load_causal_lm
-    from alignkit.rollout.best_of_n import as_reward_fns
 
     require(cfg, "model", "reward", "data")
     cfg.validate()
@@ -194,7 +193,7 @@ def run(cfg: IterativeDPOConfig) -> IterativeDPOResult:
     examples, eval_examples, report, tokenizer = load_prompts(cfg, cfg.model)
     out = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, "iterative-dpo")
-    reward_fns, weights = as_reward_fns(cfg.reward, cfg.reward_weights, accelerator.device, cfg.reward_dtype)
+    reward_fns, weights = load_rewards(cfg, accelerator.device)
     if accelerator.is_main_process:
         write_config(cfg, out)
     done, start_model = finished_rounds(out, cfg.rounds, cfg.resume, cfg.model)
@@ -208,7 +207,7 @@ def run(cfg: IterativeDPOConfig) -> IterativeDPOResult:
 
     model = load_trainable_model(replace(cfg, model=start_model), None).to(accelerator.device)
     eval_before = reports[-1].eval_reward_after if reports else held_out_reward(
-        cfg, model, tokenizer, eval_examples, reward_fns, accelerator)
+        cfg, model, tokenizer, eval_examples, reward_fns, weights, accelerator)
     history, skipped, seconds = [], 0, 0.0
     for r in range(len(reports), cfg.rounds):
         round_dir = out / f"round-{r}"
@@ -252,13 +251,13 @@ def run(cfg: IterativeDPOConfig) -> IterativeDPOResult:
             pair_count, collate, name=f"iterative-dpo-round-{r}", resume_from=resume_from, accelerator=accelerator,
             # eval_steps > 0: the held-out greedy reward during the round too (before and after are in the report)
             eval_examples=eval_examples if cfg.eval_steps > 0 else None,
-            eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m), eval_examples, tokenizer, reward_fns, cfg,
+            eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m), eval_examples, tokenizer, reward_fns, weights, cfg,
                                             cfg.generation_batch_size, accelerator.device))
         del reference
         start_model = str(round_dir)  # the next round samples from the model just saved (LoRA: merged)
         model = load_trainable_model(replace(cfg, model=start_model), None).to(accelerator.device)
         rep.steps = trained.steps
-        rep.eval_reward_after = eval_before = held_out_reward(cfg, model, tokenizer, eval_examples, reward_fns,
+        rep.eval_reward_after = eval_before = held_out_reward(cfg, model, tokenizer, eval_examples, reward_fns, weights,
                                                               accelerator)
         history += [{"round": r, **h} for h in trained.history]
         skipped, seconds = skipped + trained.skipped_steps, seconds + trained.train_seconds

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 CHECKPOINT_PREFIX = "checkpoint-"
+BEST_WEIGHTS = "best_eval.pt"  # the weights of the best evaluation by `best_metric`, while a run lasts
 
 
 @dataclass
@@ -114,6 +115,15 @@ class TrainConfig:
     """Resume even if the data, process count or batch geometry changed."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient stops training, or skips that optimiser update leaving weights unchanged."""
+    best_metric: str = ""
+    """An eval metric (as logged, without `eval/`: loss, reward, reward/SOURCE) whose best evaluation's weights
+    become the final model: a later, worse model is rolled back (empty: the last weights)."""
+    best_metric_mode: Literal["auto", "max", "min"] = "auto"
+    """Whether `best_metric` is better high or low (auto: min for names ending in loss or perplexity)."""
+    early_stop_patience: int = 0
+    """Stop after this many evaluations in a row without a new best `best_metric` (0: never stop early)."""
+    early_stop_threshold: float = 0.0
+    """How much `best_metric` must beat its best to count as a new best."""
 
     def validate(self) -> None:
         """A ConfigError naming the first key out of range (`parse_config` calls this after tyro)."""
@@ -130,6 +140,8 @@ class TrainConfig:
             ("save_steps", self.save_steps >= 0, ">= 0"),
             ("save_total_limit", self.save_total_limit >= 0, ">= 0"),
             ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
+            ("early_stop_patience", self.early_stop_patience >= 0, ">= 0"),
+            ("early_stop_threshold", self.early_stop_threshold >= 0, ">= 0"),
         ]
         for key, ok, wanted in checks:
             if not ok:
@@ -144,6 +156,12 @@ class TrainConfig:
             problem = weights_problem(self.data_weights, n_sources)
             if problem:
                 raise ConfigError(f"data_weights: {problem}")
+        if self.early_stop_patience and not (self.best_metric and self.eval_steps > 0):
+            raise ConfigError("early_stop_patience needs best_metric (the metric it watches) and eval_steps > 0 "
+                              "(how often it is measured)")
+        if self.best_metric and not (self.eval_data or self.eval_fraction > 0 or self.eval_split):
+            raise ConfigError(f"best_metric {self.best_metric}: no held-out data to measure it on; "
+                              "set eval_data, eval_split or eval_fraction")
         if self.lr_scheduler == "constant" and self.warmup_ratio > 0:  # transformers ignores it there
             raise ConfigError(f"warmup_ratio {self.warmup_ratio} has no effect with lr_scheduler constant; "
                               "use constant_with_warmup, or warmup_ratio 0")
@@ -177,6 +195,9 @@ class TrainResult:
     """Wall time of the optimiser steps alone (no evaluation, no checkpoint writing)."""
     device: str = "cpu"
     precision: str = "no"
+    best: dict = field(default_factory=dict)
+    """With `best_metric`: its best value, the step of that evaluation (the final model's weights),
+    and the step an early stop ended the run at (None: it ran every step)."""
 
 
 def _row_step(line: str) -> float:
@@ -335,7 +356,7 @@ RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", "model.safetensors", "config.json",
 RUN_WRITES = RUN_MARKERS + (
     "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "generation_config.json",
     "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-    "adapter", "init", "value", "round-*", "rounds.jsonl", "*.tmp",
+    "adapter", "init", "value", "round-*", "rounds.jsonl", "*.tmp", BEST_WEIGHTS,
 )
 
 
@@ -531,7 +552,8 @@ def save_model(model, tokenizer, path: Path, accelerator) -> None:
     tokenizer.save_pretrained(path)
 
 
-def save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, step, meta) -> Path:
+def save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, step, meta,
+                    extra_files: tuple[Path, ...] = ()) -> Path:
     """checkpoint-{step}/: the model, optimizer, scheduler, per-rank RNG and trainer_state.json.
 
     Written under a .tmp name, sealed by a manifest of sizes and sha256 sums, then
@@ -546,6 +568,9 @@ def save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, st
         tmp.mkdir(parents=True)
         save_model(model, tokenizer, tmp, accelerator)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "training_state.pt")
+        for f in extra_files:  # e.g. the best evaluation's weights, as they were at this step
+            if f.exists():
+                shutil.copy2(f, tmp / f.name)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
@@ -712,6 +737,40 @@ class StepPlan:
     metrics: dict = field(default_factory=dict)
 
 
+@dataclass
+class BestEval:
+    """The best evaluation so far by one metric, and how many evaluations since have not beaten it
+    (by more than `threshold`): what `best_metric` rolls back to and `early_stop_patience` counts."""
+
+    metric: str
+    mode: str = "auto"
+    threshold: float = 0.0
+    value: float | None = None
+    step: int | None = None
+    evals_since: int = 0
+    metrics: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode == "auto":
+            self.mode = "min" if self.metric.endswith(("loss", "perplexity")) else "max"
+
+    def update(self, metrics: dict[str, float], step: int) -> bool:
+        """Record an evaluation at `step`; True when it is the new best."""
+        if self.metric not in metrics:
+            raise TrainingError(f"best_metric {self.metric!r} is not among the eval metrics "
+                                f"({', '.join(sorted(metrics))})")
+        v = metrics[self.metric]
+        gain = (v - self.value if self.mode == "max" else self.value - v) if self.value is not None else math.inf
+        if gain > self.threshold and math.isfinite(v):
+            self.value, self.step, self.evals_since = v, step, 0
+            return True
+        self.evals_since += 1
+        return False
+
+    def state(self) -> dict:
+        return {"value": self.value, "step": self.step, "evals_since": self.evals_since, "metrics": self.metrics}
+
+
 def train(
     cfg: TrainConfig,
     model,
@@ -786,14 +845,25 @@ def train(
     # step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    out = Path(cfg.output_dir)
+    best = BestEval(cfg.best_metric, cfg.best_metric_mode, cfg.early_stop_threshold) if cfg.best_metric else None
+    if best is not None and not eval_examples:
+        raise TrainingError(f"best_metric {cfg.best_metric}: the held-out set is empty; "
+                            "set eval_data, eval_split or eval_fraction")
+    best_file = out / BEST_WEIGHTS
     start_step = 0
     if resume_from is not None:
         saved = restore_training_state(resume_from, meta, optimizer, scheduler, rank, cfg.allow_resume_mismatch)
         start_step = saved["step"]
         if state is not None:
             state.update(saved["state"])
-
-    out = Path(cfg.output_dir)
+        if best is not None and saved.get("best"):
+            # the best weights as they were at the checkpoint: a newer best written after it is not this run's
+            best.value, best.step, best.evals_since, best.metrics = (saved["best"][k] for k in (
+                "value", "step", "evals_since", "metrics"))
+            if accelerator.is_main_process and (resume_from / BEST_WEIGHTS).exists():
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(resume_from / BEST_WEIGHTS, best_file)
     if accelerator.is_main_process:
         write_config(cfg, out)
         if resume_from is not None:
@@ -814,14 +884,28 @@ def train(
         model.train(dropout)
         return metrics
 
+    def note_eval(metrics: dict[str, float], step: int) -> None:
+        """A new best by best_metric: its weights are kept (written atomically) to roll back to."""
+        if best is None or not best.update(metrics, step):
+            return
+        best.metrics = dict(metrics)
+        if accelerator.is_main_process:
+            tmp = best_file.with_suffix(".tmp")
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}, tmp)
+            os.replace(tmp, best_file)
+        accelerator.wait_for_everyone()
+
     if eval_examples and start_step == 0:
         ev = run_eval()
         result.initial_eval_metrics = {**ev, **derived_metrics(ev)}
         log({"step": 0, **{f"eval/{k}": v for k, v in result.initial_eval_metrics.items()}})
+        note_eval(result.initial_eval_metrics, 0)
     window: dict[str, float] = {}
     window_steps, window_tokens, window_start = 0, 0.0, time.perf_counter()
     stop_on_nan = cfg.on_nan == "stop"
     bar = progress(total=total_steps, initial=start_step, desc=name, unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    last_eval = None
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         indices = step_indices(step, len(examples), global_batch, steps_per_epoch, cfg.seed)
@@ -895,20 +979,46 @@ def train(
             if "loss" in means:
                 bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{record['train/lr']:.2e}", refresh=False)
             window, window_steps, window_tokens, window_start = {}, 0, 0.0, time.perf_counter()
+        last_eval = None
         if eval_examples and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != total_steps:
             ev = run_eval()
-            log({"step": done, **{f"eval/{k}": v for k, v in {**ev, **derived_metrics(ev)}.items()}})
+            last_eval = {**ev, **derived_metrics(ev)}
+            log({"step": done, **{f"eval/{k}": v for k, v in last_eval.items()}})
+            note_eval(last_eval, done)
         if cfg.save_steps > 0 and (done % cfg.save_steps == 0 or done == total_steps):
             save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, done,
-                            {**meta, **({"state": dict(state)} if state is not None else {})})
+                            {**meta, **({"state": dict(state)} if state is not None else {}),
+                             **({"best": best.state()} if best is not None else {})},
+                            extra_files=(best_file,) if best is not None else ())
+        if last_eval is not None and cfg.early_stop_patience and best.evals_since >= cfg.early_stop_patience:
+            result.best["stopped_at"] = done
+            bar.write(f"early stop at step {done}: {best.metric} has not beaten {best.value:.4g} (step {best.step}) "
+                      f"in {best.evals_since} evaluations")
+            break
     bar.close()
 
+    end = result.best.get("stopped_at", total_steps)
     if eval_examples:
-        ev = run_eval()
-        result.eval_metrics = {**ev, **derived_metrics(ev)}
-        log({"step": total_steps, **{f"eval/{k}": v for k, v in result.eval_metrics.items()}})
+        if last_eval is None or end == total_steps:  # an early stop has just evaluated these weights
+            ev = run_eval()
+            last_eval = {**ev, **derived_metrics(ev)}
+            log({"step": end, **{f"eval/{k}": v for k, v in last_eval.items()}})
+            note_eval(last_eval, end)
+        result.eval_metrics = last_eval
+    if best is not None:
+        result.best.update(metric=best.metric, value=best.value, step=best.step)
+        result.best.setdefault("stopped_at", None)
+        if best.step != end:  # roll back to the best evaluation's weights
+            accelerator.unwrap_model(model).load_state_dict(load_state(best_file))
+            result.eval_metrics = dict(best.metrics)
+            if accelerator.is_main_process:
+                print(f"rolled back to step {best.step}: {best.metric} {best.value:.4g} there, "
+                      f"{last_eval[best.metric]:.4g} at step {end}", flush=True)
+        log({"step": end, "best/step": best.step, "best/value": best.value})
     if accelerator.is_main_process:
         save_model(model, tokenizer, out, accelerator)
+        if best is not None:
+            best_file.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if cfg.logging != "none":
         accelerator.end_training()

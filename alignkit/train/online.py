@@ -31,6 +31,9 @@ class OnlineConfig(TrainConfig):
     """Seconds a reward call may take before it counts as failed."""
     reward_dtype: str = "float32"
     """Storage dtype of reward-model checkpoints among `reward` (bfloat16 / float16: half their memory)."""
+    reward_uncertainty_penalty: float = 0.0
+    """lambda of an ensemble's uncertainty penalty: the sources with a non-zero weight (e.g. reward models
+    trained with different seeds) score sum_k w_k r_k - lambda * std_k r_k (0: no penalty)."""
 
     def validate(self) -> None:
         """TrainConfig's checks, then each reward source resolved (imported, or its folder checked)
@@ -46,6 +49,28 @@ class OnlineConfig(TrainConfig):
                               "reward sources; give one weight per source, in order")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.reward_uncertainty_penalty < 0:
+            raise ConfigError(f"reward_uncertainty_penalty must be >= 0, got {self.reward_uncertainty_penalty}")
+        weighted = sum(w != 0 for w in (self.reward_weights or [1.0] * len(self.reward)))
+        if self.reward_uncertainty_penalty > 0 and weighted < 2:
+            raise ConfigError(f"reward_uncertainty_penalty needs an ensemble: at least 2 reward sources with a "
+                              f"non-zero weight, got {weighted}")
+
+
+def load_rewards(cfg: OnlineConfig, device) -> tuple[list, list[float]]:
+    """The reward callables of `cfg.reward` (reward models on `device`) and their weights; with
+    `reward_uncertainty_penalty` the weighted sources become one `PenalisedEnsemble` (weight 1)
+    and the weight-0 ones (watched, never optimised) stay as they are."""
+    from alignkit.rollout.rewards import PenalisedEnsemble, load_reward_fn
+
+    fns = [load_reward_fn(spec, device, cfg.reward_dtype) for spec in cfg.reward]
+    weights = list(cfg.reward_weights or [1.0] * len(fns))
+    if cfg.reward_uncertainty_penalty > 0:
+        members = [(f, w) for f, w in zip(fns, weights) if w != 0]
+        ensemble = PenalisedEnsemble([f for f, _ in members], [w for _, w in members], cfg.reward_uncertainty_penalty)
+        watched = [f for f, w in zip(fns, weights) if w == 0]
+        fns, weights = [ensemble, *watched], [1.0] + [0.0] * len(watched)
+    return fns, weights
 
 
 def load_prompts(cfg: OnlineConfig, tokenizer_from: str):
@@ -65,8 +90,8 @@ def load_prompts(cfg: OnlineConfig, tokenizer_from: str):
 
 
 @torch.no_grad()
-def greedy_reward(policy, examples: list[dict], tokenizer, reward_fns, cfg: OnlineConfig, batch_size: int,
-                  device) -> dict[str, float]:
+def greedy_reward(policy, examples: list[dict], tokenizer, reward_fns, weights: list[float], cfg: OnlineConfig,
+                  batch_size: int, device) -> dict[str, float]:
     """Mean reward of greedy completions of `examples` (as in training: the weighted sources minus
     missing_eos_penalty; a failed reward counts 0 under `reward_on_error mask`), their length and
     EOS rate, and each source's mean. Every process scores all of them (a held-out set is small),
@@ -75,7 +100,6 @@ def greedy_reward(policy, examples: list[dict], tokenizer, reward_fns, cfg: Onli
     from alignkit.rollout.rewards import score_rollout
     from alignkit.rollout.sampler import sample
 
-    weights = cfg.reward_weights or [1.0] * len(reward_fns)
     sums: dict[str, float] = {}
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]

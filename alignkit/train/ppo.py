@@ -38,8 +38,8 @@ from alignkit.ops import adaptive_kl_beta, entropy_from_logits, explained_varian
 from alignkit.train.common import print_summary, say
 from alignkit.train.loop import (StepPlan, TrainResult, load_trainable_model, make_accelerator, resolve_resume,
                                   step_indices, train)
-from alignkit.train.online import (OnlineConfig, collate_prompts, greedy_reward, load_prompts, sample_completions,
-                                   whiten_over_processes)
+from alignkit.train.online import (OnlineConfig, collate_prompts, greedy_reward, load_prompts, load_rewards,
+                                   sample_completions, whiten_over_processes)
 from alignkit.train.reference import make_reference
 
 
@@ -124,13 +124,12 @@ def ppo_loss(cfg: PPOConfig, autocast):
     return step
 
 
-def plan_step(cfg: PPOConfig, tokenizer, reward_fns, reference, accelerator, kl: dict, step_ids):
+def plan_step(cfg: PPOConfig, tokenizer, reward_fns, weights, reference, accelerator, kl: dict, step_ids):
     """The loop's `prepare`: steps 1-4 on this process's prompts (the loop hands them as one
     micro-batch), then step 5's updates. `step_ids(step)` are the ids of the step's prompts on
     all processes, in order: a minibatch is a set of them, so it is the same on any process count."""
     from alignkit.rollout.rewards import score_rollout
 
-    weights = cfg.reward_weights or [1.0] * len(reward_fns)
 
     def prepare(model, batches: list[dict], step: int) -> StepPlan:
         both, (batch,), device = accelerator.unwrap_model(model), batches, accelerator.device
@@ -191,7 +190,6 @@ def plan_step(cfg: PPOConfig, tokenizer, reward_fns, reference, accelerator, kl:
 
 
 def run(cfg: PPOConfig) -> TrainResult:
-    from alignkit.rollout.rewards import load_reward_fn
 
     require(cfg, "model", "reward", "data")
     resume_from = resolve_resume(cfg)  # a corrupt or half-written checkpoint stops here, before any loading
@@ -201,7 +199,7 @@ def run(cfg: PPOConfig) -> TrainResult:
     if cfg.rollout_batch_size % world:
         raise ValueError(f"ppo: rollout_batch_size ({cfg.rollout_batch_size}) counts the prompts of a step over all "
                          f"processes and must be a multiple of the process count ({world})")
-    reward_fns = [load_reward_fn(spec, accelerator.device, cfg.reward_dtype) for spec in cfg.reward]
+    reward_fns, weights = load_rewards(cfg, accelerator.device)
     policy = load_trainable_model(cfg, resume_from)  # seeds first: new weights (LoRA, the critic's head) repeat
     critic, critic_source = load_critic(policy, cfg.share_backbone, cfg.value_model or next(
         (s for s in cfg.reward if Path(s).is_dir()), cfg.model), resume_from, tokenizer.pad_token_id)
@@ -226,9 +224,9 @@ def run(cfg: PPOConfig) -> TrainResult:
         cfg, PolicyAndValue(policy, critic), tokenizer, examples, ppo_loss(cfg, accelerator.autocast),
         lambda b: b["completion_mask"].sum(), lambda b: collate_prompts(b, tokenizer.pad_token_id), name="ppo",
         batch_size=per_process, resume_from=resume_from, accelerator=accelerator, dropout=False, state=kl,
-        prepare=plan_step(cfg, tokenizer, reward_fns, reference, accelerator, kl, step_ids),
+        prepare=plan_step(cfg, tokenizer, reward_fns, weights, reference, accelerator, kl, step_ids),
         updates_per_step=updates_per_step, eval_examples=eval_examples,
-        eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m).policy, eval_examples, tokenizer, reward_fns, cfg,
+        eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m).policy, eval_examples, tokenizer, reward_fns, weights, cfg,
                                         cfg.rollout_batch_size, accelerator.device))
     print_summary("ppo", result, [f"beta {kl['beta']:.4f}", str(report), "critic saved to " + str(
         Path(cfg.output_dir) / (VALUE_HEAD_FILE if cfg.share_backbone else "value"))])

@@ -90,7 +90,7 @@ def test_kl_in_reward_enters_the_advantages_not_the_loss(tiny_model_dir, tmp_pat
         with torch.no_grad():
             return fn(ref)
 
-    rollouts = grpo.Rollouts(cfg, tokenizer, [load_reward_fn("tests.helpers:digit_fraction")], reference,
+    rollouts = grpo.Rollouts(cfg, tokenizer, [load_reward_fn("tests.helpers:digit_fraction")], [1.0], reference,
                              make_accelerator(cfg, "grpo"))
     examples, _ = tokenize_prompts([{"prompt": "What is 1+2?"}, {"prompt": "What is 3+4?"}], tokenizer, 64)
     ((batch,),) = rollouts(policy, [{**grpo.collate_prompts(examples, tokenizer.pad_token_id), "weight": 1.0}],
