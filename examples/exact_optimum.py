@@ -2,6 +2,7 @@
 
     python examples/exact_optimum.py            # ~3 min on 1 CPU thread
     python examples/exact_optimum.py --quick    # beta 1.0 only, no DPO data sweep
+    python examples/exact_optimum.py --losses   # the preference-loss family at beta 1.0, 4000 pairs each
 
 A tiny Llama over prompts {p0, p1} and responses of 1..3 tokens from {a, b, c, d} + EOS
 (84 per prompt) is fitted to a known distribution: that is pi_ref. With r(x, y) the count
@@ -32,10 +33,13 @@ from alignkit.rl import exact  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--losses", action="store_true", help="the preference-loss family only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     directory = tempfile.mkdtemp(prefix="exact-optimum-")
     problem = exact.make_problem(directory)
+    if args.losses:
+        return loss_family(problem, directory)
     runs = [("rloo", {}), ("grpo", {}), ("ppo", {}), ("grpo_default", {}), ("dpo", {"pairs": 4000})]
     print(f"{'method':<32} {'beta':>5} {'TV to pi*':>9} {'E[r]':>7} {'KL':>7} {'outside S':>9} {'TV in S':>7} {'corr':>6} {'s':>5}")
     for beta in [1.0] if args.quick else [0.1, 1.0]:
@@ -50,6 +54,24 @@ def main() -> None:
             corr = exact.implicit_reward_correlation(load_causal_lm(str(out)), problem, beta) if method == "dpo" else None
             line(LABELS[method] if "pairs" not in overrides else f"{LABELS[method]}, {overrides['pairs']} pairs",
                  beta, problem.evaluate(out, beta), corr, seconds)
+
+
+def loss_family(problem, directory: str, beta: float = 1.0) -> None:
+    """Every loss of alignkit/losses/preference.py on the same 4000 pairs from pi_ref, with its
+    default options (robust: a label noise of 0.1 assumed on clean labels)."""
+    from alignkit.losses.preference import PREFERENCE_LOSSES
+
+    print(f"{'loss_type':<32} {'beta':>5} {'TV to pi*':>9} {'E[r]':>7} {'KL':>7} {'outside S':>9} {'TV in S':>7} {'corr':>6} {'s':>5}")
+    line("pi* (closed form)", beta, problem.optimum(beta), None, 0.0)
+    variants = [(name, {}) for name in PREFERENCE_LOSSES] + [("robust", {"label_smoothing": 0.1})]
+    for name, options in variants:
+        start = time.perf_counter()
+        out = f"{directory}/loss-{name}-{options.get('label_smoothing', 0)}"
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            exact.train("dpo", problem, beta, out, loss_type=[name], **options)
+        corr = exact.implicit_reward_correlation(load_causal_lm(out), problem, beta)
+        label = name + (f", eps {options['label_smoothing']}" if options else "")
+        line(label, beta, problem.evaluate(out, beta), corr, time.perf_counter() - start)
 
 
 LABELS = {"rloo": "RLOO defaults (k1 in reward)", "grpo": "GRPO, k1 in reward, no std", "ppo": "PPO, k1 per token in reward",

@@ -1,7 +1,6 @@
 """Pure loss functions: tensors in, `(loss, metrics)` out, formula in each docstring."""
 
 from alignkit.losses.bradley_terry import bradley_terry_loss, ranking_pairs
-from alignkit.losses.dpo import DPO_LOSSES, dpo_loss, dpo_sigmoid_loss, ipo_loss
 from alignkit.losses.kto import kto_default_weights, kto_loss, kto_reference_point
 from alignkit.losses.policy import (
     AGGREGATION_LEVELS,
@@ -10,14 +9,14 @@ from alignkit.losses.policy import (
     clipped_value_loss,
     kl_penalty_loss,
 )
+from alignkit.losses.preference import PREFERENCE_LOSSES, PairLogps, preference_loss
 from alignkit.losses.sft import sft_loss
 
 __all__ = [
-    "DPO_LOSSES",
+    "PREFERENCE_LOSSES",
+    "PairLogps",
     "bradley_terry_loss",
-    "dpo_loss",
-    "dpo_sigmoid_loss",
-    "ipo_loss",
+    "preference_loss",
     "kto_default_weights",
     "kto_loss",
     "kto_reference_point",

@@ -197,8 +197,9 @@ class Problem:
         return {"tv": 0.0, "reward": expected_reward(p, self.r), "kl": kl_divergence(p.log(), self.ref_logprobs),
                 "objective": objective(p.log(), self.ref_logprobs, self.r, beta), "outside": 0.0, "tv_in_s": 0.0}
 
-    def preference_pairs(self, n: int, seed: int = 0) -> list[dict]:
-        """n pairs: x uniform, y1, y2 ~ pi_ref(.|x) (on S), chosen by Bradley-Terry P(y1 > y2) = sigmoid(r1 - r2)."""
+    def preference_pairs(self, n: int, seed: int = 0, label_noise: float = 0.0) -> list[dict]:
+        """n pairs: x uniform, y1, y2 ~ pi_ref(.|x) (on S), chosen by Bradley-Terry P(y1 > y2) = sigmoid(r1 - r2);
+        then each label flipped with probability `label_noise` (annotators who err)."""
         g = torch.Generator().manual_seed(seed)
         p = self.ref_logprobs.exp()
         p = p / p.sum(-1, keepdim=True)
@@ -206,6 +207,8 @@ class Problem:
         y = torch.multinomial(p[xs], 2, replacement=True, generator=g)
         r1, r2 = self.r[xs, y[:, 0]], self.r[xs, y[:, 1]]
         first = torch.rand(n, generator=g) < torch.sigmoid(r1 - r2)
+        if label_noise:
+            first ^= torch.rand(n, generator=g) < label_noise
         pairs = []
         for i in range(n):
             w, l = (y[i, 0], y[i, 1]) if first[i] else (y[i, 1], y[i, 0])
@@ -248,8 +251,11 @@ def train(method: str, problem: Problem, beta: float, output_dir: str | Path, **
     grpo          GRPOConfig with kl_in_reward, no std scaling, token-level loss
     grpo_default  GRPOConfig's own KL placement and scaling: k3 in the loss, std scaling
     ppo           PPOConfig: per-token k1 in the reward, GAE, a critic
-    dpo           DPOConfig on `pairs` Bradley-Terry pairs from pi_ref (an override, default 4000)
+    dpo           DPOConfig on `pairs` Bradley-Terry pairs from pi_ref (an override, default 4000; `label_noise`
+                  flips that fraction of labels); any
+                  `loss_type` of the preference-loss family (a reference-free one computes no reference)
     """
+    from alignkit.losses.preference import needs_reference
     from alignkit.train import dpo, grpo, ppo
 
     output_dir = Path(output_dir)
@@ -275,13 +281,15 @@ def train(method: str, problem: Problem, beta: float, output_dir: str | Path, **
         data.write_text(problem.prompts_file.read_text() * (cfg.rollout_batch_size // len(PROMPTS)))
         ppo.run(cfg)
     elif method == "dpo":
-        n = overrides.pop("pairs", 4000)
+        n, noise = overrides.pop("pairs", 4000), overrides.pop("label_noise", 0.0)
         data = output_dir.parent / f"{output_dir.name}-pairs.jsonl"
         data.parent.mkdir(parents=True, exist_ok=True)
-        data.write_text("".join(json.dumps(p) + "\n" for p in problem.preference_pairs(n)))
+        data.write_text("".join(json.dumps(p) + "\n" for p in problem.preference_pairs(n, label_noise=noise)))
         keys = {**common, "data": str(data), "batch_size": 64, "lr": 1e-3, "epochs": 3.0, "precision": "no",
-                "log_steps": 1000, "max_grad_norm": 0.0, "precompute_ref": True}
-        dpo.run(dpo.DPOConfig(**{**keys, **overrides}))
+                "log_steps": 1000, "max_grad_norm": 0.0}
+        cfg = dpo.DPOConfig(**{**keys, **overrides})
+        cfg.precompute_ref = needs_reference(cfg.loss_type)
+        dpo.run(cfg)
     else:
         raise ValueError(f"unknown method {method!r}: rloo, grpo, grpo_default, ppo, dpo")
     return output_dir

@@ -40,7 +40,8 @@ from alignkit.config import require
 from alignkit.rollout.best_of_n import Samples
 from alignkit.train.bon import ROUND_DONE, _sample, _write_jsonl, finished_rounds, held_out_reward
 from alignkit.train.common import print_summary, say
-from alignkit.train.dpo import make_dpo_step, pair_count
+from alignkit.losses.preference import needs_reference
+from alignkit.train.dpo import PreferenceLossKeys, make_dpo_step, pair_count
 from alignkit.train.loop import (
     TrainingError,
     TrainResult,
@@ -56,7 +57,7 @@ from alignkit.train.reference import make_reference
 
 
 @dataclass
-class IterativeDPOConfig(OnlineConfig):
+class IterativeDPOConfig(PreferenceLossKeys, OnlineConfig):
     """Iterative DPO: pairs sampled from the current policy, labelled by a reward, DPO on them, repeat."""
 
     lr: float = 5e-5
@@ -65,12 +66,6 @@ class IterativeDPOConfig(OnlineConfig):
     """R: sample -> label -> DPO rounds, each sampling from the previous round's model."""
     num_samples: int = 4
     """K: completions sampled per prompt; the pair is the best and the worst of them by reward."""
-    beta: float = 0.1
-    """DPO's beta: strength of the implicit KL constraint to the reference."""
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid = DPO; ipo = IPO on length-normalised log-probs (Azar et al. 2023)."""
-    label_smoothing: float = 0.0
-    """Assumed fraction of flipped labels: conservative DPO (sigmoid only)."""
     reference: Literal["initial", "previous"] = "initial"
     """DPO's reference: the starting model in every round, or the round's start model (the previous round's)."""
     min_reward_gap: float = 0.0
@@ -88,6 +83,7 @@ class IterativeDPOConfig(OnlineConfig):
         from alignkit.config import ConfigError
 
         super().validate()
+        self.check_loss_keys()
         if self.num_samples < 2 or self.rounds < 1:
             raise ConfigError(f"num_samples must be >= 2 (a pair) and rounds >= 1, got {self.num_samples} and "
                               f"{self.rounds}")
@@ -245,7 +241,7 @@ def run(cfg: IterativeDPOConfig) -> IterativeDPOResult:
             model = load_trainable_model(round_cfg, resume_from).to(accelerator.device)
         # initial: the starting model (loaded as a copy, also under LoRA: the adapters merge each round)
         reference = make_reference(start_model, cfg.model if cfg.reference == "initial" else "", cfg.lora_r > 0,
-                                   accelerator.device, accelerator.autocast)
+                                   accelerator.device, accelerator.autocast) if needs_reference(cfg.loss_type) else None
         trained = train(
             round_cfg, model, tokenizer, pair_examples(examples, samples, pairs), make_dpo_step(cfg, reference),
             pair_count, collate, name=f"iterative-dpo-round-{r}", resume_from=resume_from, accelerator=accelerator,

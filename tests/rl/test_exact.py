@@ -99,3 +99,22 @@ def test_dpo_implicit_reward_is_r_up_to_a_per_prompt_constant(problem, tmp_path)
 
     out = exact.train("dpo", problem, 1.0, tmp_path / "dpo16k", pairs=16000)
     assert exact.implicit_reward_correlation(load_causal_lm(str(out)), problem, 1.0) >= 0.99
+
+
+def test_robust_dpo_on_noisy_labels_lands_nearer_pi_star_than_dpo(problem, tmp_path):
+    """20% of the labels flipped: DPO learns a flattened optimum; robust DPO told the noise rate
+    (label_smoothing 0.2) corrects for it. Measured TV 0.154 (sigmoid) vs 0.130 (robust), and
+    conservative DPO (sigmoid, label_smoothing 0.2: flattens further) 0.185."""
+    tv = {name: problem.evaluate(exact.train("dpo", problem, 1.0, tmp_path / name, loss_type=[name], label_noise=0.2,
+                                             **({"label_smoothing": 0.2} if name == "robust" else {})), 1.0)["tv"]
+          for name in ("sigmoid", "robust")}
+    assert tv["robust"] < tv["sigmoid"] - 0.01, tv
+
+
+@pytest.mark.parametrize("loss_type", ["robust", "bco_pair", "hinge", "discopop"])
+def test_losses_near_pi_star_on_clean_pairs(problem, tmp_path, loss_type):
+    """Clean Bradley-Terry pairs at beta 1 (4000, as DPO's test): robust with no noise is DPO (TV 0.064);
+    bco_pair 0.075, hinge 0.070 and discopop 0.111 land near pi* too though none is derived for it
+    (docs/rl.md's table has every loss)."""
+    result = problem.evaluate(exact.train("dpo", problem, 1.0, tmp_path / loss_type, loss_type=[loss_type]), 1.0)
+    assert result["tv"] < 0.13, result

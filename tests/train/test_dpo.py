@@ -3,6 +3,7 @@
 import copy
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -74,12 +75,13 @@ def test_reference_stored_in_bfloat16_is_close_to_float32(tiny_model_dir, tiny_t
 
 def test_shared_prompt_step_equals_separate_rows(tiny_model_dir, tiny_tokenizer):
     """share_prompt (one [prompt | chosen | rejected] row per pair) gives the loss, metrics and gradients
-    of chosen and rejected as separate rows, for the reference on the fly and precomputed, sigmoid and IPO."""
+    of chosen and rejected as separate rows, for the reference on the fly and precomputed, sigmoid, IPO, and the
+    losses that read token counts (sigmoid_norm) or no reference (simpo)."""
     pairs = PAIRS + [{"prompt": "What is 2+2? " * 8, "chosen": " 4.", "rejected": " The answer is 22."}]
     examples, report = tokenize_responses(pairs, tiny_tokenizer, 40)
     assert report.prompt_truncated >= 1  # a prompt cut by truncation, and prompts of different lengths
     reference = make_reference(str(tiny_model_dir), "", lora=False, device="cpu")
-    for loss_type in ("sigmoid", "ipo"):
+    for loss_type in ("sigmoid", "ipo", "sigmoid_norm", "simpo"):
         for precompute in (False, True):
             results = []
             for pad in (pad_shared_prompt, pad_groups):
@@ -126,14 +128,15 @@ def test_dpo_learns_held_out_preferences(tiny_model_dir, tmp_path):
     assert after["rewards/chosen"] > 0  # held-out chosen log-prob rose relative to the reference
 
 
-def test_dpo_resume_at_step_7_of_20_equals_uninterrupted(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("loss_type", ["sigmoid", "bco_pair"])  # bco_pair: its running mean is checkpointed too
+def test_dpo_resume_at_step_7_of_20_equals_uninterrupted(tiny_model_dir, tmp_path, loss_type):
     from safetensors.torch import load_file
 
     data = preference_file(tmp_path / "train.jsonl", 24, 0)
 
     def cfg(out, **kw):
         return dpo.DPOConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(out), max_steps=20, batch_size=4,
-                             lr=3e-3, log_steps=1, seed=5, **kw)
+                             lr=3e-3, log_steps=1, seed=5, loss_type=[loss_type], **kw)
 
     dpo.run(cfg(tmp_path / "full", save_steps=7))
     dpo.run(cfg(tmp_path / "resumed", resume=str(tmp_path / "full/checkpoint-7")))
@@ -156,3 +159,38 @@ def test_share_prompt_off_trains_the_same(tiny_model_dir, tmp_path):
         losses[share] = [r["train/loss"] for r in result.history if "train/loss" in r]
     assert len(losses[True]) == 3
     assert all(abs(a - b) <= 1e-5 for a, b in zip(losses[True], losses[False]))
+
+
+def test_a_reference_free_loss_loads_no_reference_and_learns(tiny_model_dir, tmp_path, monkeypatch):
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference-free loss loaded a reference model")
+
+    monkeypatch.setattr(dpo, "make_reference", no_reference)
+    train_file = preference_file(tmp_path / "train.jsonl", 64, 0)
+    eval_file = preference_file(tmp_path / "eval.jsonl", 32, 1)
+    result = dpo.run(dpo.DPOConfig(model=str(tiny_model_dir), data=str(train_file), eval_data=str(eval_file),
+                                   output_dir=str(tmp_path / "o"), max_steps=30, batch_size=8, lr=3e-3, beta=2.0,
+                                   loss_type=["simpo"], simpo_gamma=1.0, log_steps=10))
+    before, after = result.initial_eval_metrics, result.eval_metrics
+    assert after["loss"] < before["loss"] - 0.3
+    assert after["rewards/accuracy"] >= 0.9  # held-out: beta log pi(y_w) > beta log pi(y_l)
+
+
+def test_loss_keys_are_checked():
+    from alignkit.config import ConfigError
+
+    def check(**kw):
+        dpo.DPOConfig(model="m", data="d.jsonl", **kw).validate()
+
+    with pytest.raises(ConfigError, match=r"unknown loss_type 'dpo'; valid names: sigmoid, hinge"):
+        check(loss_type=["dpo"])
+    with pytest.raises(ConfigError, match=r"discopop_tau=0.1 is read by no loss in loss_type \['sigmoid'\]; "
+                                          "it applies to discopop"):
+        check(discopop_tau=0.1)
+    with pytest.raises(ConfigError, match="label_smoothing=0.1 is read by no loss"):
+        check(loss_type=["ipo"], label_smoothing=0.1)
+    with pytest.raises(ConfigError, match="uses no reference model"):
+        check(loss_type=["orpo"], precompute_ref=True)
+    with pytest.raises(ConfigError, match="loss_weights has 1 values for 2"):
+        check(loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+    assert dpo.DPOConfig(loss_type="ipo").loss_type == ["ipo"]
