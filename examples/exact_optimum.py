@@ -3,6 +3,7 @@
     python examples/exact_optimum.py            # ~3 min on 1 CPU thread
     python examples/exact_optimum.py --quick    # beta 1.0 only, no DPO data sweep
     python examples/exact_optimum.py --losses   # the preference-loss family at beta 1.0, 4000 pairs each
+    python examples/exact_optimum.py --grpo-options   # GRPO's options at beta 1.0, each from the exact recipe
 
 A tiny Llama over prompts {p0, p1} and responses of 1..3 tokens from {a, b, c, d} + EOS
 (84 per prompt) is fitted to a known distribution: that is pi_ref. With r(x, y) the count
@@ -34,12 +35,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--losses", action="store_true", help="the preference-loss family only")
+    parser.add_argument("--grpo-options", action="store_true", help="GRPO's options only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     directory = tempfile.mkdtemp(prefix="exact-optimum-")
     problem = exact.make_problem(directory)
     if args.losses:
         return loss_family(problem, directory)
+    if args.grpo_options:
+        return grpo_options(problem, directory)
     runs = [("rloo", {}), ("grpo", {}), ("ppo", {}), ("grpo_default", {}), ("dpo", {"pairs": 4000})]
     print(f"{'method':<32} {'beta':>5} {'TV to pi*':>9} {'E[r]':>7} {'KL':>7} {'outside S':>9} {'TV in S':>7} {'corr':>6} {'s':>5}")
     for beta in [1.0] if args.quick else [0.1, 1.0]:
@@ -72,6 +76,32 @@ def loss_family(problem, directory: str, beta: float = 1.0) -> None:
         corr = exact.implicit_reward_correlation(load_causal_lm(out), problem, beta)
         label = name + (f", eps {options['label_smoothing']}" if options else "")
         line(label, beta, problem.evaluate(out, beta), corr, time.perf_counter() - start)
+
+
+def grpo_options(problem, directory: str, beta: float = 1.0) -> None:
+    """GRPO with k1 in the reward, no std scaling, token-level loss (the recipe that reaches pi*),
+    then one option changed at a time."""
+    variants = [
+        ("recipe (loss_level token)", {}),
+        ("loss_level sequence (grpo)", {"loss_level": "sequence"}),
+        ("loss_level bnpo", {"loss_level": "bnpo"}),
+        ("loss_level dr_grpo", {"loss_level": "dr_grpo"}),
+        ("num_iterations 2", {"num_iterations": 2}),
+        ("num_iterations 2, clip_eps_high 0.28", {"num_iterations": 2, "clip_eps_high": 0.28}),
+        ("num_iterations 2, GSPO sequence ratio", {"num_iterations": 2, "importance_sampling_level": "sequence"}),
+        ("mask_truncated_completions", {"mask_truncated_completions": True, "max_new_tokens": 3}),
+        ("max_new_tokens 3, not masked", {"max_new_tokens": 3}),
+        ("entropy_coef 0.1", {"entropy_coef": 0.1}),
+    ]
+    print(f"{'grpo option':<40} {'beta':>5} {'TV to pi*':>9} {'E[r]':>7} {'KL':>7} {'outside S':>9} {'TV in S':>7} {'s':>5}")
+    for label, keys in variants:
+        start = time.perf_counter()
+        out = f"{directory}/grpo-{len(label)}-{abs(hash(label))}"
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            exact.train("grpo", problem, beta, out, **keys)
+        m = problem.evaluate(out, beta)
+        print(f"{label:<40} {beta:>5} {m['tv']:>9.3f} {m['reward']:>7.3f} {m['kl']:>7.3f} {m['outside']:>9.4f} "
+              f"{m['tv_in_s']:>7.3f} {time.perf_counter() - start:>5.0f}", flush=True)
 
 
 LABELS = {"rloo": "RLOO defaults (k1 in reward)", "grpo": "GRPO, k1 in reward, no std", "ppo": "PPO, k1 per token in reward",

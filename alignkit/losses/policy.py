@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-AGGREGATION_LEVELS = ("token", "sequence")
+AGGREGATION_LEVELS = ("token", "sequence", "bnpo", "dr_grpo")
+# TRL's loss_type names for the same reductions
+AGGREGATION_ALIASES = {"dapo": "token", "grpo": "sequence"}
 
 
 def _check(mask: Tensor, *xs: Tensor) -> Tensor:
@@ -28,17 +30,22 @@ def _check(mask: Tensor, *xs: Tensor) -> Tensor:
     return mask.bool()
 
 
-def aggregate(loss: Tensor, mask: Tensor, level: str) -> tuple[Tensor, Tensor]:
+def aggregate(loss: Tensor, mask: Tensor, level: str, max_tokens: int | None = None) -> tuple[Tensor, Tensor]:
     """Reduce per-token losses [B, T] to (numerator, denominator), two scalars.
 
-        "token":    num = sum_{b,t} m_bt l_bt                     den = sum_{b,t} m_bt
-        "sequence": num = sum_b (sum_t m_bt l_bt / sum_t m_bt)    den = #{b : sum_t m_bt > 0}
+        "token" (dapo):    num = sum_{b,t} m_bt l_bt                     den = sum_{b,t} m_bt
+        "sequence" (grpo): num = sum_b (sum_t m_bt l_bt / sum_t m_bt)    den = #{b : sum_t m_bt > 0}
+        "bnpo":            num = sum_{b,t} m_bt l_bt / sum_{b,t} m_bt    den = 1
+        "dr_grpo":         num = sum_{b,t} m_bt l_bt                     den = B * max_tokens
 
-    The loss is num / den. "token" weighs every token equally (DAPO, Dr. GRPO);
+    The loss is num / den. "token" weighs every token of the step equally (DAPO);
     "sequence" takes each sequence's mean and weighs sequences equally (the GRPO
     paper), so a token of a short sequence weighs more than one of a long
-    sequence (the length bias that Dr. GRPO removes). Rows with no masked-in
-    token count for nothing in either.
+    sequence (the length bias that Dr. GRPO removes). "bnpo" is the token mean
+    of each micro-batch, then the mean over micro-batches (TRL's bnpo: it depends
+    on how the step is split). "dr_grpo" divides by a constant, every completion
+    counted at the longest allowed length `max_tokens` (Dr. GRPO, Liu et al. 2025).
+    Rows with no masked-in token count for nothing in "token" and "sequence".
 
     The SUM and the COUNT are returned separately so that the trainer divides
     the numerators of all micro-batches (and processes) of an optimiser step by
@@ -50,16 +57,50 @@ def aggregate(loss: Tensor, mask: Tensor, level: str) -> tuple[Tensor, Tensor]:
     (a detached float tensor, at least float32). Raises ValueError for a level
     not in AGGREGATION_LEVELS.
     """
-    if level not in AGGREGATION_LEVELS:
-        raise ValueError(f"unknown aggregation level {level!r}; valid levels: {', '.join(AGGREGATION_LEVELS)}")
+    level = AGGREGATION_ALIASES.get(level, level)
     mask = _check(mask, loss)
     count_dtype = torch.promote_types(loss.dtype, torch.float32)
     row_sum = torch.where(mask, loss, 0).sum(dim=1)
-    row_count = mask.sum(dim=1)
+    den = torch.tensor(aggregation_units(mask, level, max_tokens), dtype=count_dtype, device=loss.device)
+    if level == "sequence":
+        row_mean = row_sum / mask.sum(dim=1).clamp(min=1).to(row_sum.dtype)
+        return row_mean.sum(), den
+    if level == "bnpo":
+        return row_sum.sum() / mask.sum().clamp(min=1), den
+    return row_sum.sum(), den
+
+
+def aggregation_units(mask: Tensor, level: str, max_tokens: int | None = None) -> float:
+    """`aggregate`'s denominator for a completion mask [B, T]: the loss units a micro-batch holds
+    (the training loop's count, summed over the micro-batches and processes of a step)."""
+    level = AGGREGATION_ALIASES.get(level, level)
+    if level not in AGGREGATION_LEVELS:
+        valid = ", ".join((*AGGREGATION_LEVELS, *AGGREGATION_ALIASES))
+        raise ValueError(f"unknown aggregation level {level!r}; valid levels: {valid}")
     if level == "token":
-        return row_sum.sum(), row_count.sum().to(count_dtype)
-    row_mean = row_sum / row_count.clamp(min=1).to(row_sum.dtype)
-    return row_mean.sum(), (row_count > 0).sum().to(count_dtype)
+        return float(mask.sum())
+    if level == "sequence":
+        return float((mask.sum(dim=1) > 0).sum())
+    if level == "bnpo":
+        return 1.0
+    if not max_tokens:
+        raise ValueError("dr_grpo divides by B * max_tokens: give max_tokens (the longest completion allowed)")
+    return float(mask.shape[0] * max_tokens)
+
+
+def sequence_level_logprobs(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """Per-token log-probs whose ratio to old_logprobs is the sequence's (GSPO, Zheng et al. 2025):
+
+        logp'_t = logp_old_t + (1/|y|) sum_s m_s (logp_s - logp_old_s)
+
+    so clipped_policy_loss(logp', logp_old, ...) sees, at every token of a sequence, the
+    importance ratio s = (pi(y) / pi_old(y))^(1/|y|) (the length-normalised sequence ratio),
+    and clips whole sequences. The gradient flows through the mean into every token's
+    log-prob. Shapes: [B, T] each; masked-out positions are returned as old_logprobs."""
+    mask = _check(mask, logprobs, old_logprobs)
+    diff = torch.where(mask, logprobs - old_logprobs.detach(), 0)
+    mean = diff.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.where(mask, old_logprobs.detach() + mean, old_logprobs.detach())
 
 
 def clipped_policy_loss(

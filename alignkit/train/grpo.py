@@ -48,8 +48,9 @@ import torch
 
 from alignkit.config import require
 from alignkit.losses import aggregate, clipped_policy_loss, kl_penalty_loss
+from alignkit.losses.policy import aggregation_units, sequence_level_logprobs
 from alignkit.models.forward import forward_logprobs
-from alignkit.ops import adaptive_kl_beta, advantage_estimator, kl_k1, masked_sum
+from alignkit.ops import adaptive_kl_beta, advantage_estimator, entropy_from_logits, kl_k1, masked_sum
 from alignkit.train.common import print_summary, say
 from alignkit.train.loop import StepPlan, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
 from alignkit.train.online import (OnlineConfig, collate_prompts, greedy_reward, load_prompts, load_rewards,
@@ -75,8 +76,10 @@ class GRPOConfig(OnlineConfig):
     """grpo: (r - group mean) / group std; rloo: r - mean of the other completions."""
     scale_rewards: bool = True
     """Divide the advantages by the group's reward std (false: Dr. GRPO)."""
-    loss_level: Literal["sequence", "token"] = "sequence"
-    """Average the loss per sequence then over sequences (GRPO), or over all tokens (DAPO, Dr. GRPO)."""
+    loss_level: Literal["sequence", "token", "bnpo", "dr_grpo", "grpo", "dapo"] = "sequence"
+    """Loss reduction (TRL's loss_type names too): sequence = grpo, each completion's token mean then the mean over
+    completions; token = dapo, the mean over the step's tokens; bnpo, the token mean of each micro-batch; dr_grpo,
+    the token sum over completions x max_new_tokens (a constant)."""
     beta: float = 0.04
     """KL coefficient: k3 in the loss, or k1 in the reward with `kl_in_reward` (0: no reference model)."""
     kl_in_reward: bool = False
@@ -89,6 +92,17 @@ class GRPOConfig(OnlineConfig):
     """Horizon of the KL-budget controller, in completions: each step moves beta by at most 20% x completions / horizon."""
     clip_eps: float = 0.2
     """PPO clip range of the ratio pi / pi_old (acts only with num_iterations > 1)."""
+    clip_eps_high: float = 0.0
+    """Upper clip range, 1 + clip_eps_high, when larger than clip_eps: DAPO's clip-higher, TRL's epsilon_high
+    (0: clip_eps on both sides; needs num_iterations > 1)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """The ratio pi / pi_old per token, or per sequence as GSPO ((pi(y)/pi_old(y))^(1/|y|) at every token;
+    needs num_iterations > 1: at mu = 1 both give the same gradient)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_new_tokens without EOS out of the loss (their rewards still enter the
+    group's advantages), as DAPO."""
+    entropy_coef: float = 0.0
+    """Subtract entropy_coef x the policy's per-token entropy from the loss: an entropy bonus (0: none)."""
     num_iterations: int = 1
     """mu: optimiser updates on each batch of samples (a step), pi_old being the sampler (1: ratio exactly 1,
     clip inert); the learning-rate schedule counts updates (steps x mu)."""
@@ -116,6 +130,14 @@ class GRPOConfig(OnlineConfig):
             raise ConfigError(f"max_flat_steps must be >= 0, got {self.max_flat_steps}")
         if self.num_iterations < 1:
             raise ConfigError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.clip_eps_high < 0:
+            raise ConfigError(f"clip_eps_high must be >= 0, got {self.clip_eps_high}")
+        inert = [k for k, on in (("clip_eps_high", self.clip_eps_high > 0),
+                                 ("importance_sampling_level sequence", self.importance_sampling_level == "sequence"))
+                 if on]
+        if inert and self.num_iterations == 1:
+            raise ConfigError(f"{inert[0]} acts on the ratio pi / pi_old, which is exactly 1 with num_iterations 1 "
+                              "(one update per batch of samples); set num_iterations > 1")
         if self.kl_budget < 0 or (self.kl_budget > 0 and (self.beta <= 0 or self.kl_horizon <= 0)):
             raise ConfigError(f"kl_budget needs beta > 0 (its least value; 0 loads no reference model) and "
                               f"kl_horizon > 0, got kl_budget {self.kl_budget}, beta {self.beta}, "
@@ -154,8 +176,9 @@ class RLOOConfig(GRPOConfig):
     """KL coefficient (0: no reference model); by default k1 in the reward, as Ahmadian et al."""
     kl_in_reward: bool = True
     """Subtract beta * sum_t kl_t (k1 by default) from each completion's reward before the advantages (false: KL in the loss)."""
-    loss_level: Literal["sequence", "token"] = "token"
-    """Average the loss over all tokens (the REINFORCE sum of log-probs), or per sequence then over sequences."""
+    loss_level: Literal["sequence", "token", "bnpo", "dr_grpo", "grpo", "dapo"] = "token"
+    """Loss reduction: token = dapo (the REINFORCE sum of log-probs over the step's tokens), sequence = grpo, bnpo,
+    dr_grpo (see GRPOConfig)."""
     scale_rewards: bool = False
     """Divide the advantages by the group's reward std (RLOO's paper does not; with it the effective beta varies per prompt)."""
 
@@ -194,6 +217,9 @@ class Rollouts:
             out = {
                 "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "columns": columns,
                 "completion_mask": rollout.completion_mask, "sampler_logprobs": rollout.logprobs,
+                # what the loss reads: without the truncated completions when they are masked
+                "loss_mask": rollout.completion_mask * rollout.ended[:, None] if cfg.mask_truncated_completions
+                else rollout.completion_mask,
                 "rewards": rewards, "valid": valid, "ended": rollout.ended,
                 "ids": batch["ids"], "reward_sources": per_source, "weight": batch["weight"], "beta": beta,
             }
@@ -250,14 +276,17 @@ class Rollouts:
 
 def make_policy_step(cfg: GRPOConfig):
     def policy_step(model, batch):
-        mask = batch["completion_mask"]
-        logprobs, _ = forward_logprobs(model, batch["input_ids"], batch["attention_mask"], cfg.temperature,
-                                       columns=batch["columns"])
+        mask, loss_mask = batch["completion_mask"], batch["loss_mask"]
+        logprobs, logits = forward_logprobs(model, batch["input_ids"], batch["attention_mask"], cfg.temperature,
+                                            columns=batch["columns"])
         # pi_old is the policy that sampled. With one update per batch of samples that is these
         # very weights: the ratio is exactly 1 and the clip is inert. With mu > 1 it is the
         # sampler's log-probs, and from the second update on the ratio moves and the clip acts.
         old = batch["sampler_logprobs"] if cfg.num_iterations > 1 else logprobs.detach()
-        per_token, m = clipped_policy_loss(logprobs, old, batch["advantages"], mask, cfg.clip_eps)
+        ratio_logprobs = (sequence_level_logprobs(logprobs, old, loss_mask)
+                          if cfg.importance_sampling_level == "sequence" else logprobs)
+        per_token, m = clipped_policy_loss(ratio_logprobs, old, batch["advantages"], loss_mask, cfg.clip_eps,
+                                           cfg.clip_eps_high or None)
         n_seq, n_tok = float(len(mask)), mask.sum()
         metrics = {
             "reward": (batch["rewards"].sum(), n_seq),
@@ -265,7 +294,7 @@ def make_policy_step(cfg: GRPOConfig):
             "valid_fraction": (batch["valid"].float().sum(), n_seq),
             "completion_length": (n_tok, n_seq),
             "ended_with_eos": (batch["ended"].float().sum(), n_seq),
-            "clipfrac": (masked_sum(m["clipfrac"], mask), n_tok),
+            "clipfrac": (masked_sum(m["clipfrac"], loss_mask), loss_mask.sum()),
             "sampler_logprob_gap": (masked_sum((logprobs.detach() - batch["sampler_logprobs"]).abs(), mask), n_tok),
         }
         if "ref_logprobs" in batch and cfg.kl_in_reward:  # the KL is already in the advantages
@@ -278,18 +307,25 @@ def make_policy_step(cfg: GRPOConfig):
             per_token = per_token + batch["beta"] * kl
             metrics["kl_per_token"] = (masked_sum(kl.detach(), mask), n_tok)
             metrics["kl_per_completion"] = (masked_sum(kl.detach(), mask), n_seq)
+        if cfg.entropy_coef:
+            entropy = entropy_from_logits(logits)
+            per_token = per_token - cfg.entropy_coef * torch.where(loss_mask.bool(), entropy, 0)
+            metrics["entropy"] = (masked_sum(entropy.detach(), mask), n_tok)
+        if cfg.mask_truncated_completions:
+            metrics["truncated_masked"] = ((~batch["ended"]).float().sum(), n_seq)
         if "ref_logprobs" in batch:
             metrics["beta"] = (torch.tensor(batch["beta"] * n_seq), n_seq)
         for name, value in batch["reward_sources"].items():
             metrics[f"reward/{name}"] = (torch.tensor(value * n_seq), n_seq)
-        loss_sum, _ = aggregate(per_token, mask, cfg.loss_level)
+        loss_sum, _ = aggregate(per_token, loss_mask, cfg.loss_level, cfg.max_new_tokens)
         return loss_sum, metrics
     return policy_step
 
 
-def unit_count(level: str):
+def unit_count(cfg: GRPOConfig):
+    """The loop's count of loss units in a micro-batch: `aggregate`'s denominator."""
     def count(batch) -> float:
-        return float(batch["completion_mask"].sum()) if level == "token" else float(len(batch["completion_mask"]))
+        return aggregation_units(batch["loss_mask"], cfg.loss_level, cfg.max_new_tokens)
     return count
 
 
@@ -317,7 +353,7 @@ def run(cfg: GRPOConfig) -> TrainResult:
         f"micro-batch, beta {cfg.beta}, loss per {cfg.loss_level}; {report}")
     result = train(
         cfg, model, tokenizer, examples, make_policy_step(cfg),
-        unit_count(cfg.loss_level), lambda b: collate_prompts(b, tokenizer.pad_token_id), name=name,
+        unit_count(cfg), lambda b: collate_prompts(b, tokenizer.pad_token_id), name=name,
         batch_size=prompts_per_batch, resume_from=resume_from, accelerator=accelerator, prepare=rollouts,
         state=rollouts.kl,
         updates_per_step=cfg.num_iterations,

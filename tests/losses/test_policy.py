@@ -12,6 +12,7 @@ from alignkit.losses import (
     clipped_value_loss,
     kl_penalty_loss,
 )
+from alignkit.losses.policy import sequence_level_logprobs
 
 NAN = float("nan")
 
@@ -45,17 +46,37 @@ def test_aggregate_ignores_nan_and_empty_rows():
     torch.testing.assert_close(loss.grad, torch.tensor([[1.0, 0, 0], [1 / 3, 1 / 3, 1 / 3], [0, 0, 0]]))
 
 
-@pytest.mark.parametrize("level", AGGREGATION_LEVELS)
+def test_aggregate_bnpo_and_dr_grpo_hand_values():
+    num, den = aggregate(LOSS, MASK, "bnpo")
+    # the micro-batch's token mean, one unit: 10 / 4
+    assert (num.item(), den.item()) == (2.5, 1.0)
+    num, den = aggregate(LOSS, MASK, "dr_grpo", max_tokens=8)
+    # the token sum over 2 rows x 8 allowed tokens, whatever their lengths: 10 / 16
+    assert (num.item(), den.item()) == (10.0, 16.0)
+    assert [aggregate(LOSS, MASK, a)[0].item() for a in ("dapo", "grpo")] == [10.0, 6.0]  # TRL's names
+    with pytest.raises(ValueError, match="max_tokens"):
+        aggregate(LOSS, MASK, "dr_grpo")
+
+
+def test_aggregate_bnpo_depends_on_the_split():
+    # TRL's bnpo normalises per micro-batch: halves of 1 and 3 tokens give (4/1 + 6/3) / 2 = 3, not 10/4
+    (n1, d1), (n2, d2) = aggregate(LOSS[:1], MASK[:1], "bnpo"), aggregate(LOSS[1:], MASK[1:], "bnpo")
+    assert ((n1 + n2) / (d1 + d2)).item() == 3.0
+
+
+@pytest.mark.parametrize("level", [lv for lv in AGGREGATION_LEVELS if lv != "bnpo"])
 def test_aggregate_split_batch_reproduces_whole_batch(level):
     g = torch.Generator().manual_seed(0)
     loss = torch.randn(6, 5, generator=g)
     lengths = [5, 1, 1, 4, 3, 2]  # halves of 7 and 9 tokens, so a mean of the halves' means is wrong
     mask = torch.tensor([[1] * n + [0] * (5 - n) for n in lengths])
-    num, den = aggregate(loss, mask, level)
-    (n1, d1), (n2, d2) = aggregate(loss[:3], mask[:3], level), aggregate(loss[3:], mask[3:], level)
+    num, den = aggregate(loss, mask, level, max_tokens=5)
+    (n1, d1), (n2, d2) = aggregate(loss[:3], mask[:3], level, 5), aggregate(loss[3:], mask[3:], level, 5)
     torch.testing.assert_close((n1 + n2) / (d1 + d2), num / den)
     torch.testing.assert_close(d1 + d2, den)
-    if level == "token":
+    if level == "dr_grpo":  # the 16 tokens' sum over 6 rows x 5
+        torch.testing.assert_close(num / den, loss[mask.bool()].sum() / 30)
+    elif level == "token":
         # the whole-batch value by hand: mean of the 16 masked-in tokens;
         # averaging the halves' own means would give another number
         torch.testing.assert_close(num / den, loss[mask.bool()].mean())
@@ -68,8 +89,20 @@ def test_aggregate_split_batch_reproduces_whole_batch(level):
 
 
 def test_aggregate_unknown_level():
-    with pytest.raises(ValueError, match="token, sequence"):
+    with pytest.raises(ValueError, match="token, sequence, bnpo, dr_grpo, dapo, grpo"):
         aggregate(LOSS, MASK, "batch")
+
+
+def test_sequence_level_logprobs_by_hand():
+    # row 0: log-ratios 0.3, -0.1 (mean 0.1) and a pad; row 1: one token, log-ratio 0.4
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    logp = torch.tensor([[-0.7, -2.1, 50.0], [-0.6, 9.0, 9.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    seq = sequence_level_logprobs(logp, old, mask)
+    # every token's ratio is the sequence's: exp(0.1) for row 0, exp(0.4) for row 1; pads as old
+    torch.testing.assert_close(seq, torch.tensor([[-0.9, -1.9, -3.0], [-0.6, -1.0, -1.0]]))
+    seq[0, 0].backward()  # d/d logp of the mean over row 0's 2 tokens
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]))
 
 
 # --- clipped_policy_loss -------------------------------------------------------------------
