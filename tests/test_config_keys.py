@@ -77,7 +77,7 @@ COMMANDS = {
 # The optional paths, switched on where the command has the key.
 FEATURES = {"lr_scheduler": "cosine_with_min_lr", "warmup_ratio": 0.5, "eval_fraction": 0.25, "eval_steps": 1, "save_steps": 1, "save_total_limit": 1, "logging": "tensorboard",
             "lora_r": 2, "precompute_ref": True, "on_nan": "skip", "target_kl": 1.0, "kl_budget": 1.0, "kl_in_reward": True,
-            "reward_on_error": "mask", "packing": False, "share_backbone": True, "rounds": 2,
+            "reward_on_error": "mask", "packing": False, "share_backbone": True, "rounds": 2, "dynamic_sampling": True,
             "early_stop_patience": 5}
 
 

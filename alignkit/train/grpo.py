@@ -103,6 +103,12 @@ class GRPOConfig(OnlineConfig):
     group's advantages), as DAPO."""
     entropy_coef: float = 0.0
     """Subtract entropy_coef x the policy's per-token entropy from the loss: an entropy bonus (0: none)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose rewards are all equal (advantage 0: nothing to learn) and
+    refill the micro-batch with groups of freshly drawn prompts; dropped groups and refills are logged."""
+    max_refills: int = 4
+    """With dynamic_sampling: extra prompt batches drawn per micro-batch at most; short of groups after
+    that, the step goes on with what it has."""
     num_iterations: int = 1
     """mu: optimiser updates on each batch of samples (a step), pi_old being the sampler (1: ratio exactly 1,
     clip inert); the learning-rate schedule counts updates (steps x mu)."""
@@ -186,8 +192,10 @@ class RLOOConfig(GRPOConfig):
 class Rollouts:
     """Generates, scores and prepares the micro-batches of one step (the loop's `prepare`)."""
 
-    def __init__(self, cfg: GRPOConfig, tokenizer, reward_fns, weights, reference, accelerator):
+    def __init__(self, cfg: GRPOConfig, tokenizer, reward_fns, weights, reference, accelerator,
+                 examples: list[dict] | None = None):
         self.cfg, self.tokenizer, self.reward_fns, self.weights, self.reference = cfg, tokenizer, reward_fns, weights, reference
+        self.examples = examples or []  # where dynamic sampling draws its refills from
         self.accelerator = accelerator
         self.advantages = advantage_estimator(cfg.advantage)
         self.flat_steps = 0  # steps in a row with every advantage 0
@@ -208,34 +216,17 @@ class Rollouts:
         return rewards.to(rollout.completion_ids.device), valid.to(rollout.completion_ids.device), per_source
 
     def __call__(self, model, batches: list[dict], step: int) -> StepPlan:
-        cfg, g, beta = self.cfg, self.cfg.num_generations, self.kl["beta"]
-        prepared, kl_sum, kl_count = [], 0.0, 0
+        cfg, beta = self.cfg, self.kl["beta"]
+        prepared, kl, dynamic = [], [0.0, 0], [0.0, 0.0, 0.0]  # kl: sum, count; dropped, refills, short groups
         for batch in batches:
-            rollout = self.generate(model, batch, step, cfg.temperature)
-            rewards, valid, per_source = self.rewards(batch, rollout, g)
-            columns = rollout.columns
-            out = {
-                "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "columns": columns,
-                "completion_mask": rollout.completion_mask, "sampler_logprobs": rollout.logprobs,
-                # what the loss reads: without the truncated completions when they are masked
-                "loss_mask": rollout.completion_mask * rollout.ended[:, None] if cfg.mask_truncated_completions
-                else rollout.completion_mask,
-                "rewards": rewards, "valid": valid, "ended": rollout.ended,
-                "ids": batch["ids"], "reward_sources": per_source, "weight": batch["weight"], "beta": beta,
-            }
-            if cfg.beta > 0:
-                out["ref_logprobs"] = self.reference(model, lambda m: forward_logprobs(
-                    m, out["input_ids"], out["attention_mask"], cfg.temperature, columns=columns)[0])
-                # the sampler's log-probs are pi's at the sampling temperature: k1 of the sampled tokens
-                kl_sum += float(masked_sum(rollout.logprobs - out["ref_logprobs"], rollout.completion_mask)
-                                * batch["weight"])
-                kl_count += len(rewards) * int(batch["weight"] > 0)
-            if cfg.beta > 0 and cfg.kl_in_reward:
-                rewards = kl_penalised_rewards(rewards, rollout.logprobs, out["ref_logprobs"], rollout.completion_mask,
-                                               beta, resolved_kl_estimator(cfg)).masked_fill(~valid, 0.0)
-                out["rewards_with_kl"] = rewards
-            out["advantages"] = self.advantages(rewards, g, scale_by_std=cfg.scale_rewards, valid=valid)
-            prepared.append(out)
+            out = self.prepare(model, batch, step, beta, kl)
+            if cfg.dynamic_sampling and float(batch["weight"]) > 0:
+                outs, counts = self.refill(model, out, batch, step, beta, kl)
+                prepared += outs
+                dynamic = [a + b for a, b in zip(dynamic, counts)]
+            else:
+                prepared.append(out)
+        kl_sum, kl_count = kl
         self.check_learnable(prepared, step)
         if cfg.kl_budget > 0:  # the next step's beta from this step's sampled KL, alike on every process
             totals = torch.tensor([kl_sum, kl_count], dtype=torch.float64, device=prepared[0]["valid"].device)
@@ -245,7 +236,72 @@ class Rollouts:
             # starts at KL 0 does not first shrink beta to nothing (Ziegler's two-sided controller does)
             self.kl["beta"] = max(cfg.beta, adaptive_kl_beta(beta, float(totals[0] / totals[1].clamp(min=1)),
                                                              cfg.kl_budget, cfg.kl_horizon, int(totals[1])))
-        return StepPlan([prepared] * self.cfg.num_iterations)  # mu updates on the same samples
+        metrics = {}
+        if cfg.dynamic_sampling:  # per step, summed over processes
+            device = prepared[0]["valid"].device
+            metrics = {f"dynamic/{k}": (torch.tensor(v, device=device), 1.0)
+                       for k, v in zip(("dropped_groups", "refill_batches", "groups_short"), dynamic)}
+        return StepPlan([prepared] * self.cfg.num_iterations, metrics)  # mu updates on the same samples
+
+    def refill(self, model, out: dict, batch: dict, step: int, beta: float, kl: list) -> tuple[list[dict], list]:
+        """DAPO's dynamic sampling for one micro-batch: its groups with all rewards equal are dropped,
+        and groups from prompts drawn afresh (seeded by seed, step, process and try) take their place,
+        up to `max_refills` draws. Returns the micro-batches to train on (the kept groups of each draw)
+        and (groups dropped, draws made, groups still missing)."""
+        import random
+
+        g, want = self.cfg.num_generations, len(batch["ids"])
+        flat = flat_groups(out["rewards"], out["valid"], g)
+        kept, have, dropped, draws = [], 0, int(flat.sum()), 0
+        if (~flat).any():
+            kept.append(select_groups(out, (~flat).nonzero().flatten(), g))
+            have = int((~flat).sum())
+        rng = random.Random(f"{self.cfg.seed}-{step}-{self.accelerator.process_index}")
+        while have < want and draws < self.cfg.max_refills and self.examples:
+            draws += 1
+            chosen = [self.examples[i] for i in rng.sample(range(len(self.examples)), min(want, len(self.examples)))]
+            extra = {**collate_prompts(chosen, self.tokenizer.pad_token_id), "weight": batch["weight"]}
+            extra = {k: v.to(batch["input_ids"].device) if torch.is_tensor(v) else v for k, v in extra.items()}
+            # its own generators: a prompt drawn again at this step does not repeat its samples
+            o = self.prepare(model, extra, -(step * (self.cfg.max_refills + 1) + draws), beta, kl)
+            f = flat_groups(o["rewards"], o["valid"], g)
+            dropped += int(f.sum())
+            take = (~f).nonzero().flatten()[: want - have]
+            if len(take):
+                kept.append(select_groups(o, take, g))
+                have += len(take)
+        # nothing learnable anywhere: train on the flat batch (its advantages are 0; check_learnable counts it)
+        return kept or [out], [dropped, draws, want - have]
+
+    def prepare(self, model, batch: dict, step: int, beta: float, kl: list) -> dict:
+        """Sample, score and compute the advantages of one micro-batch of prompts; adds this batch's
+        sampled KL to kl = [sum, count] (the KL-budget controller's input)."""
+        cfg, g = self.cfg, self.cfg.num_generations
+        rollout = self.generate(model, batch, step, cfg.temperature)
+        rewards, valid, per_source = self.rewards(batch, rollout, g)
+        columns = rollout.columns
+        out = {
+            "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "columns": columns,
+            "completion_mask": rollout.completion_mask, "sampler_logprobs": rollout.logprobs,
+            # what the loss reads: without the truncated completions when they are masked
+            "loss_mask": rollout.completion_mask * rollout.ended[:, None] if cfg.mask_truncated_completions
+            else rollout.completion_mask,
+            "rewards": rewards, "valid": valid, "ended": rollout.ended,
+            "ids": batch["ids"], "reward_sources": per_source, "weight": batch["weight"], "beta": beta,
+        }
+        if cfg.beta > 0:
+            out["ref_logprobs"] = self.reference(model, lambda m: forward_logprobs(
+                m, out["input_ids"], out["attention_mask"], cfg.temperature, columns=columns)[0])
+            # the sampler's log-probs are pi's at the sampling temperature: k1 of the sampled tokens
+            kl[0] += float(masked_sum(rollout.logprobs - out["ref_logprobs"], rollout.completion_mask)
+                           * batch["weight"])
+            kl[1] += len(rewards) * int(batch["weight"] > 0)
+        if cfg.beta > 0 and cfg.kl_in_reward:
+            rewards = kl_penalised_rewards(rewards, rollout.logprobs, out["ref_logprobs"], rollout.completion_mask,
+                                           beta, resolved_kl_estimator(cfg)).masked_fill(~valid, 0.0)
+            out["rewards_with_kl"] = rewards
+        out["advantages"] = self.advantages(rewards, g, scale_by_std=cfg.scale_rewards, valid=valid)
+        return out
 
     def check_learnable(self, prepared: list[dict], step: int) -> None:
         """Stop a run that cannot learn: a step where every reward was invalid (all masked), or
@@ -272,6 +328,32 @@ class Rollouts:
                 f"step {step + 1}: every group's rewards were equal for {self.flat_steps} steps in a row, so every "
                 "advantage was 0 and the policy learned nothing; the reward cannot tell this policy's completions "
                 "apart (try more num_generations, a higher temperature, a graded reward; or max_flat_steps 0)")
+
+
+def flat_groups(rewards, valid, g: int):
+    """[N] rewards (and validity) of N / g groups -> [N / g] bool: True where every valid reward of
+    the group is equal (or fewer than 2 are valid), so its advantages are all 0: nothing to learn."""
+    r = rewards.view(-1, g)
+    v = valid.view(-1, g)
+    high = torch.where(v, r, -torch.inf).max(-1).values
+    low = torch.where(v, r, torch.inf).min(-1).values
+    return (v.sum(-1) < 2) | (high == low)
+
+
+def select_groups(out: dict, groups, g: int) -> dict:
+    """The prepared micro-batch `out` restricted to the given groups (indices of prompts): per-completion
+    tensors keep those groups' rows, per-prompt `ids` those prompts; shared entries stay."""
+    rows = (groups[:, None] * g + torch.arange(g, device=groups.device)).flatten()
+    n = len(out["rewards"])
+    picked = {}
+    for k, v in out.items():
+        if k == "ids":
+            picked[k] = v[groups.to(v.device)]
+        elif torch.is_tensor(v) and v.dim() > 0 and len(v) == n and k != "columns":
+            picked[k] = v[rows.to(v.device)]
+        else:
+            picked[k] = v
+    return picked
 
 
 def make_policy_step(cfg: GRPOConfig):
@@ -346,7 +428,7 @@ def run(cfg: GRPOConfig) -> TrainResult:
     reward_fns, weights = load_rewards(cfg, accelerator.device)
     reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast,
                                dtype=cfg.ref_dtype) if cfg.beta > 0 else None
-    rollouts = Rollouts(cfg, tokenizer, reward_fns, weights, reference, accelerator)
+    rollouts = Rollouts(cfg, tokenizer, reward_fns, weights, reference, accelerator, examples)
     model.to(accelerator.device)
     prompts_per_batch = cfg.batch_size // cfg.num_generations
     say(f"{name}: {len(examples)} prompts x {cfg.num_generations} completions, {prompts_per_batch} prompts per "

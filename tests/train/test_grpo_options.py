@@ -108,3 +108,54 @@ def test_ratio_options_refused_where_the_ratio_is_1():
             grpo.GRPOConfig(model="m", data="p.jsonl", reward=["tests.helpers:digit_fraction"], **keys).validate()
     grpo.GRPOConfig(model="m", data="p.jsonl", reward=["tests.helpers:digit_fraction"], clip_eps_high=0.28,
                     num_iterations=2).validate()
+
+
+def half_flat(prompts, completions, **_):
+    """A reward that cannot tell completions of an even-numbered prompt apart (all 0.5), and can for
+    the others (the completion's length)."""
+    return [0.5 if int(p.split()[2].split("+")[0]) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
+
+
+def test_flat_groups_and_select_groups_by_hand():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 2.0, 3.0, 3.0])
+    valid = torch.tensor([True, True, True, True, True, False])
+    # groups of 2: [1, 1] equal; [0, 2] differ; [3, (masked)] fewer than 2 valid
+    assert grpo.flat_groups(rewards, valid, 2).tolist() == [True, False, True]
+    out = {"rewards": rewards, "ids": torch.tensor([7, 8, 9]), "columns": torch.arange(6), "weight": 1.0}
+    picked = grpo.select_groups(out, torch.tensor([1, 2]), 2)
+    assert picked["rewards"].tolist() == [0.0, 2.0, 3.0, 3.0] and picked["ids"].tolist() == [8, 9]
+    assert picked["columns"].tolist() == list(range(6)) and picked["weight"] == 1.0
+
+
+def test_dynamic_sampling_refills_with_learnable_groups(tiny_model_dir, tmp_path):
+    from alignkit.data import tokenize_prompts
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.rollout.rewards import load_reward_fn
+    from alignkit.train.loop import make_accelerator
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    policy = load_causal_lm(str(tiny_model_dir))
+    records = [{"prompt": f"What is {a}+1?"} for a in range(16)]
+    examples, _ = tokenize_prompts(records, tokenizer, 64)
+    cfg = _cfg(tiny_model_dir, "", tmp_path, dynamic_sampling=True, num_generations=4)
+    rollouts = grpo.Rollouts(cfg, tokenizer, [load_reward_fn("tests.train.test_grpo_options:half_flat")], [1.0], None,
+                             make_accelerator(cfg, "grpo"), examples)
+    batch = {**grpo.collate_prompts(examples[:4], tokenizer.pad_token_id), "weight": 1.0}  # prompts 0-3: 2 flat
+    plan = rollouts(policy, [batch], step=0)
+    kept = plan.updates[0]
+    groups = sum(len(b["ids"]) for b in kept)
+    assert groups == 4  # the micro-batch is full again
+    for b in kept:  # only groups with something to learn, each from an odd prompt
+        assert not grpo.flat_groups(b["rewards"], b["valid"], 4).any()
+        assert all(int(i) % 2 == 1 for i in b["ids"])
+    assert plan.metrics["dynamic/dropped_groups"][0].item() >= 2
+    assert plan.metrics["dynamic/groups_short"][0].item() == 0
+
+
+def test_dynamic_sampling_trains(tiny_model_dir, tmp_path, one_thread):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(f'{{"prompt": "What is {a}+1?"}}\n' for a in range(16)))
+    grpo.run(_cfg(tiny_model_dir, data, tmp_path / "o", max_steps=2, dynamic_sampling=True,
+                  reward=["tests.train.test_grpo_options:half_flat"]))
+    rows = [h for h in _history(tmp_path / "o") if "train/loss" in h]
+    assert len(rows) == 2 and all(r["train/dynamic/dropped_groups"] > 0 for r in rows)
