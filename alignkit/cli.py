@@ -10,13 +10,14 @@ COMMANDS = {
     "pretrain": ("alignkit.train.pretrain", "causal LM pretraining on raw text, with packing"),
     "sft": ("alignkit.train.sft", "supervised fine-tuning, loss on responses only"),
     "rm": ("alignkit.train.reward", "Bradley-Terry reward model on preference or ranking data"),
-    "dpo": ("alignkit.train.dpo", "direct preference optimisation (DPO, IPO, conservative DPO)"),
+    "dpo": ("alignkit.train.dpo", "direct preference optimisation and the preference-loss family (IPO, SimPO, ORPO, ...)"),
     "kto": ("alignkit.train.kto", "Kahneman-Tversky optimisation on thumbs-up / thumbs-down data"),
     "ppo": ("alignkit.train.ppo", "PPO with a critic and a per-token KL penalty to the reference"),
     "grpo": ("alignkit.train.grpo", "GRPO: G samples per prompt, group-normalised advantages, KL to the reference"),
     "rloo": ("alignkit.train.grpo:main_rloo", "REINFORCE with a leave-one-out baseline"),
     "bon": ("alignkit.train.bon", "rejection sampling (iterative SFT): N samples, keep the best, fine-tune, repeat"),
     "iterative-dpo": ("alignkit.train.iterative_dpo", "iterative DPO: pairs sampled from the current policy, labelled by a reward, DPO, repeat"),
+    "distill": ("alignkit.train.distill", "on-policy distillation: a student learns a teacher's token distributions"),
     "eval": ("alignkit.evaluate.policies", "policies side by side: gold/proxy reward, KL, win rate, diversity, Elo/BT arena"),
     "rl": ("alignkit.rl.cli", "RL from first principles: the cat gridworld, exact planning, Q-learning to PPO"),
     "demo": ("alignkit.pipeline", "the built-in recipe end to end on a CPU"),
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignkit: unknown command '{argv[0]}'\n\n{USAGE}", file=sys.stderr)
         return 2
     command = argv[0]
+    from alignkit.models import card
+
+    card.COMMAND = ["alignkit", *argv]  # the model cards record how each model was made
     debug = os.environ.get("ALIGNKIT_DEBUG", "") not in ("", "0")
     module, _, function = COMMANDS[command][0].partition(":")
     try:

@@ -60,7 +60,7 @@ COMMANDS = {
     "sft": ("sft", "SFTConfig", "sft", {}),
     "dpo": ("dpo", "DPOConfig", "preference", {}),
     "kto": ("kto", "KTOConfig", "unpaired", {}),
-    "rm": ("reward", "RewardConfig", "preference", {"lora_r": 0}),  # refused when set (read, not inert)
+    "rm": ("reward", "RewardConfig", "preference", {}),
     "pretrain": ("pretrain", "PretrainConfig", "text", {"model": "tiny", "tiny_hidden_size": 16, "tiny_layers": 1,
                                                          "tiny_heads": 2, "tiny_vocab_size": 300}),
     "grpo": ("grpo", "GRPOConfig", "prompts", {"reward": REWARD, "num_generations": 2, "batch_size": 4,
@@ -73,12 +73,13 @@ COMMANDS = {
                                             "require_eos": False}),
     "iterative-dpo": ("iterative_dpo", "IterativeDPOConfig", "prompts", {"reward": REWARD, "num_samples": 2,
                                                                          "max_new_tokens": 4, "require_eos": False}),
+    "distill": ("distill", "DistillConfig", "sft", {"teacher": "the tiny model", "max_new_tokens": 4, "lmbda": 0.5}),
 }
 # The optional paths, switched on where the command has the key.
 FEATURES = {"lr_scheduler": "cosine_with_min_lr", "warmup_ratio": 0.5, "eval_fraction": 0.25, "eval_steps": 1, "save_steps": 1, "save_total_limit": 1, "logging": "tensorboard",
-            "lora_r": 2, "precompute_ref": True, "on_nan": "skip", "target_kl": 1.0, "kl_budget": 1.0, "kl_in_reward": True,
+            "lora_r": 2, "lora_dropout": 0.1, "use_rslora": True, "use_dora": True, "precompute_ref": True, "on_nan": "skip", "target_kl": 1.0, "kl_budget": 1.0, "kl_in_reward": True,
             "reward_on_error": "mask", "packing": False, "share_backbone": True, "rounds": 2, "dynamic_sampling": True,
-            "early_stop_patience": 5}
+            "early_stop_patience": 5, "chat_template": "chatml", "assistant_only_loss": True}
 
 
 @pytest.mark.slow
@@ -91,6 +92,8 @@ def test_every_key_is_read_on_the_commands_path(command, data, tiny_model_dir, t
     cls = tracked(getattr(module, class_name))
     names = {f.name for f in dataclasses.fields(cls)}
     base = {"model": str(tiny_model_dir), "data": data[kind], "max_steps": 2, "log_steps": 1, "seed": 1, **keys}
+    if "teacher" in keys:  # distill: the tiny model teaches itself
+        base["teacher"] = str(tiny_model_dir)
     features = {k: v for k, v in FEATURES.items() if k in names and k not in keys}
     features["best_metric"] = "reward" if command in ("grpo", "rloo", "ppo", "bon", "iterative-dpo") else "loss"  # an online eval: greedy reward
     runs = [

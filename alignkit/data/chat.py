@@ -31,6 +31,15 @@ adds BOS itself (as alignkit tokenizes prompts with the tokenizer's special toke
 `apply_chat_template(tokenize=True)` adds none). `_render_plain` stays the reference: a
 tokenizer that carries one of these two templates is rendered by it, so the text alignkit
 produces is the same with the template attached as without.
+
+Every assistant turn of a conversation: `assistant_spans(record, tokenizer)` gives its whole
+rendering and the character spans of its assistant messages, found by rendering it prefix by
+prefix (see there); `tokenize_sft(..., assistant_only_loss=True)` turns them into a loss mask.
+
+Bundled templates, by name (`alignkit sft --chat_template chatml`; see `load_chat_template`):
+"plain" (the format above) and "chatml" (`<|im_start|>{role}\\n{content}<|im_end|>\\n` for
+every message, whatever its role: system, user, assistant, tool; the generation prompt is
+`<|im_start|>assistant\\n`).
 """
 
 from __future__ import annotations
@@ -52,6 +61,15 @@ PLAIN_CHAT_TEMPLATE = (
 )
 # The template for tokenizers that add BOS with their special tokens (Llama's, alignkit's tiny one).
 PLAIN_CHAT_TEMPLATE_BOS = "{{ bos_token }}" + PLAIN_CHAT_TEMPLATE
+# ChatML as OpenAI specified it and Hugging Face's chat-template docs write it: every role (tool
+# included) renders the same way, so the text says which role spoke.
+CHATML_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BUNDLED_CHAT_TEMPLATES = {"plain": PLAIN_CHAT_TEMPLATE, "chatml": CHATML_CHAT_TEMPLATE}
 
 
 def _render_plain(messages: list[dict], add_generation_prompt: bool) -> str:
@@ -85,6 +103,53 @@ def ensure_chat_template(tokenizer: Any) -> Any:
     (left untouched); returns it. A later `save_pretrained` then writes the template."""
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = plain_chat_template(tokenizer)
+    return tokenizer
+
+
+def load_chat_template(name_or_path: str) -> str:
+    """The Jinja text of a bundled template ("plain", "chatml": `BUNDLED_CHAT_TEMPLATES`), or of
+    the file at `name_or_path` as it is (a bundled name wins over a file of that name).
+
+    A ConfigError listing the bundled names when it is neither, or the file cannot be read.
+    """
+    from pathlib import Path
+
+    from alignkit.config import ConfigError
+
+    if name_or_path in BUNDLED_CHAT_TEMPLATES:
+        return BUNDLED_CHAT_TEMPLATES[name_or_path]
+    path = Path(name_or_path).expanduser()
+    names = ", ".join(BUNDLED_CHAT_TEMPLATES)
+    if not path.is_file():
+        why = "is a directory" if path.is_dir() else "no such file"
+        raise ConfigError(f"chat_template {name_or_path!r}: not a bundled template ({names}) and {why} "
+                          "(give a bundled name or the path of a .jinja file)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"chat_template {name_or_path}: cannot read the file ({e})") from None
+
+
+def attach_chat_template(tokenizer: Any, template: str, source: str = "") -> Any:
+    """Give `tokenizer` the chat template `template` (from `load_chat_template`); returns it.
+
+    A bundled template is led by `{{ bos_token }}` when the tokenizer adds BOS with its special
+    tokens (as `plain_chat_template` does), so `apply_chat_template(tokenize=True)` gives the
+    ids alignkit trains on; a file's template is used as it is. The next `save_pretrained` writes
+    it (chat_template.jinja). A ConfigError naming `source` when the template is not valid Jinja.
+    """
+    from jinja2 import TemplateSyntaxError
+
+    from alignkit.config import ConfigError
+
+    if template in BUNDLED_CHAT_TEMPLATES.values() and _adds_bos(tokenizer):
+        template = "{{ bos_token }}" + template
+    tokenizer.chat_template = template
+    try:  # transformers compiles the template on first use: a syntax error shows here, not mid-data
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    except TemplateSyntaxError as e:
+        raise ConfigError(f"chat_template {source or '<text>'}: not a valid Jinja template: line {e.lineno}: "
+                          f"{e.message}") from None
     return tokenizer
 
 
@@ -136,3 +201,75 @@ def split_prompt_completion(record: dict, tokenizer: Any) -> tuple[str, str]:
             f"prompt {prompt_text[-80:]!r}, conversation {full_text[:len(prompt_text) + 40][-120:]!r}"
         )
     return prompt_text, full_text[len(prompt_text):]
+
+
+def is_conversation(record: dict) -> bool:
+    """Whether an sft record is a message list: `messages`, or `prompt` and `completion` lists."""
+    if record.get("messages") is not None:
+        return True
+    return isinstance(record.get("prompt"), list) and isinstance(record.get("completion"), list)
+
+
+def _mismatch(a: str, b: str) -> str:
+    """Where two renderings part: the character index and the text around it in each."""
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"they differ at character {i}: {a[max(0, i - 40):i + 20]!r} vs {b[max(0, i - 40):i + 20]!r}"
+
+
+def _span_problem(text: str, before: str, through: str, previous_end: int) -> str | None:
+    """Why text[len(before):len(through)] is not an assistant message's exact span, or None."""
+    if not text.startswith(before):
+        return ("the conversation before it, rendered with add_generation_prompt=True, is not a prefix of the "
+                f"whole conversation's rendering ({_mismatch(before, text)})")
+    if not text.startswith(through):
+        return ("the conversation up to it, rendered alone, is not a prefix of the whole conversation's rendering "
+                f"({_mismatch(through, text)})")
+    if len(through) < len(before):
+        return (f"the generation prompt {before[-40:]!r} is not how the template starts the message "
+                f"({through[-40:]!r})")
+    if len(before) < previous_end:
+        return "its rendering starts inside the previous assistant message's"
+    return None
+
+
+def assistant_spans(record: dict, tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
+    """(text, spans) of a message-list sft record (see `is_conversation`): `text` is the whole
+    conversation rendered (chat template, or the plain one; `tokenizer` may be None), `spans`
+    the [start, end) character ranges of `text` the loss covers, one per assistant message, in order.
+
+    With R(m, g) the rendering of messages m with add_generation_prompt=g, assistant message k
+    spans text[len(R(messages[:k], True)) : len(R(messages[:k+1], False))]: what a model writes
+    when asked to continue messages[:k], that is the message's content and the end-of-turn text
+    the template writes with it (ChatML's "<|im_end|>\\n", a Llama-2 template's EOS), never the
+    generation prompt before it ("Assistant:", "<|im_start|>assistant\\n"). It is
+    `split_prompt_completion`'s cut, made at every assistant message. The plain template writes
+    no end of turn: a middle message's span is " {content}" and the newline after it is context.
+    The messages covered are every assistant message of `messages`, and of `prompt` + `completion`
+    lists those of the completion (the prompt is context, as TRL's completion_only_loss makes it).
+
+    Raises ValueError naming the message when a prefix rendering is not a prefix of `text`: a
+    template that rewrites earlier turns once later ones follow (Qwen3's drops their reasoning)
+    or whose generation prompt is not how it starts an assistant message. The span could then
+    not be cut out exactly, and a guess would train on text the template never writes.
+    """
+    if record.get("messages") is not None:
+        messages, first = record["messages"], 0
+    elif is_conversation(record):
+        messages, first = record["prompt"] + record["completion"], len(record["prompt"])
+    else:
+        raise ValueError("assistant spans need messages: 'messages', or 'prompt' and 'completion' message lists")
+    text = _render(messages, tokenizer, add_generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    for k in range(first, len(messages)):
+        if messages[k]["role"] != "assistant":
+            continue
+        before = _render(messages[:k], tokenizer, add_generation_prompt=True)
+        through = _render(messages[: k + 1], tokenizer, add_generation_prompt=False)
+        problem = _span_problem(text, before, through, spans[-1][1] if spans else 0)
+        if problem:
+            fallback = ("; with assistant_only_loss off only the last assistant message is trained on"
+                        if k < len(messages) - 1 else "")
+            raise ValueError(f"the chat template does not render assistant message {k} (counting from 0) as a "
+                             f"span of the conversation: {problem}{fallback}")
+        spans.append((len(before), len(through)))
+    return text, spans

@@ -15,6 +15,11 @@ chat-template rendering may; the completion gets none, and EOS is appended unles
 already ends with EOS. Too long: the prompt is left-truncated first (its oldest tokens
 go, a leading BOS stays), then the completion is right-truncated (losing its EOS: a
 cut-off completion is not an ending).
+
+SFT with a loss on every assistant turn (`tokenize_sft(..., assistant_only_loss=True)`, a
+conversation): the whole rendering is tokenized in one piece and the mask comes from the
+assistant messages' character spans (`chat.assistant_spans`) through the tokens' offsets;
+the "prompt" truncated first is everything before the last assistant message.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 
 import torch
 
-from alignkit.data.chat import render_prompt, split_prompt_completion
+from alignkit.data.chat import assistant_spans, is_conversation, render_prompt, split_prompt_completion
 from alignkit.data.formats import DataError
 
 
@@ -95,55 +100,140 @@ def _too_long(record: dict, n: int, max_length: int) -> DataError:
                      f"{n} tokens exceed max_length={max_length} (truncation: left would drop the oldest prompt tokens)")
 
 
-def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int,
-                 truncation: str = "left") -> tuple[list[dict], TruncationReport]:
-    """Tokenize sft records (see `load_records(..., "sft")`) into examples with loss masks.
-
-    Returns (examples, report); example i comes from records[i] and has `id` i,
-    len(input_ids) <= max_length, loss_mask 0 on the prompt and 1 on the completion + EOS.
-    An over-long row loses its oldest prompt tokens, then its last completion tokens
-    (truncation="left", counted), or is a DataError naming it (truncation="error").
-    No row is ever dropped: BOS plus at least one completion token always fit.
-    """
-    if truncation not in ("left", "error"):
-        raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+def _split_rows(records: list[dict], tokenizer: Any) -> list[tuple[list[int], list[int], int]]:
+    """(ids, loss_mask, cut) of each record as [prompt | completion + EOS] (see the module
+    docstring), cut = the prompt's length; nothing truncated yet."""
     eos = _eos_id(tokenizer)
     prompts, completions = [], []
     for record in records:
         try:
             prompt, completion = split_prompt_completion(record, tokenizer)
         except ValueError as e:
-            raise ValueError(f"{record.get('_where', '<record>')}: {e}") from None
+            raise DataError(record.get("_where", "<record>"), None, str(e)) from None
         prompts.append(prompt)
         completions.append(completion)
-    prompt_ids = _prompt_ids(tokenizer, prompts)
-    completion_ids = _batch_ids(tokenizer, completions, False)
+    rows = []
+    for p, c, text in zip(_prompt_ids(tokenizer, prompts), _batch_ids(tokenizer, completions, False), completions):
+        if not (c and c[-1] == eos) and not (tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token)):
+            c = c + [eos]
+        rows.append((p + c, [0] * len(p) + [1] * len(c), len(p)))
+    return rows
+
+
+def _ids_and_offsets(tokenizer: Any, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each text, with special tokens unless it starts with the BOS
+    text (the rule of `_prompt_ids`). Needs a fast tokenizer (offsets come from `tokenizers`)."""
+    bos = tokenizer.bos_token
+    out: list = [None] * len(texts)
+    for special in (True, False):
+        index = [i for i, t in enumerate(texts) if (bool(bos) and t.startswith(bos)) != special]
+        if not index:
+            continue
+        try:
+            enc = tokenizer([texts[i] for i in index], add_special_tokens=special, return_offsets_mapping=True)
+        except NotImplementedError:  # a slow (pure Python) tokenizer has no offsets
+            raise ValueError("a loss on every assistant message needs a fast tokenizer (its character offsets); "
+                             "this one is slow: set assistant_only_loss off to train on the last message only") from None
+        for i, ids, offsets in zip(index, enc["input_ids"], enc["offset_mapping"]):
+            out[i] = (ids, [tuple(o) for o in offsets])
+    return out
+
+
+def span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters [start, end) overlap one of `spans`, else 0.
+
+    A token straddling a span's edge is in (the rule of transformers' assistant-token masks:
+    every token from the one holding a span's first character to the one holding its last);
+    a token with no characters (BOS or EOS the tokenizer adds, offsets (0, 0)) is out.
+    """
+    return [int(end > start and any(start < b and end > a for a, b in spans)) for start, end in offsets]
+
+
+def _conversation_rows(records: list[dict], tokenizer: Any) -> list[tuple[list[int], list[int], int]]:
+    """(ids, loss_mask, cut) of each message-list record with every assistant message trained on:
+    the whole rendering tokenized in one piece (the ids other tools give the conversation), its
+    `assistant_spans` mapped to tokens by their offsets, EOS appended as for a completion; cut =
+    the first token of the last span (what is left-truncated first lies before it)."""
+    eos = _eos_id(tokenizer)
+    texts, spans = [], []
+    for record in records:
+        try:
+            text, record_spans = assistant_spans(record, tokenizer)
+        except ValueError as e:
+            raise DataError(record.get("_where", "<record>"), None, str(e)) from None
+        texts.append(text)
+        spans.append(record_spans)
+    rows = []
+    for text, record_spans, (ids, offsets) in zip(texts, spans, _ids_and_offsets(tokenizer, texts)):
+        mask = span_mask(offsets, record_spans)
+        last = span_mask(offsets, record_spans[-1:])
+        cut = last.index(1) if 1 in last else len(ids)
+        if not (ids and ids[-1] == eos) and not (tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token)):
+            ids, mask = ids + [eos], mask + [1]
+        rows.append((ids, mask, cut))
+    return rows
+
+
+def _truncate(ids: list[int], mask: list[int], cut: int, max_length: int, bos: int | None,
+              report: TruncationReport) -> tuple[list[int], list[int]]:
+    """`ids` and `mask` cut to `max_length`: the oldest tokens before `cut` go first (a leading
+    BOS stays), then the last tokens; counted in `report`."""
+    excess = len(ids) - max_length
+    if excess <= 0:
+        return ids, mask
+    report.rows_truncated += 1
+    keep = 1 if (cut and bos is not None and ids[0] == bos) else 0  # the leading BOS stays
+    drop = min(excess, cut - keep)
+    if drop > 0:
+        ids, mask = ids[:keep] + ids[keep + drop:], mask[:keep] + mask[keep + drop:]
+        report.prompt_truncated += 1
+        report.tokens_dropped += drop
+    excess -= drop
+    if excess > 0:
+        ids, mask = ids[: len(ids) - excess], mask[: len(mask) - excess]
+        report.completion_truncated += 1
+        report.tokens_dropped += excess
+    return ids, mask
+
+
+def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int, truncation: str = "left",
+                 assistant_only_loss: bool = False) -> tuple[list[dict], TruncationReport]:
+    """Tokenize sft records (see `load_records(..., "sft")`) into examples with loss masks.
+
+    Returns (examples, report); example i comes from records[i] and has `id` i,
+    len(input_ids) <= max_length, loss_mask 0 on the prompt and 1 on the completion + EOS.
+
+    assistant_only_loss=True, for message-list records (`chat.is_conversation`): loss_mask is 1
+    on every assistant message's span (`chat.assistant_spans`: its content and the end-of-turn
+    text the template writes with it; of `prompt` + `completion` lists, the completion's
+    assistant messages) and on the EOS appended after the last, 0 elsewhere, the tool messages
+    between assistant turns included. The ids are the whole rendering tokenized in one piece
+    and each token whose characters overlap a span is trained on (`span_mask`); this needs a
+    fast tokenizer. "Prompt" is then everything before the last assistant message. String
+    records are tokenized as without it.
+
+    An over-long row loses its oldest prompt tokens, then its last completion tokens
+    (truncation="left", counted), or is a DataError naming it (truncation="error").
+    No row is ever dropped: BOS plus at least one completion token always fit.
+    A DataError naming the record when its chat template cannot be cut at the prompt or at
+    an assistant message (see `split_prompt_completion`, `assistant_spans`).
+    """
+    if truncation not in ("left", "error"):
+        raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    by_turn = [assistant_only_loss and is_conversation(r) for r in records]
+    turn_rows = iter(_conversation_rows([r for r, t in zip(records, by_turn) if t], tokenizer))
+    split_rows = iter(_split_rows([r for r, t in zip(records, by_turn) if not t], tokenizer))
 
     report = TruncationReport(examples=len(records), kind="sft")
     examples = []
-    bos = tokenizer.bos_token_id
-    for i, (p, c, text) in enumerate(zip(prompt_ids, completion_ids, completions)):
-        if not (c and c[-1] == eos) and not (tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token)):
-            c = c + [eos]
-        excess = len(p) + len(c) - max_length
-        if excess > 0 and truncation == "error":
-            raise _too_long(records[i], len(p) + len(c), max_length)
-        if excess > 0:
-            report.rows_truncated += 1
-            keep = 1 if (p and bos is not None and p[0] == bos) else 0  # the leading BOS stays
-            drop = min(excess, len(p) - keep)
-            if drop > 0:
-                p = p[:keep] + p[keep + drop:]
-                report.prompt_truncated += 1
-                report.tokens_dropped += drop
-            excess -= drop
-            if excess > 0:
-                c = c[: len(c) - excess]
-                report.completion_truncated += 1
-                report.tokens_dropped += excess
-        examples.append({"id": i, "input_ids": p + c, "loss_mask": [0] * len(p) + [1] * len(c)})
+    for i, turns in enumerate(by_turn):
+        ids, mask, cut = next(turn_rows) if turns else next(split_rows)
+        if len(ids) > max_length and truncation == "error":
+            raise _too_long(records[i], len(ids), max_length)
+        ids, mask = _truncate(ids, mask, cut, max_length, tokenizer.bos_token_id, report)
+        examples.append({"id": i, "input_ids": ids, "loss_mask": mask})
     return examples, report
 
 

@@ -111,22 +111,74 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str | torch.device
     return model.to(device) if device is not None else model
 
 
-def apply_lora(model, r: int, alpha: float | None = None, dropout: float = 0.0, target_modules="all-linear"):
-    """Wrap `model` with LoRA adapters of rank `r` (scaling alpha / r; alpha defaults to 2r).
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+def lora_targets(target_modules: str | list[str]) -> str | list[str]:
+    """The `lora_target_modules` key as peft's `target_modules`: one entry that is "all-linear" or
+    a regex (it holds one of * + ? [ ] ( ) { } | ^ $ \\) stays a string, matched in full against
+    module names; otherwise a list of names, each matching a module of that name or dotted suffix."""
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    if len(target_modules) == 1 and (target_modules[0] == "all-linear" or _REGEX_CHARS & set(target_modules[0])):
+        return target_modules[0]
+    return list(target_modules)
+
+
+def _unmatched_targets(model, targets: str | list[str]) -> list[str]:
+    """The entries of `targets` (as `lora_targets` returns them) that name no module of `model`."""
+    if targets == "all-linear":
+        return []
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):
+        return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+
+
+def _module_examples(model, limit: int = 12) -> str:
+    """A few distinct layer names of `model` (the last part of each leaf module's name), for error messages."""
+    seen = dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if name and not any(True for _ in m.children()))
+    return ", ".join(list(seen)[:limit])
+
+
+def apply_lora(model, r: int, alpha: float | None = None, dropout: float = 0.0,
+               target_modules: str | list[str] = "all-linear", use_rslora: bool = False, use_dora: bool = False,
+               task_type: str = "CAUSAL_LM"):
+    """Wrap `model` with LoRA adapters of rank `r`: W x + (alpha / r) B A dropout(x), with
+    alpha / sqrt(r) under `use_rslora`, and alpha defaulting to 2r.
+
+    `target_modules` follows `lora_targets`; an entry that names no module of `model` is a
+    ConfigError listing some that exist. `use_dora` learns a magnitude per output feature
+    beside the low-rank direction (DoRA). task_type "SEQ_CLS" (a reward model) also trains
+    the classification head (`score`) in full, as peft's `modules_to_save`.
 
     With LoRA the reference model is this same model with its adapters disabled
     (`with model.disable_adapter(): ...`), so no second copy is held in memory.
     """
     from peft import LoraConfig, get_peft_model
 
+    from alignkit.config import ConfigError
+
+    targets = lora_targets(target_modules)
+    unmatched = _unmatched_targets(model, targets)
+    if unmatched:
+        raise ConfigError(f"lora_target_modules: {', '.join(map(repr, unmatched))} matches no module of the model "
+                          f"(its layers include: {_module_examples(model)})")
     config = LoraConfig(
         r=r,
         lora_alpha=alpha if alpha is not None else 2 * r,
         lora_dropout=dropout,
-        target_modules=target_modules,
-        task_type="CAUSAL_LM",
+        target_modules=targets,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        task_type=task_type,
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. a target that is a layer type LoRA cannot wrap (a norm)
+        raise ConfigError(f"lora_target_modules {target_modules}: {str(e).splitlines()[0]} "
+                          f"(the model's layers include: {_module_examples(model)})") from e
 
 
 def save_weights(model, path: Path) -> None:

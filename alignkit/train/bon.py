@@ -299,6 +299,10 @@ def run(cfg: BoNConfig) -> BoNResult:
         result.initial_eval_metrics = {"greedy_reward": reports[0].eval_reward_before}
         result.eval_metrics = {"greedy_reward": reports[-1].eval_reward_after}
     if accelerator.is_main_process:
+        from alignkit.models.card import write_model_card
+        from alignkit.train.loop import config_dict
+
+        write_model_card(out, "bon", cfg, config_dict(cfg), result.eval_metrics, result.initial_eval_metrics)
         print_summary("bon", result, [str(report)] + [rep.line() for rep in reports])
     return result
 

@@ -54,7 +54,7 @@ from alignkit.ops import adaptive_kl_beta, advantage_estimator, entropy_from_log
 from alignkit.train.common import print_summary, say
 from alignkit.train.loop import StepPlan, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
 from alignkit.train.online import (OnlineConfig, collate_prompts, greedy_reward, load_prompts, load_rewards,
-                                   sample_completions)
+                                   sample_completions, sample_rows)
 from alignkit.train.reference import make_reference
 
 
@@ -106,6 +106,9 @@ class GRPOConfig(OnlineConfig):
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: drop the groups whose rewards are all equal (advantage 0: nothing to learn) and
     refill the micro-batch with groups of freshly drawn prompts; dropped groups and refills are logged."""
+    log_completions: int = 0
+    """Every log_steps, show N of the step's sampled completions (prompt, completion, reward) on the console,
+    in metrics.jsonl ("samples") and in the tracker (0: none)."""
     max_refills: int = 4
     """With dynamic_sampling: extra prompt batches drawn per micro-batch at most; short of groups after
     that, the step goes on with what it has."""
@@ -132,6 +135,11 @@ class GRPOConfig(OnlineConfig):
         if self.batch_size % self.num_generations:
             raise ConfigError(f"batch_size ({self.batch_size}) counts completions and must be a multiple "
                               f"of num_generations ({self.num_generations})")
+        if self.max_refills < 0 or self.log_completions < 0:
+            raise ConfigError(f"max_refills and log_completions must be >= 0, got {self.max_refills}, "
+                              f"{self.log_completions}")
+        if self.max_refills != 4 and not self.dynamic_sampling:
+            raise ConfigError(f"max_refills={self.max_refills} is read only with dynamic_sampling on")
         if self.max_flat_steps < 0:
             raise ConfigError(f"max_flat_steps must be >= 0, got {self.max_flat_steps}")
         if self.num_iterations < 1:
@@ -241,7 +249,12 @@ class Rollouts:
             device = prepared[0]["valid"].device
             metrics = {f"dynamic/{k}": (torch.tensor(v, device=device), 1.0)
                        for k, v in zip(("dropped_groups", "refill_batches", "groups_short"), dynamic)}
-        return StepPlan([prepared] * self.cfg.num_iterations, metrics)  # mu updates on the same samples
+        shown = []
+        if cfg.log_completions:
+            first = prepared[0]
+            shown = sample_rows(first["input_ids"], first["attention_mask"], first["completion_mask"],
+                                first["rewards"], self.tokenizer, cfg.log_completions)
+        return StepPlan([prepared] * self.cfg.num_iterations, metrics, shown)  # mu updates on the same samples
 
     def refill(self, model, out: dict, batch: dict, step: int, beta: float, kl: list) -> tuple[list[dict], list]:
         """DAPO's dynamic sampling for one micro-batch: its groups with all rewards equal are dropped,
@@ -250,20 +263,20 @@ class Rollouts:
         and (groups dropped, draws made, groups still missing)."""
         import random
 
-        g, want = self.cfg.num_generations, len(batch["ids"])
+        g, want, limit = self.cfg.num_generations, len(batch["ids"]), self.cfg.max_refills
         flat = flat_groups(out["rewards"], out["valid"], g)
         kept, have, dropped, draws = [], 0, int(flat.sum()), 0
         if (~flat).any():
             kept.append(select_groups(out, (~flat).nonzero().flatten(), g))
             have = int((~flat).sum())
         rng = random.Random(f"{self.cfg.seed}-{step}-{self.accelerator.process_index}")
-        while have < want and draws < self.cfg.max_refills and self.examples:
+        while have < want and draws < limit and self.examples:
             draws += 1
             chosen = [self.examples[i] for i in rng.sample(range(len(self.examples)), min(want, len(self.examples)))]
             extra = {**collate_prompts(chosen, self.tokenizer.pad_token_id), "weight": batch["weight"]}
             extra = {k: v.to(batch["input_ids"].device) if torch.is_tensor(v) else v for k, v in extra.items()}
             # its own generators: a prompt drawn again at this step does not repeat its samples
-            o = self.prepare(model, extra, -(step * (self.cfg.max_refills + 1) + draws), beta, kl)
+            o = self.prepare(model, extra, -(step * (limit + 1) + draws), beta, kl)
             f = flat_groups(o["rewards"], o["valid"], g)
             dropped += int(f.sum())
             take = (~f).nonzero().flatten()[: want - have]

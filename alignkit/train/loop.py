@@ -97,6 +97,15 @@ class TrainConfig:
     """LoRA rank (0: train all weights)."""
     lora_alpha: float = 0.0
     """LoRA scaling numerator (0: 2 * lora_r)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Layers that get adapters: module names (q_proj v_proj; a name matches itself or a dotted suffix, as in
+    peft), all-linear (every linear layer but the output head), or one regex matched against full module names."""
+    lora_dropout: float = 0.0
+    """Dropout on the input of each adapter during training."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale the adapters by lora_alpha / sqrt(lora_r) instead of lora_alpha / lora_r."""
+    use_dora: bool = False
+    """DoRA: weight-decomposed LoRA, a trained magnitude per output feature beside the low-rank direction update."""
     logging: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
     """Where metrics go besides the console and metrics.jsonl."""
     log_steps: int = 10
@@ -142,10 +151,19 @@ class TrainConfig:
             ("eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)"),
             ("early_stop_patience", self.early_stop_patience >= 0, ">= 0"),
             ("early_stop_threshold", self.early_stop_threshold >= 0, ">= 0"),
+            ("lora_r", self.lora_r >= 0, ">= 0"),
+            ("lora_alpha", self.lora_alpha >= 0, ">= 0"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+            ("lora_target_modules", len(self.lora_target_modules) > 0, "one or more module names"),
         ]
         for key, ok, wanted in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {wanted}, got {getattr(self, key)}")
+        if self.lora_r == 0:  # the LoRA keys shape adapters; without them they would be ignored
+            for key, default in (("lora_alpha", 0.0), ("lora_target_modules", ["all-linear"]), ("lora_dropout", 0.0),
+                                 ("use_rslora", False), ("use_dora", False)):
+                if getattr(self, key) != default:
+                    raise ConfigError(f"{key} needs lora_r > 0 (LoRA adapters); set lora_r, or leave {key} out")
         if self.data_weights:  # load_train_eval checks again: run(cfg) from Python skips validate()
             from alignkit.data.mixture import split_sources, weights_problem
 
@@ -240,7 +258,9 @@ class MetricLog:
         if self.accelerator.is_main_process:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        # trackers take numbers and text: a list (sampled completions) goes as JSON text
+        self.accelerator.log({k: json.dumps(v) if isinstance(v, list) else v for k, v in record.items() if k != "step"},
+                             step=record["step"])
 
 
 def make_accelerator(cfg: TrainConfig, project_name: str):
@@ -356,7 +376,7 @@ RUN_MARKERS = (CONFIG_FILE, "metrics.jsonl", "model.safetensors", "config.json",
 RUN_WRITES = RUN_MARKERS + (
     "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "generation_config.json",
     "tokenizer*", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-    "adapter", "init", "value", "round-*", "rounds.jsonl", "*.tmp", BEST_WEIGHTS,
+    "adapter", "init", "value", "round-*", "rounds.jsonl", "*.tmp", BEST_WEIGHTS, "README.md",
 )
 
 
@@ -498,23 +518,29 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     return path
 
 
-def load_trainable_model(cfg: TrainConfig, resume_from: Path | None):
+def load_trainable_model(cfg: TrainConfig, resume_from: Path | None, load: Callable | None = None,
+                         task_type: str = "CAUSAL_LM"):
     """The model to train: from `cfg.model` (plus fresh LoRA adapters), or from a checkpoint.
 
+    `load(path)` builds the model (default `load_causal_lm`; the reward model passes
+    `load_reward_backbone` and task_type "SEQ_CLS", which trains its `score` head in full).
+    With LoRA a checkpoint is the base from `cfg.model` plus the checkpoint's `adapter/`.
     Seeded first: new weights (LoRA adapters, a fresh head) are the same in every run."""
     from accelerate.utils import set_seed
 
     from alignkit.models.load import apply_lora, load_causal_lm
 
+    load = load or load_causal_lm
     set_seed(cfg.seed)
     if cfg.lora_r > 0:
-        model = load_causal_lm(cfg.model)
+        model = load(cfg.model)
         if resume_from is not None:
             from peft import PeftModel
 
             return PeftModel.from_pretrained(model, resume_from / "adapter", is_trainable=True)
-        return apply_lora(model, cfg.lora_r, cfg.lora_alpha or None)
-    return load_causal_lm(str(resume_from) if resume_from is not None else cfg.model)
+        return apply_lora(model, cfg.lora_r, cfg.lora_alpha or None, cfg.lora_dropout, cfg.lora_target_modules,
+                          use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type=task_type)
+    return load(str(resume_from) if resume_from is not None else cfg.model)
 
 
 def _rng_state() -> dict:
@@ -735,6 +761,8 @@ class StepPlan:
 
     updates: list[list[dict]]
     metrics: dict = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    """A few of the step's completions ({prompt, completion, reward}), shown at the next log step."""
 
 
 @dataclass
@@ -905,7 +933,7 @@ def train(
     window_steps, window_tokens, window_start = 0, 0.0, time.perf_counter()
     stop_on_nan = cfg.on_nan == "stop"
     bar = progress(total=total_steps, initial=start_step, desc=name, unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    last_eval = None
+    last_eval, samples = None, []
     for step in range(start_step, total_steps):
         step_start = time.perf_counter()
         indices = step_indices(step, len(examples), global_batch, steps_per_epoch, cfg.seed)
@@ -918,6 +946,7 @@ def train(
         plan = prepare(model, batches, step) if prepare is not None else batches
         if not isinstance(plan, StepPlan):  # one update on the given batches, in their order
             plan = StepPlan([[{**b, "weight": w} for b, w in zip(plan, weights)]])
+        samples = plan.samples or samples
         if len(plan.updates) != n_updates(step):
             raise TrainingError(f"step {step + 1}: prepare planned {len(plan.updates)} updates, "
                                 f"updates_per_step says {n_updates(step)}")
@@ -978,6 +1007,12 @@ def train(
             log(record)
             if "loss" in means:
                 bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{record['train/lr']:.2e}", refresh=False)
+            if samples:  # what the policy writes now (log_completions)
+                log({"step": done, "samples": samples})
+                if accelerator.is_main_process:
+                    bar.write(f"step {done}, sampled completions:\n" + "\n".join(
+                        f"  [{s['reward']:+.3f}] {s['prompt']!r} -> {s['completion']!r}" for s in samples))
+                samples = []
             window, window_steps, window_tokens, window_start = {}, 0, 0.0, time.perf_counter()
         last_eval = None
         if eval_examples and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != total_steps:
@@ -1016,7 +1051,10 @@ def train(
                       f"{last_eval[best.metric]:.4g} at step {end}", flush=True)
         log({"step": end, "best/step": best.step, "best/value": best.value})
     if accelerator.is_main_process:
+        from alignkit.models.card import write_model_card
+
         save_model(model, tokenizer, out, accelerator)
+        write_model_card(out, name, cfg, config_dict(cfg), result.eval_metrics, result.initial_eval_metrics)
         if best is not None:
             best_file.unlink(missing_ok=True)
     accelerator.wait_for_everyone()

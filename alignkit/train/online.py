@@ -119,6 +119,19 @@ def greedy_reward(policy, examples: list[dict], tokenizer, reward_fns, weights: 
     return {k: v / len(examples) for k, v in sums.items()}
 
 
+def sample_rows(input_ids, attention_mask, completion_mask, rewards, tokenizer, n: int) -> list[dict]:
+    """The first n rows of a rollout as {prompt, completion, reward} text, for log_completions."""
+    c = completion_mask.shape[1]
+    rows = []
+    for i in range(min(n, len(input_ids))):
+        prompt = input_ids[i, :-c][attention_mask[i, :-c].bool()] if c else input_ids[i][attention_mask[i].bool()]
+        completion = input_ids[i, -c:][completion_mask[i].bool()] if c else input_ids[i, :0]
+        rows.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                     "completion": tokenizer.decode(completion, skip_special_tokens=True),
+                     "reward": round(float(rewards[i]), 4)})
+    return rows
+
+
 def collate_prompts(examples: list[dict], pad_token_id: int) -> dict:
     from alignkit.data import pad_batch
 

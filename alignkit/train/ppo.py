@@ -39,7 +39,7 @@ from alignkit.train.common import print_summary, say
 from alignkit.train.loop import (StepPlan, TrainResult, load_trainable_model, make_accelerator, resolve_resume,
                                   step_indices, train)
 from alignkit.train.online import (OnlineConfig, collate_prompts, greedy_reward, load_prompts, load_rewards,
-                                   sample_completions, whiten_over_processes)
+                                   sample_completions, sample_rows, whiten_over_processes)
 from alignkit.train.reference import make_reference
 
 
@@ -53,6 +53,9 @@ class PPOConfig(OnlineConfig):
     """A `transformers.get_scheduler` name over the optimiser updates (steps x ppo_epochs x minibatches)."""
     warmup_ratio: float = 0.0
     """Fraction of the optimiser updates spent warming the learning rate up from 0 (not with constant)."""
+    log_completions: int = 0
+    """Every log_steps, show N of the step's sampled completions (prompt, completion, reward) on the console,
+    in metrics.jsonl ("samples") and in the tracker (0: none)."""
     batch_size: int = 8
     """Completions per PPO minibatch (one optimiser update each), over all processes together."""
     grad_accum: int = 1
@@ -185,7 +188,8 @@ def plan_step(cfg: PPOConfig, tokenizer, reward_fns, weights, reference, acceler
                    "explained_variance": (explained_variance(old_values, returns, mask) * real, real),
                    # each source's mean; one with weight 0 is watched, not optimised (e.g. a gold reward)
                    **{f"reward/{k}": (v * n, n) for k, v in per_source.items()}}
-        return StepPlan(updates, metrics)
+        shown = sample_rows(ids, attn, mask, scores, tokenizer, cfg.log_completions) if cfg.log_completions else []
+        return StepPlan(updates, metrics, shown)
     return prepare
 
 

@@ -8,6 +8,9 @@ with the margin taken from a preference record's `margin` field when it has one.
 Ranking data with K responses contributes all K(K-1)/2 pairs of a prompt, in the
 same forward pass. After training, the reward's mean and std over the held-out
 (or training) responses are stored in config.json for normalised scoring.
+
+With `lora_r > 0` the backbone trains LoRA adapters and the fresh scalar head (`score`)
+is trained in full; the saved model is merged, a plain sequence-classification directory.
 """
 
 from __future__ import annotations
@@ -22,17 +25,12 @@ from alignkit.config import require
 from alignkit.losses import bradley_terry_loss, ranking_pairs
 from alignkit.models.reward import batch_rewards, load_reward_backbone
 from alignkit.train.common import load_train_eval, print_summary, say
-from alignkit.train.loop import TrainConfig, TrainResult, make_accelerator, resolve_resume, train
+from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
 
 
 @dataclass
 class RewardConfig(TrainConfig):
     """A scalar reward model trained on preference or ranking data."""
-
-    lora_r: int = 0
-    """LoRA is not supported for reward models yet: any value but 0 is refused."""
-    lora_alpha: float = 0.0
-    """LoRA is not supported for reward models yet: any value but 0 is refused."""
 
     lr: float = 1e-4
     """Peak learning rate (AdamW)."""
@@ -91,16 +89,12 @@ def run(cfg: RewardConfig) -> TrainResult:
     from alignkit.models.load import load_tokenizer
 
     require(cfg, "model", "data")
-    if cfg.lora_r > 0 or cfg.lora_alpha:
-        raise ValueError("rm: LoRA reward models are not supported yet; set lora_r=0 and lora_alpha=0")
     train_records, eval_records = load_train_eval(cfg, cfg.data_kind)
     resume_from = resolve_resume(cfg)
-    source = str(resume_from) if resume_from else cfg.model
-    tokenizer = load_tokenizer(source)
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)  # the fresh scalar head starts the same in every run
-    model = load_reward_backbone(source)
+    tokenizer = load_tokenizer(str(resume_from) if resume_from else cfg.model)
+    # seeded: the fresh scalar head (and LoRA adapters) start the same in every run; with LoRA the
+    # head is trained in full beside the adapters, and a checkpoint is the base plus its adapter/
+    model = load_trainable_model(cfg, resume_from, load_reward_backbone, task_type="SEQ_CLS")
     model.config.pad_token_id = tokenizer.pad_token_id
     examples, report = tokenize_responses(train_records, tokenizer, cfg.max_length, cfg.truncation)
     report.check_not_all_truncated(cfg.data, cfg.max_length)
@@ -118,8 +112,13 @@ def run(cfg: RewardConfig) -> TrainResult:
     if cfg.normalize and accelerator.is_main_process:
         trained = accelerator.unwrap_model(model)
         mean, std = reward_stats(trained, eval_examples or examples, collate, cfg.batch_size, accelerator.device)
-        trained.config.reward_mean, trained.config.reward_std = mean, std
-        trained.config.save_pretrained(cfg.output_dir)
+        from transformers import AutoConfig
+
+        # added to the config.json the final save wrote (with LoRA, the merged model's: its
+        # architectures name the sequence-classification class, the unmerged wrapper's do not)
+        saved = AutoConfig.from_pretrained(cfg.output_dir)
+        saved.reward_mean, saved.reward_std = mean, std
+        saved.save_pretrained(cfg.output_dir)
         notes.append(f"reward over {'held-out' if eval_examples else 'training'} responses: mean {mean:.3f}, std {std:.3f} (stored for normalised scoring)")
     print_summary("rm", result, notes)
     return result

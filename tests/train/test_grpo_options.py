@@ -159,3 +159,26 @@ def test_dynamic_sampling_trains(tiny_model_dir, tmp_path, one_thread):
                   reward=["tests.train.test_grpo_options:half_flat"]))
     rows = [h for h in _history(tmp_path / "o") if "train/loss" in h]
     assert len(rows) == 2 and all(r["train/dynamic/dropped_groups"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "ppo"])
+def test_log_completions_shows_what_the_policy_writes(tiny_model_dir, tmp_path, one_thread, trainer, capsys):
+    import json
+
+    from alignkit.train import ppo
+
+    data = prompts_file(tmp_path / "p.jsonl", n=16)
+    if trainer == "grpo":
+        cfg = _cfg(tiny_model_dir, data, tmp_path / "o", max_steps=2, log_steps=2, log_completions=3)
+        grpo.run(cfg)
+    else:
+        ppo.run(ppo.PPOConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "o"),
+                              reward=["tests.helpers:digit_fraction"], rollout_batch_size=4, batch_size=4,
+                              ppo_epochs=1, max_new_tokens=6, max_steps=2, log_steps=2, log_completions=3,
+                              eval_fraction=0.0))
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    shown = [r["samples"] for r in rows if "samples" in r]
+    assert len(shown) == 1 and len(shown[0]) == 3  # one log step, three completions
+    assert all(s["prompt"].startswith("What is") and isinstance(s["reward"], float) for s in shown[0])
+    captured = capsys.readouterr()
+    assert "sampled completions:" in captured.out + captured.err

@@ -116,3 +116,41 @@ def test_reward_model_on_rankings_of_four_puts_best_above_worst(tiny_model_dir, 
     best = rm.score([r["prompt"] for r in records], [r["responses"][0] for r in records])
     worst = rm.score([r["prompt"] for r in records], [r["responses"][-1] for r in records])
     assert sum(b > w for b, w in zip(best, worst)) >= 0.9 * len(records)
+
+
+def test_lora_reward_model_learns_resumes_and_saves_a_plain_model(tiny_model_dir, tmp_path, one_thread):
+    """LoRA adapters on the backbone, the scalar head trained in full; the saved model is merged:
+    plain AutoModelForSequenceClassification weights that RewardModel.load scores with."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.helpers import preference_file
+
+    train_file, eval_file = preference_file(tmp_path / "t.jsonl", 64, 0), preference_file(tmp_path / "e.jsonl", 32, 1)
+    kw = dict(model=str(tiny_model_dir), data=str(train_file), eval_data=str(eval_file), max_steps=20, batch_size=8,
+              lr=3e-3, log_steps=5, lora_r=4, save_steps=10)
+    result = reward.run(reward.RewardConfig(output_dir=str(tmp_path / "rm"), **kw))
+    assert result.initial_eval_metrics["accuracy"] < 0.5 and result.eval_metrics["accuracy"] >= 0.9
+    assert result.eval_metrics["loss"] < result.initial_eval_metrics["loss"] - 0.3
+
+    out = tmp_path / "rm"
+    adapter = load_file(out / "adapter/adapter_model.safetensors")
+    assert any(k.endswith("score.weight") for k in adapter) and any("lora_A" in k for k in adapter)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    merged = AutoModelForSequenceClassification.from_pretrained(out).state_dict()
+    base = load_reward_backbone(str(tiny_model_dir)).state_dict()
+    assert merged.keys() == base.keys()  # no lora_A/B, base_layer or modules_to_save keys
+    changed = [k for k in base if k != "score.weight" and not torch.equal(base[k], merged[k])]
+    assert changed and all("proj" in k for k in changed)
+
+    rm = RewardModel.load(str(out))
+    records = [json.loads(line) for line in eval_file.read_text().splitlines()]
+    prompts = [r["prompt"] for r in records]
+    s_w, s_l = rm.score(prompts, [r["chosen"] for r in records]), rm.score(prompts, [r["rejected"] for r in records])
+    assert sum(w > l for w, l in zip(s_w, s_l)) >= 0.9 * len(records)
+    assert abs(sum(s_w + s_l) / (2 * len(records))) < 0.05  # normalisation stats saved with the merged model
+
+    # resume from a LoRA checkpoint: the base from `model`, adapters and head from checkpoint-10/adapter
+    reward.run(reward.RewardConfig(output_dir=str(tmp_path / "resumed"), resume=str(out / "checkpoint-10"), **kw))
+    a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "resumed/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
