@@ -192,8 +192,7 @@ def _completion_batch(prompt_ids: list[list[int]], completion_ids: list[list[int
 def completion_logprobs(model, prompt_examples: list[dict], completion_ids: list[list[int]], n: int, pad: int,
                         batch_size: int, temperature: float = 1.0) -> tuple[list[float], list[float]]:
     """Per completion: sum_t log pi(y_t | x, y_<t) and sum_t H(pi(. | x, y_<t)), at `temperature`."""
-    from alignkit.models.forward import forward_logprobs
-    from alignkit.ops import entropy_from_logits
+    from alignkit.models.forward import token_stats
 
     device = next(model.parameters()).device
     logps, entropies = [], []
@@ -202,9 +201,9 @@ def completion_logprobs(model, prompt_examples: list[dict], completion_ids: list
         prompt_ids = [prompt_examples[(start + i) // n]["input_ids"] for i in range(len(chunk))]  # prompt-major rows
         batch = _completion_batch(prompt_ids, chunk, pad)
         mask = batch["loss_mask"][:, 1:].to(device).bool()
-        lp, logits = forward_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                      temperature)
-        ent = entropy_from_logits(logits)
+        stats = token_stats(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), temperature,
+                            entropy=True)
+        lp, ent = stats.logprobs, stats.entropy
         logps += torch.where(mask, lp, 0).sum(-1).tolist()
         entropies += torch.where(mask, ent, 0).sum(-1).tolist()
     return logps, entropies

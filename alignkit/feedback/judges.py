@@ -241,7 +241,7 @@ class LocalLMJudge(Judge):
     def _label_probs(self, texts: list[str], labels: tuple[str, ...]) -> list[list[float]]:
         import torch
 
-        from alignkit.models.forward import forward_logprobs
+        from alignkit.models.forward import token_stats
 
         out = []
         for text in texts:
@@ -251,7 +251,7 @@ class LocalLMJudge(Judge):
             ids = torch.tensor([r + [self.tokenizer.pad_token_id] * (width - len(r)) for r in rows])
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
             with torch.no_grad():
-                lp = forward_logprobs(self.model, ids.to(self.model.device), mask.to(self.model.device))[0].cpu()
+                lp = token_stats(self.model, ids.to(self.model.device), mask.to(self.model.device)).logprobs.cpu()
             label_lp = {label: float(lp[i, len(prefix) - 1 : len(rows[i]) - 1].sum()) for i, label in enumerate(labels)}
             out.append(label_distribution(label_lp, labels))
             self.stats["calls"] += 1

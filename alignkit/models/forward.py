@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from alignkit.ops import masked_sum, token_logprobs
+from alignkit.ops import entropy_from_logits, masked_sum, token_logprobs
+from alignkit.ops.chunked_head import chunked_head
+
+CHUNKED_HEAD = "auto"
+"""How `token_stats` runs the output head: "on" in chunks of tokens (alignkit.ops.chunked_head: the
+logits are never held for the whole batch), "off" the full logits, "auto" chunks when the batch's
+logits would exceed AUTO_ELEMENTS. Set from a run's `chunked_head` key by the training loop."""
+AUTO_ELEMENTS = 1 << 28
+"""Logits (1 GiB in float32) above which "auto" chunks: the chunked backward recomputes each chunk's
+logits (one more head matmul: 0.76-0.93x the full path's step time at a 128k vocabulary,
+benchmarks/chunked_head.py), so below this the full path, faster, is kept."""
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -51,6 +63,67 @@ def forward_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return token_logprobs(logits, targets), logits
 
 
+@dataclass
+class TokenStats:
+    """Per-target-token outputs of `token_stats`, each [B, C] (hidden [B, C, H])."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    argmax: torch.Tensor
+    hidden: torch.Tensor | None
+
+
+def plain_head(model) -> torch.nn.Linear | None:
+    """The output head when the logits are exactly head(last hidden state): a plain nn.Linear
+    (not a LoRA-wrapped one) and no logit soft-capping or scaling in the config; else None."""
+    inner = getattr(model, "module", model)  # DDP
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    config = getattr(inner, "config", None)
+    if type(head) is not torch.nn.Linear or config is None:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", 1.0) not in (None, 1.0):
+        return None
+    return head
+
+
+def uses_chunked_head(model, rows: int) -> bool:
+    """Whether `token_stats` chunks the head for `rows` target tokens (see CHUNKED_HEAD)."""
+    head = plain_head(model)
+    if head is None or CHUNKED_HEAD == "off":
+        return False
+    return CHUNKED_HEAD == "on" or rows * head.weight.shape[0] > AUTO_ELEMENTS
+
+
+def token_stats(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                position_ids: torch.Tensor | None = None, columns: torch.Tensor | None = None,
+                entropy: bool = False, with_hidden: bool = False) -> TokenStats:
+    """`forward_logprobs`' log-probs (same shapes, same arguments), the entropy of each predicted
+    distribution (with `entropy`), its argmax and, `with_hidden`, the last hidden state; without
+    the [B, C, V] logits when the head runs in chunks (CHUNKED_HEAD). Values and gradients are
+    those of the full path (tests/ops/test_chunked_head.py)."""
+    rows = input_ids.shape[0] * (len(columns) if columns is not None else input_ids.shape[1] - 1)
+    if not uses_chunked_head(model, rows):
+        lp, logits, *hidden = forward_logprobs(model, input_ids, attention_mask, temperature, position_ids, columns,
+                                               with_hidden)
+        return TokenStats(lp, entropy_from_logits(logits) if entropy else None, logits.argmax(-1),
+                          hidden[0] if hidden else None)
+    if position_ids is None:
+        position_ids, mask = position_ids_from_mask(attention_mask), attention_mask
+    else:
+        mask = None
+    none = torch.empty(0, dtype=torch.long, device=input_ids.device)  # the model's own head runs on no column
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                output_hidden_states=True, logits_to_keep=none)
+    hidden = out.hidden_states[-1]
+    if columns is None:
+        hidden, targets = hidden[:, :-1], input_ids[:, 1:]
+    else:
+        hidden, targets = hidden[:, columns], input_ids[:, columns + 1]
+    head = plain_head(model)
+    lp, ent, argmax = chunked_head(hidden, head.weight, targets, head.bias, temperature, entropy=entropy)
+    return TokenStats(lp, ent, argmax, hidden if with_hidden else None)
+
+
 def sequence_logprobs(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(y | x) = sum_t m_t log pi(x_t | x_<t) per row, and the token count sum_t m_t.
 
@@ -64,8 +137,8 @@ def sequence_logprobs(model, batch: dict, temperature: float = 1.0) -> tuple[tor
         return shared_prompt_logprobs(model, batch, temperature)
     mask = batch["loss_mask"][:, 1:]
     columns = mask.any(0).nonzero().squeeze(-1)
-    logprobs, _ = forward_logprobs(model, batch["input_ids"], batch["attention_mask"], temperature,
-                                   position_ids=batch.get("position_ids"), columns=columns)
+    logprobs = token_stats(model, batch["input_ids"], batch["attention_mask"], temperature,
+                           position_ids=batch.get("position_ids"), columns=columns).logprobs
     return masked_sum(logprobs, mask[:, columns], dim=-1), mask.sum(-1)
 
 
@@ -133,11 +206,22 @@ def shared_prompt_logprobs(model, batch: dict, temperature: float = 1.0) -> tupl
     mask, segments = mask[:, targets], segments[:, targets]
     sources = batch["sources"][:, targets].clamp(min=0)  # -1 (nothing predicts it) only where mask is 0
     keep = sources[mask].unique()  # sorted: the columns whose logits are needed
-    out = model(input_ids=ids, attention_mask=_model_mask(shared_prompt_mask(batch["segment_ids"]), model),
-                position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep)
-    logits = out.logits if temperature == 1.0 else out.logits / temperature
-    index = torch.searchsorted(keep, sources).clamp(max=len(keep) - 1)  # out of range only where mask is 0
-    logprobs = _picked_logprobs(logits, index, ids[:, targets])  # [B, N]
+    attention = _model_mask(shared_prompt_mask(batch["segment_ids"]), model)
+    if uses_chunked_head(model, ids.shape[0] * len(targets)):
+        # the head in chunks on each target's source column: the last prompt column's hidden state
+        # is read once per response (K rows of H numbers), never a [B, N, V] block of logits
+        none = torch.empty(0, dtype=torch.long, device=ids.device)
+        out = model(input_ids=ids, attention_mask=attention, position_ids=batch["position_ids"], use_cache=False,
+                    output_hidden_states=True, logits_to_keep=none)
+        hidden = out.hidden_states[-1].gather(1, sources[:, :, None].expand(-1, -1, out.hidden_states[-1].shape[-1]))
+        head = plain_head(model)
+        logprobs = chunked_head(hidden, head.weight, ids[:, targets], head.bias, temperature)[0]
+    else:
+        out = model(input_ids=ids, attention_mask=attention, position_ids=batch["position_ids"], use_cache=False,
+                    logits_to_keep=keep)
+        logits = out.logits if temperature == 1.0 else out.logits / temperature
+        index = torch.searchsorted(keep, sources).clamp(max=len(keep) - 1)  # out of range only where mask is 0
+        logprobs = _picked_logprobs(logits, index, ids[:, targets])  # [B, N]
     responses = torch.arange(1, int(batch["group_sizes"].max()) + 1, device=ids.device)
     in_response = mask[:, :, None] & (segments[:, :, None] == responses)  # [B, N, K]
     sums = masked_sum(logprobs[:, :, None].expand(in_response.shape), in_response, dim=1)  # [B, K]

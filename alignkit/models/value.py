@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from alignkit.models.forward import forward_logprobs
+from alignkit.models.forward import token_stats
 from alignkit.models.reward import token_values
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -41,18 +41,19 @@ class PolicyAndValue(torch.nn.Module):
         """The policy's config (its positions, its vocabulary)."""
         return self.policy.config
 
-    def forward(self, ids, attn, temperature: float, columns):
+    def forward(self, ids, attn, temperature: float, columns, entropy: bool = False):
         """`logprobs_and_values`. Training passes go through here, i.e. through the DDP wrapper's
         forward: DDP averages the gradients of a backward only after its own forward ran."""
-        return self.logprobs_and_values(ids, attn, temperature, columns)
+        return self.logprobs_and_values(ids, attn, temperature, columns, entropy)
 
-    def logprobs_and_values(self, ids, attn, temperature: float, columns):
-        """log pi, the logits and V at `columns`: [N, C], [N, C, V], [N, C] float32."""
+    def logprobs_and_values(self, ids, attn, temperature: float, columns, entropy: bool = False):
+        """log pi, the entropy of pi (None unless `entropy`) and V at `columns`: [N, C] float32 each
+        (`token_stats`: the head in chunks when the logits would be large)."""
         if isinstance(self.value, ValueHead):  # one forward through the shared backbone
-            logprobs, logits, hidden = forward_logprobs(self.policy, ids, attn, temperature, columns=columns, with_hidden=True)
-            return logprobs, logits, self.value.score(hidden).squeeze(-1).float()
-        logprobs, logits = forward_logprobs(self.policy, ids, attn, temperature, columns=columns)
-        return logprobs, logits, token_values(self.value, ids, attn, columns)
+            stats = token_stats(self.policy, ids, attn, temperature, columns=columns, entropy=entropy, with_hidden=True)
+            return stats.logprobs, stats.entropy, self.value.score(stats.hidden).squeeze(-1).float()
+        stats = token_stats(self.policy, ids, attn, temperature, columns=columns, entropy=entropy)
+        return stats.logprobs, stats.entropy, token_values(self.value, ids, attn, columns)
 
     def save_pretrained(self, path):
         """The policy at `path`, loadable by plain transformers (with LoRA: merged, the adapter

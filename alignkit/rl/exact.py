@@ -113,9 +113,9 @@ def sequence_batch(tokenizer, responses: list[tuple[str, ...]]) -> dict:
 
 def response_logprobs(model, batch: dict) -> torch.Tensor:
     """log pi(y|x) = sum_t log pi(y_t | x, y_<t), EOS included, of every row: [P, Y] (one forward)."""
-    from alignkit.models.forward import forward_logprobs
+    from alignkit.models.forward import token_stats
 
-    logprobs, _ = forward_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    logprobs = token_stats(model, batch["input_ids"], batch["attention_mask"]).logprobs
     return (logprobs * batch["response_mask"]).sum(-1).view(len(PROMPTS), -1)
 
 

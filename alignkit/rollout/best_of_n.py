@@ -82,10 +82,11 @@ def sample_and_score(model, tokenizer, examples: list[dict], n: int, reward_fns:
     """Sample `n` completions of each prompt example (from `tokenize_prompts`) and score each once.
 
     `batch_size` counts completions per `sample` call: batch_size // n prompts (at least
-    one), each repeated n times; a prompt's group is never split. Completion k of the example
-    with id i draws from its own generator seeded by (seed, i, k) (`completion_generators`):
-    the samples do not depend on `batch_size` or on how the examples were shared out over
-    processes. With no `reward_fns` every reward is 0: plain generation (the app's contestants).
+    one), each prefilled once for its n completions; a prompt's group is never split.
+    Completion k of the example with id i draws from its own generator seeded by (seed, i, k)
+    (`completion_generators`): the samples do not depend on `batch_size` or on how the
+    examples were shared out over processes. With no `reward_fns` every reward is 0: plain
+    generation (the app's contestants).
     """
     from alignkit.data import pad_batch
     from alignkit.rollout.rewards import score_rollout
@@ -100,9 +101,8 @@ def sample_and_score(model, tokenizer, examples: list[dict], n: int, reward_fns:
         chunk = examples[start : start + per_call]
         batch = pad_batch(chunk, tokenizer.pad_token_id, side="left")
         rollout = sample(
-            model, batch["input_ids"].to(device).repeat_interleave(n, 0),
-            batch["attention_mask"].to(device).repeat_interleave(n, 0), max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), num_samples=n,
+            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             temperature=temperature, top_k=top_k, top_p=top_p,
             generator=completion_generators(seed, [ex.get("id", start + j) for j, ex in enumerate(chunk)], n),
         )

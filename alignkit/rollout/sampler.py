@@ -12,6 +12,10 @@
     new_lp, _ = forward_logprobs(policy, rollout.input_ids, rollout.attention_mask, temperature=0.7)
     new_lp = new_lp[:, rollout.prompt_ids.shape[1] - 1 :]   # [N, C], aligned with rollout.logprobs
 
+Several completions of each prompt (GRPO's group, best-of-n) come from `num_samples=n` on the
+DISTINCT prompts: each prompt is prefilled once and its KV cache copied to its n rows, where
+repeating the prompts first would prefill each of them n times.
+
 Unlike `model.generate`, `sample` returns what an RL learner needs in one object: the
 sampled ids, a completion mask that includes the EOS that ended a row, the sampling
 log-probs and whether each row ended. vLLM is the other backend (later) behind the same
@@ -41,6 +45,9 @@ class Rollout:
         completion_mask is 0 (temperature 1 for greedy sampling).
     ended: [N] bool, True when the row emitted EOS within max_new_tokens; False when it was
         cut off at the limit (that is not an ending: do not append an EOS to it).
+    shared_prefill: True when each distinct prompt was prefilled once and its KV cache copied to
+        its num_samples rows; False when every row was prefilled (one sample per prompt, or a
+        cache `sample` cannot expand: see `expand_cache`).
     """
 
     prompt_ids: Tensor
@@ -49,6 +56,7 @@ class Rollout:
     completion_mask: Tensor
     logprobs: Tensor
     ended: Tensor
+    shared_prefill: bool = False
 
     @property
     def input_ids(self) -> Tensor:
@@ -102,7 +110,7 @@ def completion_generators(seed: int, prompt_ids: list[int], n: int) -> list[torc
     """One CPU generator per completion, n per prompt, in prompt-major order: completion k of
     prompt i is seeded with (seed * 1_000_033 + i) * 101 + k.
 
-    Handed to `sample` (prompts repeated n times each), a completion then depends only on
+    Handed to `sample(num_samples=n)` (or with the prompts repeated n times each), a completion then depends only on
     (seed, prompt id, k): not on which process, micro-batch or batch size it was drawn in.
     """
     return [torch.Generator().manual_seed((seed * 1_000_033 + i) * 101 + k) for i in prompt_ids for k in range(n)]
@@ -134,6 +142,8 @@ def preallocated_cache(model, capacity: int):
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
+        expandable = True  # `expand_cache` knows its state: the two buffers and the filled length
+
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.device, self.is_initialized, self.length = key_states.device, True, 0
@@ -148,6 +158,21 @@ def preallocated_cache(model, capacity: int):
             self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
             return self.keys, self.values
 
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if not self.is_initialized:
+                return
+
+            def grow(buffer: Tensor) -> Tensor:
+                # Only the filled positions are copied: one broadcast write into the new rows.
+                rows, rest = buffer.shape[0], buffer.shape[1:]
+                out = buffer.new_empty((rows * repeats, *rest))
+                out.view(rows, repeats, *rest)[:, :, :, : self.length] = buffer[:, None, :, : self.length]
+                return out
+
+            self.key_buffer, self.value_buffer = grow(self.key_buffer), grow(self.value_buffer)
+            self.keys = self.key_buffer[:, :, : self.length]
+            self.values = self.value_buffer[:, :, : self.length]
+
     try:
         cache = DynamicCache(config=model.config)
     except Exception:  # noqa: BLE001 - a config this transformers cannot read: let the model decide
@@ -158,16 +183,64 @@ def preallocated_cache(model, capacity: int):
     return cache
 
 
+def expand_cache(cache, repeats: int) -> bool:
+    """Repeat each row of a filled KV cache `repeats` times along the batch, in place and
+    prompt-major (row i becomes rows i*repeats .. i*repeats + repeats - 1); False, cache
+    untouched, when it is not one whose whole per-row state is known to be its keys and values.
+
+    Known: a transformers `DynamicCache` made of `DynamicLayer`s, `DynamicSlidingWindowLayer`s
+    (each repeated by transformers' own `batch_repeat_interleave`) and `preallocated_cache`'s
+    buffer layers. Linear-attention, quantised, offloaded or KV-sharing caches keep other
+    per-row state: `sample` repeats the prompts for those instead.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    if type(cache) is not DynamicCache or not cache.layers or getattr(cache, "offloading", False):
+        return False
+    known = (DynamicLayer, DynamicSlidingWindowLayer)
+    if not all(type(layer) in known or getattr(type(layer), "expandable", False) for layer in cache.layers):
+        return False
+    cache.batch_repeat_interleave(repeats)
+    return True
+
+
+def shared_prefill_cache(model, capacity: int):
+    """A cache that `expand_cache` can expand after the prefill, for `model`: the buffer-backed
+    `preallocated_cache`, else a transformers `DynamicCache` built from the model's config (what
+    the model would build itself) when all its layers are full or sliding-window attention;
+    None when neither (the prompts are then repeated)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = preallocated_cache(model, capacity)
+    if cache is not None:
+        return cache
+    try:
+        cache = DynamicCache(config=model.config)
+    except Exception:  # noqa: BLE001 - a config this transformers cannot read
+        return None
+    known = (DynamicLayer, DynamicSlidingWindowLayer)
+    return cache if cache.layers and all(type(layer) in known for layer in cache.layers) else None
+
+
 @torch.no_grad()
 def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int, eos_token_id: int | list[int],
-           pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           pad_token_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
            generator: torch.Generator | list[torch.Generator] | None = None) -> Rollout:
-    """Sample up to `max_new_tokens` tokens after each left-padded prompt, with a KV cache.
+    """Sample `num_samples` completions of up to `max_new_tokens` tokens after each left-padded
+    prompt, with a KV cache.
 
-    prompt_ids, prompt_mask: [N, P], left padded (the last column is a real token in every
-    row). One prefill forward over the prompts, then one forward per new token that feeds
-    only that token, its position and the cache. Rows stop independently at an EOS (any id
-    in `eos_token_id`); the loop stops when all have, so C <= max_new_tokens.
+    prompt_ids, prompt_mask: [M, P], left padded (the last column is a real token in every
+    row). One prefill forward over the M prompts; with num_samples = n > 1 the prefill's KV
+    cache and last logits are then repeated to N = M * n rows, prompt-major (row i*n + k is
+    sample k of prompt i), exactly as if the prompts had been repeated n times first, but
+    each prompt is prefilled once. Fallback: for a model whose cache `expand_cache` does not
+    know (linear attention, quantised, ...; see `shared_prefill_cache`), or that built its own
+    cache instead of using the one it was given, every row is prefilled (the prompts repeated
+    first, as callers did before): the same rollout, with `Rollout.shared_prefill` False.
+    Then one forward per new token that feeds only that token, its position and the cache.
+    Rows stop independently at an EOS (any id in `eos_token_id`); the loop stops when all
+    have, so C <= max_new_tokens. The returned prompt_ids / prompt_mask are [N, P] (each
+    prompt repeated n times), the other fields [N, ...].
 
     Tokens are drawn from softmax(logits / temperature), restricted by top_k / top_p;
     temperature 0 is greedy (argmax). The returned log-probs are log softmax(logits /
@@ -177,17 +250,21 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: in
     log-probs are not those of the (truncated) sampling distribution.
     The same `generator` state gives the same rollout. A list of N CPU generators draws row
     i from generator i alone: a row's completion then does not depend on which rows share
-    its batch (how prompts were split over processes and micro-batches).
+    its batch (how prompts were split over processes and micro-batches), nor on whether its
+    prompt was prefilled once for all its samples.
     """
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} "
-                         "must both be [N, P]")
+                         "must both be [M, P]")
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be left padded: the last column of prompt_mask must be 1 in every row")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     device = prompt_ids.device
-    n, p = prompt_ids.shape
+    m, p = prompt_ids.shape
+    n = m * num_samples
     if isinstance(generator, (list, tuple)) and len(generator) != n:
         raise ValueError(f"{len(generator)} generators for {n} rows")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
@@ -197,22 +274,35 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: in
     completion_mask = torch.zeros((n, max_new_tokens), dtype=torch.long, device=device)
     logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
     ended = torch.zeros(n, dtype=torch.bool, device=device)
+    rows_ids, rows_mask = ((prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0))
+                           if num_samples > 1 else (prompt_ids, prompt_mask))
     # The attention mask grows by one column per step; slicing a preallocated one avoids a copy.
-    attention_mask = torch.cat([prompt_mask.long(), torch.ones((n, max_new_tokens), dtype=torch.long, device=device)], 1)
-    position_ids = position_ids_from_mask(prompt_mask)
+    attention_mask = torch.cat([rows_mask.long(), torch.ones((n, max_new_tokens), dtype=torch.long, device=device)], 1)
 
     # transformers 5.24 renamed `past_key_values` to `cache`; accept both.
     cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def prefill(ids: Tensor, mask: Tensor, cache):
+        position_ids = position_ids_from_mask(mask)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                    logits_to_keep=1, **({cache_kwarg: cache} if cache is not None else {}))
+        return _cache_of(out), out.logits[:, -1], position_ids[:, -1:]
+
     was_training = model.training
     model.eval()
     try:
-        cache = preallocated_cache(model, p + max_new_tokens)
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1, **({cache_kwarg: cache} if cache is not None else {}))
-        cache, position = _cache_of(out), position_ids[:, -1:]
+        capacity = p + max_new_tokens
+        cache = shared_prefill_cache(model, capacity) if num_samples > 1 else None
+        shared = cache is not None
+        if shared:  # the distinct prompts, then each row of their cache repeated num_samples times
+            cache, last, position = prefill(prompt_ids, prompt_mask, cache)
+            shared = expand_cache(cache, num_samples)
+            last, position = last.repeat_interleave(num_samples, 0), position.repeat_interleave(num_samples, 0)
+        if not shared:  # every row; also when the model built its own cache rather than use the one it was given
+            cache, last, position = prefill(rows_ids, rows_mask, preallocated_cache(model, capacity))
         steps = 0
         for t in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
+            logits = last.float()
             if temperature > 0:
                 logits = logits / temperature
                 probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
@@ -236,15 +326,16 @@ def sample(model, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: in
             position = position + 1
             out = model(input_ids=token[:, None], attention_mask=attention_mask[:, : p + t + 1],
                         position_ids=position, use_cache=True, **{cache_kwarg: cache})
-            cache = _cache_of(out)
+            cache, last = _cache_of(out), out.logits[:, -1]
     finally:
         model.train(was_training)
 
     return Rollout(
-        prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
+        prompt_ids=rows_ids,
+        prompt_mask=rows_mask,
         completion_ids=completion_ids[:, :steps],
         completion_mask=completion_mask[:, :steps],
         logprobs=logprobs[:, :steps],
         ended=ended,
+        shared_prefill=shared,
     )

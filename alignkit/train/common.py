@@ -9,7 +9,7 @@ import torch
 
 from alignkit.config import ConfigError
 from alignkit.losses import sft_loss
-from alignkit.models.forward import forward_logprobs
+from alignkit.models.forward import token_stats
 from alignkit.train.loop import TrainConfig, TrainResult
 
 
@@ -20,13 +20,13 @@ def lm_step(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     prompt masked out, the columns every prompt covers are skipped (no logits, no softmax)."""
     mask = batch["loss_mask"][:, 1:]
     columns = None if bool(mask.all()) else mask.any(0).nonzero().squeeze(-1)
-    logprobs, logits = forward_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                        position_ids=batch.get("position_ids"), columns=columns)
+    stats = token_stats(model, batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"),
+                        columns=columns)
     targets = batch["input_ids"][:, 1:]
     if columns is not None:
         mask, targets = mask[:, columns], targets[:, columns]
-    loss_sum, metrics = sft_loss(logprobs, mask)
-    correct = (logits.argmax(-1) == targets) & mask.bool()
+    loss_sum, metrics = sft_loss(stats.logprobs, mask)
+    correct = (stats.argmax == targets) & mask.bool()
     return loss_sum, {**metrics, "accuracy": correct.sum()}
 
 

@@ -49,8 +49,8 @@ import torch
 from alignkit.config import require
 from alignkit.losses import aggregate, clipped_policy_loss, kl_penalty_loss
 from alignkit.losses.policy import aggregation_units, sequence_level_logprobs
-from alignkit.models.forward import forward_logprobs
-from alignkit.ops import adaptive_kl_beta, advantage_estimator, entropy_from_logits, kl_k1, masked_sum
+from alignkit.models.forward import token_stats
+from alignkit.ops import adaptive_kl_beta, advantage_estimator, kl_k1, masked_sum
 from alignkit.train.common import print_summary, say
 from alignkit.train.loop import StepPlan, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
 from alignkit.train.online import (OnlineConfig, collate_prompts, greedy_reward, load_prompts, load_rewards,
@@ -303,8 +303,8 @@ class Rollouts:
             "ids": batch["ids"], "reward_sources": per_source, "weight": batch["weight"], "beta": beta,
         }
         if cfg.beta > 0:
-            out["ref_logprobs"] = self.reference(model, lambda m: forward_logprobs(
-                m, out["input_ids"], out["attention_mask"], cfg.temperature, columns=columns)[0])
+            out["ref_logprobs"] = self.reference(model, lambda m: token_stats(
+                m, out["input_ids"], out["attention_mask"], cfg.temperature, columns=columns).logprobs)
             # the sampler's log-probs are pi's at the sampling temperature: k1 of the sampled tokens
             kl[0] += float(masked_sum(rollout.logprobs - out["ref_logprobs"], rollout.completion_mask)
                            * batch["weight"])
@@ -372,8 +372,9 @@ def select_groups(out: dict, groups, g: int) -> dict:
 def make_policy_step(cfg: GRPOConfig):
     def policy_step(model, batch):
         mask, loss_mask = batch["completion_mask"], batch["loss_mask"]
-        logprobs, logits = forward_logprobs(model, batch["input_ids"], batch["attention_mask"], cfg.temperature,
-                                            columns=batch["columns"])
+        stats = token_stats(model, batch["input_ids"], batch["attention_mask"], cfg.temperature,
+                            columns=batch["columns"], entropy=bool(cfg.entropy_coef))
+        logprobs = stats.logprobs
         # pi_old is the policy that sampled. With one update per batch of samples that is these
         # very weights: the ratio is exactly 1 and the clip is inert. With mu > 1 it is the
         # sampler's log-probs, and from the second update on the ratio moves and the clip acts.
@@ -403,7 +404,7 @@ def make_policy_step(cfg: GRPOConfig):
             metrics["kl_per_token"] = (masked_sum(kl.detach(), mask), n_tok)
             metrics["kl_per_completion"] = (masked_sum(kl.detach(), mask), n_seq)
         if cfg.entropy_coef:
-            entropy = entropy_from_logits(logits)
+            entropy = stats.entropy
             per_token = per_token - cfg.entropy_coef * torch.where(loss_mask.bool(), entropy, 0)
             metrics["entropy"] = (masked_sum(entropy.detach(), mask), n_tok)
         if cfg.mask_truncated_completions:

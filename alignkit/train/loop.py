@@ -124,6 +124,10 @@ class TrainConfig:
     """Resume even if the data, process count or batch geometry changed."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient stops training, or skips that optimiser update leaving weights unchanged."""
+    chunked_head: Literal["auto", "on", "off"] = "auto"
+    """The output head and its log-softmax in chunks of tokens, the logits never held for the whole batch (on:
+    less memory, one more head matmul in the backward), the full logits (off), or chunks only when a batch's
+    logits would exceed 2^28 values, 1 GiB in float32 (auto); same values and gradients either way."""
     best_metric: str = ""
     """An eval metric (as logged, without `eval/`: loss, reward, reward/SOURCE) whose best evaluation's weights
     become the final model: a later, worse model is rolled back (empty: the last weights)."""
@@ -265,8 +269,14 @@ class MetricLog:
 
 def make_accelerator(cfg: TrainConfig, project_name: str):
     """One Accelerator per run. Without CUDA but with WORLD_SIZE > 1 (torchrun on CPUs)
-    accelerate must be told `cpu=True`, or every rank silently trains alone."""
+    accelerate must be told `cpu=True`, or every rank silently trains alone. Also sets the
+    run's process-wide switch `chunked_head` (every forward of the run reads it, the reference's
+    and the rollout's included)."""
     from accelerate import Accelerator
+
+    from alignkit.models import forward
+
+    forward.CHUNKED_HEAD = cfg.chunked_head
 
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if cfg.precision == "auto":

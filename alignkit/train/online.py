@@ -146,10 +146,12 @@ def sample_completions(policy, batch: dict, cfg: OnlineConfig, tokenizer, step: 
 
     Completion k of prompt i at step s draws from its own generator, seeded by (seed, s, i, k):
     the samples are the same however the prompts are split over processes and micro-batches,
-    and a resumed run draws exactly what an uninterrupted one would."""
+    and a resumed run draws exactly what an uninterrupted one would. Each distinct prompt is
+    prefilled once for its n completions (`sample(num_samples=n)`); the rollout's prompt_ids
+    are [B * n, P], prompt-major."""
     from alignkit.rollout.sampler import completion_generators, sample
 
-    return sample(policy, batch["input_ids"].repeat_interleave(n, 0), batch["attention_mask"].repeat_interleave(n, 0),
+    return sample(policy, batch["input_ids"], batch["attention_mask"], num_samples=n,
                   max_new_tokens=cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                   generator=completion_generators(cfg.seed * 1_000_003 + step, batch["ids"].tolist(), n))

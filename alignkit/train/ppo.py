@@ -32,9 +32,9 @@ import torch
 
 from alignkit.config import require
 from alignkit.losses import aggregate, clipped_policy_loss, clipped_value_loss
-from alignkit.models.forward import forward_logprobs
+from alignkit.models.forward import token_stats
 from alignkit.models.value import VALUE_HEAD_FILE, PolicyAndValue, load_critic
-from alignkit.ops import adaptive_kl_beta, entropy_from_logits, explained_variance, gae, kl_estimator, masked_sum
+from alignkit.ops import adaptive_kl_beta, explained_variance, gae, kl_estimator, masked_sum
 from alignkit.train.common import print_summary, say
 from alignkit.train.loop import (StepPlan, TrainResult, load_trainable_model, make_accelerator, resolve_resume,
                                   step_indices, train)
@@ -144,10 +144,9 @@ def plan_step(cfg: PPOConfig, tokenizer, reward_fns, weights, reference, acceler
                                                  timeout=cfg.reward_timeout, missing_eos_penalty=cfg.missing_eos_penalty)
         scores = scores.to(device)
         with torch.no_grad(), accelerator.autocast():
-            old_logprobs, logits, old_values = both.logprobs_and_values(ids, attn, cfg.temperature, columns)
-            entropy = masked_sum(entropy_from_logits(logits), mask)
-            del logits
-        ref_logprobs = reference(both.policy, lambda m: forward_logprobs(m, ids, attn, cfg.temperature, columns=columns)[0])
+            old_logprobs, entropy, old_values = both.logprobs_and_values(ids, attn, cfg.temperature, columns, entropy=True)
+            entropy = masked_sum(entropy, mask)
+        ref_logprobs = reference(both.policy, lambda m: token_stats(m, ids, attn, cfg.temperature, columns=columns).logprobs)
 
         # --- 2. rewards with KL: -beta kl_t per token, the sequence reward on the last token ---
         kl_t = torch.where(mask.bool(), kl_estimator(cfg.kl_estimator)(old_logprobs, ref_logprobs), 0.0)
