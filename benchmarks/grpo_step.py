@@ -38,6 +38,12 @@ common.run_child). Rewards are logged every step; the report gives the mean trai
 reward of the first and last `window` steps (quality parity: both should move alike).
 `run_case` is run.py's `grpo` case; `train_tokens` (for MFU) is completions x (the prompt
 set's mean prompt tokens + that side's mean logged completion length).
+
+`--prompt_tokens N` is the long-prompt case of reasoning RL: each prompt is N tokens of real
+movie-review text (alignkit/tasks/sentiment.py's snippets, joined and cut to N tokens, then
+the question) instead of a short arithmetic question, the model fixture's positions widened to
+fit. `--share_prompt off` runs alignkit with a row per completion (its default is one row per
+group, the prompt computed once) so that both of alignkit's layouts can be set against TRL.
 """
 
 from __future__ import annotations
@@ -67,9 +73,11 @@ def digit_share(prompts, completions, **kwargs) -> list[float]:
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
 
 
-def build_fixture(work: Path, n_prompts: int, size: str = "small", seed: int = 0) -> dict:
+def build_fixture(work: Path, n_prompts: int, size: str = "small", seed: int = 0, prompt_tokens: int = 0,
+                  max_new_tokens: int = 64) -> dict:
     """A tiny Llama of `size` and arithmetic prompts (prompts.jsonl); also ppo_step.py's fixture.
-    Returns the parameter count and the mean prompt length in tokens (with BOS)."""
+    With `prompt_tokens`, each prompt leads with that many tokens of review text (see the module
+    docstring). Returns the parameter count and the mean prompt length in tokens (with BOS)."""
     rng = random.Random(seed)
 
     def prompt():
@@ -78,7 +86,23 @@ def build_fixture(work: Path, n_prompts: int, size: str = "small", seed: int = 0
 
     prompts = [prompt() for _ in range(n_prompts)]
     corpus = prompts + [f" The answer is {rng.randint(0, 4000)}." for _ in range(2000)]
-    _, params = build_tiny(work / "model", corpus, **SIZES[size])
+    if not prompt_tokens:
+        _, params = build_tiny(work / "model", corpus, **SIZES[size])
+    else:
+        sys.path.insert(0, str(ROOT))
+        from alignkit.tasks import sentiment
+
+        texts = [s["text"] for s in sentiment.snippets()]
+        tokenizer, params = build_tiny(work / "model", corpus + texts[:2000], **SIZES[size],
+                                       max_position_embeddings=prompt_tokens + max_new_tokens + 64)
+        rng.shuffle(texts)
+        pool, long = iter(texts * 10), []
+        for question in prompts:
+            ids: list[int] = []
+            while len(ids) < prompt_tokens:
+                ids += tokenizer(" " + next(pool), add_special_tokens=False)["input_ids"]
+            long.append(tokenizer.decode(ids[:prompt_tokens]) + "\n" + question)
+        prompts = long
     write_jsonl(work / "prompts.jsonl", [{"prompt": p} for p in prompts])
     # a prompt's tokens: BOS + prompt (token_lengths also counts the EOS of an empty completion)
     mean_prompt = statistics.fmean(token_lengths(work / "model", prompts, [""] * len(prompts))) - 1
@@ -126,7 +150,8 @@ def child_alignkit(work: Path, args) -> dict:
             num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, temperature=1.0,
             reward=[REWARD_SPEC], lr=args.lr, beta=args.beta, clip_eps=0.2, loss_level="sequence", scale_rewards=True,
             lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, log_steps=1, seed=0, precision="no",
-            lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r,
+            lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r, share_prompt=args.share_prompt == "on",
+            max_length=4096,
         ))
     job_s = time.perf_counter() - start
     steps = [h for h in result.history if "train/reward" in h]
@@ -184,17 +209,19 @@ def child_trl(work: Path, args) -> dict:
 
 def run_case(work: Path, size: str = "small", steps: int = 30, batch_size: int = 64, num_generations: int = 8,
              max_new_tokens: int = 64, lr: float = 5e-4, beta: float = 0.04, window: int = 5, repeats: int = 2,
-             threads: int = 1, lora_r: int = 0) -> dict:
+             threads: int = 1, lora_r: int = 0, prompt_tokens: int = 0, share_prompt: str = "on") -> dict:
     """One GRPO comparison in `work` (its fixture built there first); lora_r > 0 trains LoRA adapters."""
     if batch_size % num_generations:
         raise ValueError("batch_size counts completions and must be a multiple of num_generations")
     ensure_trl()
     completions = steps * batch_size
     window = max(1, min(window, steps // 2))
-    fixture = build_fixture(work, n_prompts=max(completions // num_generations, 256), size=size)
+    fixture = build_fixture(work, n_prompts=max(completions // num_generations, 256), size=size,
+                            prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens)
     argv = ["--work", str(work), "--steps", str(steps), "--batch_size", str(batch_size),
             "--num_generations", str(num_generations), "--max_new_tokens", str(max_new_tokens),
-            "--lr", str(lr), "--beta", str(beta), "--threads", str(threads), "--lora_r", str(lora_r)]
+            "--lr", str(lr), "--beta", str(beta), "--threads", str(threads), "--lora_r", str(lora_r),
+            "--share_prompt", share_prompt]
     runs = alternate(__file__, argv, repeats, threads)
 
     def summary(lib: str, rs: list[dict]) -> dict:
@@ -204,7 +231,8 @@ def run_case(work: Path, size: str = "small", steps: int = 30, batch_size: int =
     case = {"case": "grpo_lora" if lora_r else "grpo", "size": size, "lora_r": lora_r, "params": fixture["params"], "unit": "completions/s",
             "rate_key": "completions_per_s", "steps": steps, "completions_per_step": batch_size,
             "num_generations": num_generations, "prompts_per_step": batch_size // num_generations,
-            "max_new_tokens": max_new_tokens, "lr": lr, "beta": beta, "temperature": 1.0, "reward": "digit_share",
+            "max_new_tokens": max_new_tokens, "prompt_tokens": prompt_tokens or round(fixture["mean_prompt_tokens"], 1),
+            "alignkit_share_prompt": share_prompt, "lr": lr, "beta": beta, "temperature": 1.0, "reward": "digit_share",
             "reward_window": window, "threads": runs["alignkit"][0]["threads"]}
     return side_by_side(case, runs, "completions_per_s", summary)
 
@@ -218,6 +246,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--lora_r", type=int, default=0, help="LoRA rank on both sides (0: full fine-tuning)")
+    parser.add_argument("--prompt_tokens", type=int, default=0, help="long prompts of N tokens of review text (0: short)")
+    parser.add_argument("--share_prompt", choices=["on", "off"], default="on", help="alignkit's layout")
     add_case_arguments(parser)
     parser.add_argument("--window", type=int, default=5, help="steps averaged for the first / last reward")
     args = parser.parse_args()
@@ -233,7 +263,8 @@ def main() -> None:
         parser.error("batch_size counts completions and must be a multiple of num_generations")
     with tempfile.TemporaryDirectory(prefix="alignkit-grpo-") as tmp:
         case = run_case(Path(tmp), args.size, args.steps, args.batch_size, args.num_generations, args.max_new_tokens,
-                        args.lr, args.beta, args.window, args.repeats, args.threads, args.lora_r)
+                        args.lr, args.beta, args.window, args.repeats, args.threads, args.lora_r, args.prompt_tokens,
+                        args.share_prompt)
     print(json.dumps({"benchmark": "grpo_step", "trl_version": TRL_VERSION, **case}, indent=1))
 
 

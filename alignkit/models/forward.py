@@ -190,6 +190,37 @@ def _picked_logprobs(logits: torch.Tensor, index: torch.Tensor, labels: torch.Te
     return logits[rows, index, labels].float() - lse.gather(1, index)
 
 
+def _shared_prompt_targets(model, batch: dict, temperature: float, entropy: bool = False):
+    """The forward of a `pad_shared_prompt` batch: (log-probs [B, N], entropies [B, N] or None,
+    the target columns [N], their loss mask [B, N] and segment ids [B, N]) at the N columns that
+    hold some row's response token. Column c's token is predicted from column sources[b, c]."""
+    ids, mask, segments = batch["input_ids"], batch["loss_mask"].bool(), batch["segment_ids"]
+    targets = mask.any(0).nonzero().squeeze(-1)  # columns holding some row's response token
+    mask, segments = mask[:, targets], segments[:, targets]
+    sources = batch["sources"][:, targets].clamp(min=0)  # -1 (nothing predicts it) only where mask is 0
+    keep = sources[mask].unique()  # sorted: the columns whose logits are needed
+    attention = _model_mask(shared_prompt_mask(batch["segment_ids"]), model)
+    ent = None
+    if uses_chunked_head(model, ids.shape[0] * len(targets)):
+        # the head in chunks on each target's source column: the last prompt column's hidden state
+        # is read once per response (K rows of H numbers), never a [B, N, V] block of logits
+        none = torch.empty(0, dtype=torch.long, device=ids.device)
+        out = model(input_ids=ids, attention_mask=attention, position_ids=batch["position_ids"], use_cache=False,
+                    output_hidden_states=True, logits_to_keep=none)
+        hidden = out.hidden_states[-1].gather(1, sources[:, :, None].expand(-1, -1, out.hidden_states[-1].shape[-1]))
+        head = plain_head(model)
+        logprobs, ent, _ = chunked_head(hidden, head.weight, ids[:, targets], head.bias, temperature, entropy=entropy)
+    else:
+        out = model(input_ids=ids, attention_mask=attention, position_ids=batch["position_ids"], use_cache=False,
+                    logits_to_keep=keep)
+        logits = out.logits if temperature == 1.0 else out.logits / temperature
+        index = torch.searchsorted(keep, sources).clamp(max=len(keep) - 1)  # out of range only where mask is 0
+        logprobs = _picked_logprobs(logits, index, ids[:, targets])  # [B, N]
+        if entropy:
+            ent = entropy_from_logits(logits).gather(1, index)
+    return logprobs, ent, targets, mask, segments
+
+
 def shared_prompt_logprobs(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logprobs` of a batch laid out by `pad_shared_prompt`: one row per prompt.
 
@@ -201,29 +232,36 @@ def shared_prompt_logprobs(model, batch: dict, temperature: float = 1.0) -> tupl
     runs only on the source columns some target needs. Returns ([R], [R]) with one entry per
     response, example by example (best first), as for `pad_groups` rows: R = sum(group_sizes).
     """
-    ids, mask, segments = batch["input_ids"], batch["loss_mask"].bool(), batch["segment_ids"]
-    targets = mask.any(0).nonzero().squeeze(-1)  # columns holding some row's response token
-    mask, segments = mask[:, targets], segments[:, targets]
-    sources = batch["sources"][:, targets].clamp(min=0)  # -1 (nothing predicts it) only where mask is 0
-    keep = sources[mask].unique()  # sorted: the columns whose logits are needed
-    attention = _model_mask(shared_prompt_mask(batch["segment_ids"]), model)
-    if uses_chunked_head(model, ids.shape[0] * len(targets)):
-        # the head in chunks on each target's source column: the last prompt column's hidden state
-        # is read once per response (K rows of H numbers), never a [B, N, V] block of logits
-        none = torch.empty(0, dtype=torch.long, device=ids.device)
-        out = model(input_ids=ids, attention_mask=attention, position_ids=batch["position_ids"], use_cache=False,
-                    output_hidden_states=True, logits_to_keep=none)
-        hidden = out.hidden_states[-1].gather(1, sources[:, :, None].expand(-1, -1, out.hidden_states[-1].shape[-1]))
-        head = plain_head(model)
-        logprobs = chunked_head(hidden, head.weight, ids[:, targets], head.bias, temperature)[0]
-    else:
-        out = model(input_ids=ids, attention_mask=attention, position_ids=batch["position_ids"], use_cache=False,
-                    logits_to_keep=keep)
-        logits = out.logits if temperature == 1.0 else out.logits / temperature
-        index = torch.searchsorted(keep, sources).clamp(max=len(keep) - 1)  # out of range only where mask is 0
-        logprobs = _picked_logprobs(logits, index, ids[:, targets])  # [B, N]
-    responses = torch.arange(1, int(batch["group_sizes"].max()) + 1, device=ids.device)
+    logprobs, _, _, mask, segments = _shared_prompt_targets(model, batch, temperature)
+    responses = torch.arange(1, int(batch["group_sizes"].max()) + 1, device=logprobs.device)
     in_response = mask[:, :, None] & (segments[:, :, None] == responses)  # [B, N, K]
     sums = masked_sum(logprobs[:, :, None].expand(in_response.shape), in_response, dim=1)  # [B, K]
     present = responses[None, :] <= batch["group_sizes"][:, None]
     return sums[present], in_response.sum(1)[present]
+
+
+def shared_prompt_token_stats(model, batch: dict, temperature: float = 1.0,
+                              entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (and entropies) of each response of a `pad_shared_prompt` batch whose
+    rows all hold the same number K of responses: [B * K, W], response k of row b at row b * K + k,
+    its token t at column t (0 past its end), W the widest response block. What `token_stats`
+    gives for [prompt | response] rows, each prompt computed once."""
+    logprobs, ent, targets, mask, _ = _shared_prompt_targets(model, batch, temperature, entropy)
+    b, width = batch["input_ids"].shape
+    k = int(batch["group_sizes"].max())
+    if bool((batch["group_sizes"] != k).any()):
+        raise ValueError("shared_prompt_token_stats needs K responses in every row")
+    blocks = [(batch["segment_ids"] == j + 1).any(0).nonzero().squeeze(-1) for j in range(k)]
+    starts, widths = [int(c[0]) for c in blocks], [len(c) for c in blocks]  # each block is contiguous
+    w = max(widths)
+    outs = []
+    for values in (logprobs, ent):
+        if values is None:
+            outs.append(None)
+            continue
+        full = torch.zeros(b, width + w, dtype=values.dtype, device=values.device)
+        full[:, targets] = torch.where(mask, values, 0)
+        cols = torch.arange(w, device=values.device)
+        outs.append(torch.stack([torch.where(cols < n, full[:, s:s + w], 0) for s, n in zip(starts, widths)],
+                                1).reshape(b * k, w))
+    return outs[0], outs[1]

@@ -106,6 +106,10 @@ class GRPOConfig(OnlineConfig):
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: drop the groups whose rewards are all equal (advantage 0: nothing to learn) and
     refill the micro-batch with groups of freshly drawn prompts; dropped groups and refills are logged."""
+    share_prompt: bool = True
+    """The policy's and the reference's forwards on one row per group, [prompt | c1 | ... | cG], each
+    completion seeing the prompt and itself: the prompt computed once, not G times (sdpa or eager attention;
+    other attention implementations fall back to a row per completion, said at the start)."""
     log_completions: int = 0
     """Every log_steps, show N of the step's sampled completions (prompt, completion, reward) on the console,
     in metrics.jsonl ("samples") and in the tracker (0: none)."""
@@ -208,6 +212,7 @@ class Rollouts:
         self.advantages = advantage_estimator(cfg.advantage)
         self.flat_steps = 0  # steps in a row with every advantage 0
         self.kl = {"beta": cfg.beta}  # the KL coefficient, which kl_budget moves: checkpointed as the loop's `state`
+        self.share_prompt = cfg.share_prompt  # `run` turns it off where the attention cannot take the mask
 
     def generate(self, model, batch: dict, step: int, temperature: float):
         g = self.cfg.num_generations if temperature > 0 else 1
@@ -302,9 +307,10 @@ class Rollouts:
             "rewards": rewards, "valid": valid, "ended": rollout.ended,
             "ids": batch["ids"], "reward_sources": per_source, "weight": batch["weight"], "beta": beta,
         }
+        if self.share_prompt and g > 1:
+            out["shared"] = shared_rows(rollout, g, self.tokenizer.pad_token_id)
         if cfg.beta > 0:
-            out["ref_logprobs"] = self.reference(model, lambda m: token_stats(
-                m, out["input_ids"], out["attention_mask"], cfg.temperature, columns=columns).logprobs)
+            out["ref_logprobs"] = self.reference(model, lambda m: completion_token_stats(m, out, cfg.temperature)[0])
             # the sampler's log-probs are pi's at the sampling temperature: k1 of the sampled tokens
             kl[0] += float(masked_sum(rollout.logprobs - out["ref_logprobs"], rollout.completion_mask)
                            * batch["weight"])
@@ -343,6 +349,41 @@ class Rollouts:
                 "apart (try more num_generations, a higher temperature, a graded reward; or max_flat_steps 0)")
 
 
+def shared_rows(rollout, g: int, pad_token_id: int) -> dict:
+    """A rollout of G completions per prompt as one row per group, [prompt | c1 | ... | cG]
+    (`pad_shared_prompt`: each completion sees the prompt and itself, its positions continue
+    the prompt's), on the rollout's device."""
+    from alignkit.data.tokenize import pad_shared_prompt
+
+    prompts, masks = rollout.prompt_ids.tolist(), rollout.prompt_mask.tolist()
+    completions, kept = rollout.completion_ids.tolist(), rollout.completion_mask.tolist()
+    examples = []
+    for i in range(len(prompts) // g):
+        prompt = [t for t, m in zip(prompts[i * g], masks[i * g]) if m]
+        rows = [[t for t, m in zip(completions[i * g + k], kept[i * g + k]) if m] for k in range(g)]
+        examples.append({"id": i, "sequences": [prompt + c for c in rows],
+                         "loss_masks": [[0] * len(prompt) + [1] * len(c) for c in rows]})
+    device = rollout.completion_ids.device
+    return {k: v.to(device) for k, v in pad_shared_prompt(examples, pad_token_id).items()}
+
+
+def completion_token_stats(model, batch: dict, temperature: float, entropy: bool = False):
+    """(log-probs, entropies or None) [N, C] of a prepared micro-batch's completion tokens: from its
+    shared rows when it has them, else from a row per completion (`token_stats` at `columns`)."""
+    import torch.nn.functional as F
+
+    from alignkit.models.forward import shared_prompt_token_stats
+
+    if "shared" not in batch:
+        stats = token_stats(model, batch["input_ids"], batch["attention_mask"], temperature,
+                            columns=batch["columns"], entropy=entropy)
+        return stats.logprobs, stats.entropy
+    width = batch["completion_mask"].shape[1]
+    lp, ent = shared_prompt_token_stats(model, batch["shared"], temperature, entropy)
+    fit = lambda x: None if x is None else F.pad(x, (0, width - x.shape[1]))  # noqa: E731 - blocks <= C wide
+    return fit(lp), fit(ent)
+
+
 def flat_groups(rewards, valid, g: int):
     """[N] rewards (and validity) of N / g groups -> [N / g] bool: True where every valid reward of
     the group is equal (or fewer than 2 are valid), so its advantages are all 0: nothing to learn."""
@@ -362,6 +403,8 @@ def select_groups(out: dict, groups, g: int) -> dict:
     for k, v in out.items():
         if k == "ids":
             picked[k] = v[groups.to(v.device)]
+        elif k == "shared":  # one row per group
+            picked[k] = {name: t[groups.to(t.device)] for name, t in v.items()}
         elif torch.is_tensor(v) and v.dim() > 0 and len(v) == n and k != "columns":
             picked[k] = v[rows.to(v.device)]
         else:
@@ -372,9 +415,7 @@ def select_groups(out: dict, groups, g: int) -> dict:
 def make_policy_step(cfg: GRPOConfig):
     def policy_step(model, batch):
         mask, loss_mask = batch["completion_mask"], batch["loss_mask"]
-        stats = token_stats(model, batch["input_ids"], batch["attention_mask"], cfg.temperature,
-                            columns=batch["columns"], entropy=bool(cfg.entropy_coef))
-        logprobs = stats.logprobs
+        logprobs, entropy = completion_token_stats(model, batch, cfg.temperature, bool(cfg.entropy_coef))
         # pi_old is the policy that sampled. With one update per batch of samples that is these
         # very weights: the ratio is exactly 1 and the clip is inert. With mu > 1 it is the
         # sampler's log-probs, and from the second update on the ratio moves and the clip acts.
@@ -404,7 +445,6 @@ def make_policy_step(cfg: GRPOConfig):
             metrics["kl_per_token"] = (masked_sum(kl.detach(), mask), n_tok)
             metrics["kl_per_completion"] = (masked_sum(kl.detach(), mask), n_seq)
         if cfg.entropy_coef:
-            entropy = stats.entropy
             per_token = per_token - cfg.entropy_coef * torch.where(loss_mask.bool(), entropy, 0)
             metrics["entropy"] = (masked_sum(entropy.detach(), mask), n_tok)
         if cfg.mask_truncated_completions:
@@ -443,6 +483,11 @@ def run(cfg: GRPOConfig) -> TrainResult:
     reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast,
                                dtype=cfg.ref_dtype) if cfg.beta > 0 else None
     rollouts = Rollouts(cfg, tokenizer, reward_fns, weights, reference, accelerator, examples)
+    attention = getattr(model.config, "_attn_implementation", None) or "eager"
+    if cfg.share_prompt and attention not in ("sdpa", "eager"):
+        rollouts.share_prompt = False  # the shared rows need a custom 4-D mask, which this attention cannot take
+        say(f"{name}: share_prompt falls back to a row per completion for every step: {attention} attention "
+            "takes no custom 4-D mask (sdpa and eager do)")
     model.to(accelerator.device)
     prompts_per_batch = cfg.batch_size // cfg.num_generations
     say(f"{name}: {len(examples)} prompts x {cfg.num_generations} completions, {prompts_per_batch} prompts per "

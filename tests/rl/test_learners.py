@@ -76,8 +76,12 @@ def test_exploration_matters():
 
 def test_gridworld_ppo_shares_the_lm_trainers_functions():
     # the same objects, not copies
-    for name in ("gae", "clipped_policy_loss", "clipped_value_loss", "aggregate", "entropy_from_logits"):
+    from alignkit.models import forward
+
+    for name in ("gae", "clipped_policy_loss", "clipped_value_loss", "aggregate"):
         assert getattr(learners, name) is getattr(lm_ppo, name), name
+    # the LM trainers' entropy comes through token_stats (the full-logits path uses this function)
+    assert learners.entropy_from_logits is forward.entropy_from_logits
 
 
 def test_ppo_calls_the_shared_functions(monkeypatch):
