@@ -20,6 +20,8 @@ token) are measured the same way and reported beside it. Cases:
   loss against constant reference log-probs (as with `precompute_ref`).
 - `dpo trl-style`: chosen and rejected as two rows of 768 tokens each (TRL's concatenated
   forward), full logits, log-softmax gathered at the labels.
+- `sft checkpointed`: `sft chunked` with the model's gradient checkpointing on (alignkit's
+  `gradient_checkpointing` key), for its memory against its time (`--layers` sets the depth).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ["baseline", "sft chunked", "sft full", "sft transformers", "dpo chunked", "dpo full", "dpo trl-style"]
+# `--cases "sft chunked" "sft checkpointed" --layers 8`: gradient_checkpointing's effect on the same step
 
 
-def child(case: str, batch: int, length: int, vocab: int) -> dict:
+def child(case: str, batch: int, length: int, vocab: int, layers: int = 2) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -45,7 +48,7 @@ def child(case: str, batch: int, length: int, vocab: int) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=1024, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
@@ -61,7 +64,10 @@ def child(case: str, batch: int, length: int, vocab: int) -> dict:
         if case == "sft transformers":
             loss = model(input_ids=ids, attention_mask=attn, labels=ids).loss
         else:
-            forward.CHUNKED_HEAD = "on" if case == "sft chunked" else "off"
+            if case == "sft checkpointed":
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.train()
+            forward.CHUNKED_HEAD = "off" if case == "sft full" else "on"
             loss_sum, _ = lm_step(model, {"input_ids": ids, "attention_mask": attn, "loss_mask": attn})
             loss = loss_sum / (batch * (length - 1))
         loss.backward()
@@ -97,16 +103,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--cases", nargs="*", default=CASES)
     parser.add_argument("--child", default="")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.batch, args.length, args.vocab)))
+        print(json.dumps(child(args.child, args.batch, args.length, args.vocab, args.layers)))
         return
     results = {}
     for case in args.cases:
         proc = subprocess.run([sys.executable, __file__, "--child", case, "--batch", str(args.batch), "--length",
-                               str(args.length), "--vocab", str(args.vocab)], capture_output=True, text=True)
+                               str(args.length), "--vocab", str(args.vocab), "--layers", str(args.layers)],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             print(json.dumps({"case": case, "error": proc.stderr[-800:]}), flush=True)
             continue

@@ -68,7 +68,8 @@ COMMANDS = {
     "rloo": ("grpo", "RLOOConfig", "prompts", {"reward": REWARD, "num_generations": 2, "batch_size": 4,
                                                 "max_new_tokens": 4, "beta": 0.1}),
     "ppo": ("ppo", "PPOConfig", "prompts", {"reward": REWARD, "rollout_batch_size": 4, "batch_size": 2,
-                                             "ppo_epochs": 1, "max_new_tokens": 4}),
+                                             "ppo_epochs": 1, "max_new_tokens": 4,
+                                             "gradient_checkpointing": False}),  # refused when set (read)
     "bon": ("bon", "BoNConfig", "prompts", {"reward": REWARD, "num_samples": 2, "max_new_tokens": 4,
                                             "require_eos": False}),
     "iterative-dpo": ("iterative_dpo", "IterativeDPOConfig", "prompts", {"reward": REWARD, "num_samples": 2,
@@ -79,7 +80,8 @@ COMMANDS = {
 FEATURES = {"lr_scheduler": "cosine_with_min_lr", "warmup_ratio": 0.5, "eval_fraction": 0.25, "eval_steps": 1, "save_steps": 1, "save_total_limit": 1, "logging": "tensorboard",
             "lora_r": 2, "lora_dropout": 0.1, "use_rslora": True, "use_dora": True, "precompute_ref": True, "on_nan": "skip", "target_kl": 1.0, "kl_budget": 1.0, "kl_in_reward": True,
             "reward_on_error": "mask", "packing": False, "share_backbone": True, "rounds": 2, "dynamic_sampling": True,
-            "early_stop_patience": 5, "chat_template": "chatml", "assistant_only_loss": True}
+            "early_stop_patience": 5, "chat_template": "chatml", "assistant_only_loss": True,
+            "gradient_checkpointing": True}
 
 
 @pytest.mark.slow

@@ -124,6 +124,10 @@ class TrainConfig:
     """Resume even if the data, process count or batch geometry changed."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient stops training, or skips that optimiser update leaving weights unchanged."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them from the forward:
+    less memory for about one more forward of compute, the same gradients (transformers' checkpointing,
+    non-reentrant)."""
     chunked_head: Literal["auto", "on", "off"] = "auto"
     """The output head and its log-softmax in chunks of tokens, the logits never held for the whole batch (on:
     less memory, one more head matmul in the backward), the full logits (off), or chunks only when a batch's
@@ -547,10 +551,17 @@ def load_trainable_model(cfg: TrainConfig, resume_from: Path | None, load: Calla
         if resume_from is not None:
             from peft import PeftModel
 
-            return PeftModel.from_pretrained(model, resume_from / "adapter", is_trainable=True)
-        return apply_lora(model, cfg.lora_r, cfg.lora_alpha or None, cfg.lora_dropout, cfg.lora_target_modules,
-                          use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type=task_type)
-    return load(str(resume_from) if resume_from is not None else cfg.model)
+            model = PeftModel.from_pretrained(model, resume_from / "adapter", is_trainable=True)
+        else:
+            model = apply_lora(model, cfg.lora_r, cfg.lora_alpha or None, cfg.lora_dropout, cfg.lora_target_modules,
+                               use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type=task_type)
+    else:
+        model = load(str(resume_from) if resume_from is not None else cfg.model)
+    if cfg.gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # non-reentrant: no input needs requires_grad (LoRA's frozen embeddings), and it nests under DDP
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def _rng_state() -> dict:

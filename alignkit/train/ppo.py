@@ -99,6 +99,9 @@ class PPOConfig(OnlineConfig):
         from alignkit.config import ConfigError
 
         super().validate()
+        if self.gradient_checkpointing:  # transformers checkpoints only in training mode
+            raise ConfigError("gradient_checkpointing: PPO runs its policy in eval mode (no dropout, so that the "
+                              "recomputed log-probs equal the sampler's), where transformers does not checkpoint")
         if self.grad_accum > self.batch_size:
             raise ConfigError(f"grad_accum ({self.grad_accum}) must be <= batch_size ({self.batch_size}): "
                               "a minibatch of batch_size completions is split into grad_accum micro-batches")
@@ -195,6 +198,9 @@ def plan_step(cfg: PPOConfig, tokenizer, reward_fns, weights, reference, acceler
 def run(cfg: PPOConfig) -> TrainResult:
 
     require(cfg, "model", "reward", "data")
+    if cfg.gradient_checkpointing:  # also from Python, where validate() is not called
+        raise ValueError("ppo: gradient_checkpointing has no effect on PPO's policy, run in eval mode (no "
+                         "dropout) where transformers does not checkpoint; leave it off")
     resume_from = resolve_resume(cfg)  # a corrupt or half-written checkpoint stops here, before any loading
     examples, eval_examples, report, tokenizer = load_prompts(cfg, str(resume_from or cfg.model))
     accelerator = make_accelerator(cfg, "ppo")
