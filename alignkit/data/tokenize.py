@@ -100,22 +100,33 @@ def _too_long(record: dict, n: int, max_length: int) -> DataError:
                      f"{n} tokens exceed max_length={max_length} (truncation: left would drop the oldest prompt tokens)")
 
 
+def _rendered(records: list[dict], render) -> list:
+    """render(record) of each record; a ValueError (a template that cannot be cut) becomes a
+    DataError naming the record's file:line."""
+    out = []
+    for record in records:
+        try:
+            out.append(render(record))
+        except ValueError as e:
+            raise DataError(record.get("_where", "<record>"), None, str(e)) from None
+    return out
+
+
+def _ends_with_eos(ids: list[int], text: str, tokenizer: Any, eos: int) -> bool:
+    """Whether a completion already ends with EOS (its last id, or the EOS text a template wrote):
+    otherwise EOS is appended."""
+    return bool(ids and ids[-1] == eos) or bool(tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token))
+
+
 def _split_rows(records: list[dict], tokenizer: Any) -> list[tuple[list[int], list[int], int]]:
     """(ids, loss_mask, cut) of each record as [prompt | completion + EOS] (see the module
     docstring), cut = the prompt's length; nothing truncated yet."""
     eos = _eos_id(tokenizer)
-    prompts, completions = [], []
-    for record in records:
-        try:
-            prompt, completion = split_prompt_completion(record, tokenizer)
-        except ValueError as e:
-            raise DataError(record.get("_where", "<record>"), None, str(e)) from None
-        prompts.append(prompt)
-        completions.append(completion)
+    pairs = _rendered(records, lambda r: split_prompt_completion(r, tokenizer))
+    prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
     rows = []
     for p, c, text in zip(_prompt_ids(tokenizer, prompts), _batch_ids(tokenizer, completions, False), completions):
-        if not (c and c[-1] == eos) and not (tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token)):
-            c = c + [eos]
+        c = c if _ends_with_eos(c, text, tokenizer, eos) else c + [eos]
         rows.append((p + c, [0] * len(p) + [1] * len(c), len(p)))
     return rows
 
@@ -155,20 +166,14 @@ def _conversation_rows(records: list[dict], tokenizer: Any) -> list[tuple[list[i
     `assistant_spans` mapped to tokens by their offsets, EOS appended as for a completion; cut =
     the first token of the last span (what is left-truncated first lies before it)."""
     eos = _eos_id(tokenizer)
-    texts, spans = [], []
-    for record in records:
-        try:
-            text, record_spans = assistant_spans(record, tokenizer)
-        except ValueError as e:
-            raise DataError(record.get("_where", "<record>"), None, str(e)) from None
-        texts.append(text)
-        spans.append(record_spans)
+    rendered = _rendered(records, lambda r: assistant_spans(r, tokenizer))
+    texts, spans = [t for t, _ in rendered], [s for _, s in rendered]
     rows = []
     for text, record_spans, (ids, offsets) in zip(texts, spans, _ids_and_offsets(tokenizer, texts)):
         mask = span_mask(offsets, record_spans)
         last = span_mask(offsets, record_spans[-1:])
         cut = last.index(1) if 1 in last else len(ids)
-        if not (ids and ids[-1] == eos) and not (tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token)):
+        if not _ends_with_eos(ids, text, tokenizer, eos):
             ids, mask = ids + [eos], mask + [1]
         rows.append((ids, mask, cut))
     return rows

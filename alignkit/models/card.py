@@ -7,7 +7,6 @@ metrics and the alignkit version. `huggingface_hub.ModelCard.load(path)` parses 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from pathlib import Path
@@ -42,16 +41,10 @@ def aligned_to(name: str, cfg) -> str:
     return f"`{data}` ({name})."
 
 
-def _fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def data_files(cfg) -> list[tuple[str, str, str]]:
     """(key, path, sha256) of each local file among the data-like keys (a Hub name or folder: no hash)."""
+    from alignkit.train.loop import file_sha256
+
     rows = []
     for key in DATA_KEYS:
         value = getattr(cfg, key, None)
@@ -60,7 +53,7 @@ def data_files(cfg) -> list[tuple[str, str, str]]:
             if not spec:
                 continue
             path = Path(spec)
-            rows.append((key, spec, _fingerprint(path) if path.is_file() else "(not a file: a Hub name, folder "
+            rows.append((key, spec, file_sha256(path) if path.is_file() else "(not a file: a Hub name, folder "
                                                                               "or callable)"))
     return rows
 

@@ -437,7 +437,8 @@ def write_config(cfg, folder: Path) -> None:
     os.replace(tmp, folder / CONFIG_FILE)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (checkpoint manifests, model cards)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -448,7 +449,7 @@ def _sha256(path: Path) -> str:
 def write_manifest(folder: Path) -> None:
     """manifest.json: size and sha256 of every file, written last; its presence marks a complete checkpoint."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(entries, indent=1))
     os.replace(tmp, folder / MANIFEST)
@@ -462,7 +463,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         return "no readable manifest.json (the save did not finish)"
     for name, want in entries.items():
         path = folder / name
-        if not path.is_file() or path.stat().st_size != want["size"] or _sha256(path) != want["sha256"]:
+        if not path.is_file() or path.stat().st_size != want["size"] or file_sha256(path) != want["sha256"]:
             return f"{name} is missing or differs from the manifest"
     return None
 

@@ -61,10 +61,10 @@ def load_rewards(cfg: OnlineConfig, device) -> tuple[list, list[float]]:
     """The reward callables of `cfg.reward` (reward models on `device`) and their weights; with
     `reward_uncertainty_penalty` the weighted sources become one `PenalisedEnsemble` (weight 1)
     and the weight-0 ones (watched, never optimised) stay as they are."""
-    from alignkit.rollout.rewards import PenalisedEnsemble, load_reward_fn
+    from alignkit.rollout.best_of_n import as_reward_fns
+    from alignkit.rollout.rewards import PenalisedEnsemble
 
-    fns = [load_reward_fn(spec, device, cfg.reward_dtype) for spec in cfg.reward]
-    weights = list(cfg.reward_weights or [1.0] * len(fns))
+    fns, weights = as_reward_fns(cfg.reward, cfg.reward_weights, device, cfg.reward_dtype)
     if cfg.reward_uncertainty_penalty > 0:
         members = [(f, w) for f, w in zip(fns, weights) if w != 0]
         ensemble = PenalisedEnsemble([f for f, _ in members], [w for _, w in members], cfg.reward_uncertainty_penalty)
