@@ -10,6 +10,7 @@ COMMANDS = {
     "pretrain": ("alignkit.train.pretrain", "causal LM pretraining on raw text, with packing"),
     "sft": ("alignkit.train.sft", "supervised fine-tuning, loss on responses only"),
     "rm": ("alignkit.train.reward", "Bradley-Terry reward model on preference or ranking data"),
+    "prm": ("alignkit.train.prm", "process reward model: a score per reasoning step, read at each step's separator"),
     "dpo": ("alignkit.train.dpo", "direct preference optimisation and the preference-loss family (IPO, SimPO, ORPO, ...)"),
     "kto": ("alignkit.train.kto", "Kahneman-Tversky optimisation on thumbs-up / thumbs-down data"),
     "ppo": ("alignkit.train.ppo", "PPO with a critic and a per-token KL penalty to the reference"),

@@ -51,7 +51,20 @@ def data(tmp_path_factory):
                                                 for a in range(8)]),
         "text": _jsonl(root / "text.jsonl", [{"text": f"The sum of {a} and 1 is {a + 1}."} for a in range(16)]),
         "prompts": str(prompts_file(root / "prompts.jsonl", n=8)),
+        "steps": _jsonl(root / "steps.jsonl", [{"prompt": f"What is {a}+1+1?", "steps": [f" {a}+1={a + 1}", " so 3"],
+                                                "labels": [1, a % 2]} for a in range(8)]),
     }
+
+
+@pytest.fixture(scope="module")
+def process_reward_model(data, tiny_model_dir, tmp_path_factory):
+    """A PRM folder for the online trainers' `process_reward` (trained for one step: any weights will do)."""
+    from alignkit.train import prm
+
+    folder = tmp_path_factory.mktemp("prm") / "prm"
+    prm.run(prm.PRMConfig(model=str(tiny_model_dir), data=data["steps"], output_dir=str(folder), max_steps=1,
+                          step_separator="+"))
+    return str(folder)
 
 
 REWARD = ["tests.helpers:digit_fraction"]
@@ -61,6 +74,7 @@ COMMANDS = {
     "dpo": ("dpo", "DPOConfig", "preference", {}),
     "kto": ("kto", "KTOConfig", "unpaired", {}),
     "rm": ("reward", "RewardConfig", "preference", {}),
+    "prm": ("prm", "PRMConfig", "steps", {"step_separator": ";"}),
     "pretrain": ("pretrain", "PretrainConfig", "text", {"model": "tiny", "tiny_hidden_size": 16, "tiny_layers": 1,
                                                          "tiny_heads": 2, "tiny_vocab_size": 300}),
     "grpo": ("grpo", "GRPOConfig", "prompts", {"reward": REWARD, "num_generations": 2, "batch_size": 4,
@@ -81,12 +95,13 @@ FEATURES = {"lr_scheduler": "cosine_with_min_lr", "warmup_ratio": 0.5, "eval_fra
             "lora_r": 2, "lora_dropout": 0.1, "use_rslora": True, "use_dora": True, "precompute_ref": True, "on_nan": "skip", "target_kl": 1.0, "kl_budget": 1.0, "kl_in_reward": True,
             "reward_on_error": "mask", "packing": False, "share_backbone": True, "rounds": 2, "dynamic_sampling": True,
             "early_stop_patience": 5, "chat_template": "chatml", "assistant_only_loss": True,
-            "gradient_checkpointing": True}
+            "gradient_checkpointing": True, "process_reward": "the PRM folder", "process_reward_mode": "score"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_every_key_is_read_on_the_commands_path(command, data, tiny_model_dir, tmp_path, one_thread):
+def test_every_key_is_read_on_the_commands_path(command, data, tiny_model_dir, process_reward_model, tmp_path,
+                                                one_thread):
     import importlib
 
     module_name, class_name, kind, keys = COMMANDS[command]
@@ -97,6 +112,10 @@ def test_every_key_is_read_on_the_commands_path(command, data, tiny_model_dir, t
     if "teacher" in keys:  # distill: the tiny model teaches itself
         base["teacher"] = str(tiny_model_dir)
     features = {k: v for k, v in FEATURES.items() if k in names and k not in keys}
+    if "process_reward" in features:
+        features["process_reward"] = process_reward_model
+        if command == "rloo":  # process advantages take the place of the leave-one-out baseline
+            features["advantage"] = "grpo"
     features["best_metric"] = "reward" if command in ("grpo", "rloo", "ppo", "bon", "iterative-dpo") else "loss"  # an online eval: greedy reward
     runs = [
         {**base, "output_dir": str(tmp_path / "plain"), "max_steps": 0, "epochs": 0.25},

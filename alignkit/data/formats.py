@@ -24,6 +24,7 @@ Kinds and their fields (TRL's names, so public datasets load unchanged):
 | ranking    | `prompt`, `responses` (>= 2 strings, best first), optional `scores`     |
 | unpaired   | `prompt`, `completion`, `label` (bool; true = thumbs up)                |
 | prompts    | `prompt` (extra fields such as `answer` pass through to reward functions) |
+| steps      | `prompt`, `steps` (>= 1 strings), `labels` (one per step: 0/1, bool or a float in [0, 1]) |
 
 A message list is `[{"role": ..., "content": "..."}, ...]`, role one of system, user,
 assistant, tool. Where a message list is the completion (`messages`, `completion`,
@@ -644,6 +645,31 @@ def _check_unpaired(record: dict, where: str) -> None:
         raise DataError(where, "label", f"expected a bool (true/false, 1/0), got {_type_name(label)} {_preview(label)}")
 
 
+def _check_steps(record: dict, where: str) -> None:
+    """A step-labelled solution (process supervision): `labels[k]` says whether step k is correct, 0/1 or
+    bool from a step checker, a float in [0, 1] from Monte-Carlo estimates. Labels come back as floats."""
+    needs = "'prompt', 'steps' and 'labels'"
+    _check_text_or_messages(_require(record, where, "prompt", "steps", needs), where, "prompt", is_completion=False)
+    steps = _require(record, where, "steps", "steps", needs)
+    labels = _require(record, where, "labels", "steps", needs)
+    if not isinstance(steps, list):
+        raise DataError(where, "steps", f"expected a list of strings, got {_type_name(steps)}")
+    if not steps:
+        raise DataError(where, "steps", "empty list of steps")
+    for i, step in enumerate(steps):
+        _check_string(step, where, f"steps[{i}]")
+    if not isinstance(labels, list):
+        raise DataError(where, "labels", f"expected a list of numbers, got {_type_name(labels)}")
+    if len(labels) != len(steps):
+        raise DataError(where, "labels", f"expected {len(steps)} labels (one per step), got {len(labels)}")
+    for i, label in enumerate(labels):
+        if not isinstance(label, (bool, int, float)) or (isinstance(label, float) and not math.isfinite(label)):
+            raise DataError(where, f"labels[{i}]", f"expected 0/1, a bool or a number in [0, 1], got {_preview(label)}")
+        if not 0 <= label <= 1:
+            raise DataError(where, f"labels[{i}]", f"expected a number in [0, 1], got {label}")
+    record["labels"] = [float(label) for label in labels]
+
+
 def _check_prompts(record: dict, where: str) -> None:
     _check_text_or_messages(_require(record, where, "prompt", "prompts", "'prompt'"), where, "prompt", is_completion=False)
 
@@ -655,6 +681,7 @@ CHECKS: dict[str, Callable[[dict, str], None]] = {
     "ranking": _check_ranking,
     "unpaired": _check_unpaired,
     "prompts": _check_prompts,
+    "steps": _check_steps,
 }
 # The fields that make a row look like each kind (one tuple per layout), and the command that takes it:
 # when every row fails as one kind and each has the fields of the same other kind, the error says so.
@@ -665,6 +692,7 @@ KIND_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
     "ranking": (("prompt", "responses"),),
     "unpaired": (("prompt", "completion", "label"),),
     "prompts": (("prompt",),),
+    "steps": (("prompt", "steps", "labels"),),
 }
 KIND_COMMANDS = {
     "text": "use `alignkit pretrain`",
@@ -673,6 +701,7 @@ KIND_COMMANDS = {
     "ranking": "for `alignkit rm` pass --data_kind ranking",
     "unpaired": "use `alignkit kto`",
     "prompts": "use an online method (`alignkit grpo`, `ppo`, `rloo`, `bon`)",
+    "steps": "use `alignkit prm`",
 }
 
 
@@ -692,7 +721,7 @@ def _looks_like(raw: Any, kind: str) -> tuple[str, tuple[str, ...]] | None:
 
 
 # Fields that hold lists; a CSV cell can only hold a string, so there they are JSON-encoded.
-CSV_LIST_FIELDS = {"sft": ("messages",), "ranking": ("responses", "scores")}
+CSV_LIST_FIELDS = {"sft": ("messages",), "ranking": ("responses", "scores"), "steps": ("steps", "labels")}
 
 
 def _decode_csv_lists(record: dict, where: str, kind: str) -> None:

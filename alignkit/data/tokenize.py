@@ -452,6 +452,52 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
     return rows
 
 
+def tokenize_steps(records: list[dict], tokenizer: Any, max_length: int, separator: str = "\n",
+                   truncation: str = "left") -> tuple[list[dict], TruncationReport]:
+    """Step-labelled records (`load_records(..., "steps")`) into process-reward examples.
+
+    The row is [prompt | step_1 + separator | ... | step_K + separator]: the prompt with its special
+    tokens, then each step and its separator tokenized on its own, so no token straddles a step's
+    end and the score of step k, read at the LAST token of its piece (the separator), never sees
+    a later step. An example is `{"id", "input_ids", "loss_mask", "step_labels"}`: loss_mask is 1 at
+    each step's last token, step_labels the record's labels in order (floats). Too long: the prompt
+    is left-truncated first (a leading BOS stays), then whole steps are dropped from the end; the
+    report counts prompts and solutions cut and the tokens dropped (a dropped step is not scored),
+    or truncation="error" makes it a DataError naming the record.
+    """
+    if truncation not in ("left", "error"):
+        raise ValueError(f"truncation must be 'left' or 'error', got {truncation!r}")
+    prompts = [render_prompt(r["prompt"], tokenizer) for r in records]
+    pieces = _batch_ids(tokenizer, [step + separator for r in records for step in r["steps"]], False)
+    report = TruncationReport(examples=len(records), kind="step")
+    examples, start = [], 0
+    for i, (record, prompt_ids) in enumerate(zip(records, _prompt_ids(tokenizer, prompts))):
+        steps = pieces[start : start + len(record["steps"])]
+        start += len(steps)
+        if any(not piece for piece in steps):
+            raise DataError(record.get("_where", "<record>"), "steps", "a step and its separator tokenize to nothing")
+        ids = prompt_ids + [t for piece in steps for t in piece]
+        mask = [0] * len(prompt_ids) + [m for piece in steps for m in [0] * (len(piece) - 1) + [1]]
+        if len(ids) > max_length and truncation == "error":
+            raise _too_long(record, len(ids), max_length)
+        ids, mask = _truncate(ids, mask, len(prompt_ids), max_length, tokenizer.bos_token_id, report)
+        if sum(mask) == 0:
+            raise DataError(record.get("_where", "<record>"), "steps",
+                            f"not even the first step fits in max_length={max_length}; raise max_length")
+        examples.append({"id": i, "input_ids": ids, "loss_mask": mask, "step_labels": record["labels"][: sum(mask)]})
+    return examples, report
+
+
+def pad_steps(examples: list[dict], pad_token_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """`pad_batch`, plus `step_labels` [B, T] float: each step's label at its last token (0 elsewhere)."""
+    batch = pad_batch(examples, pad_token_id, side)
+    labels = torch.zeros(batch["loss_mask"].shape, dtype=torch.float32)
+    positions = batch["loss_mask"].bool()
+    labels[positions] = torch.tensor([x for ex in examples for x in ex["step_labels"]], dtype=torch.float32)
+    batch["step_labels"] = labels
+    return batch
+
+
 def pad_batch(examples: list[dict], pad_token_id: int, side: str = "right") -> dict[str, torch.Tensor]:
     """Pad examples to the longest one: {input_ids, attention_mask, loss_mask: (B, T), ids: (B,)}.
 

@@ -150,8 +150,8 @@ def apply_lora(model, r: int, alpha: float | None = None, dropout: float = 0.0,
 
     `target_modules` follows `lora_targets`; an entry that names no module of `model` is a
     ConfigError listing some that exist. `use_dora` learns a magnitude per output feature
-    beside the low-rank direction (DoRA). task_type "SEQ_CLS" (a reward model) also trains
-    the classification head (`score`) in full, as peft's `modules_to_save`.
+    beside the low-rank direction (DoRA). task_type "SEQ_CLS" (a reward model) or "TOKEN_CLS" (a
+    process reward model) also trains the classification head (`score`) in full, as peft's `modules_to_save`.
 
     With LoRA the reference model is this same model with its adapters disabled
     (`with model.disable_adapter(): ...`), so no second copy is held in memory.
@@ -173,6 +173,9 @@ def apply_lora(model, r: int, alpha: float | None = None, dropout: float = 0.0,
         use_rslora=use_rslora,
         use_dora=use_dora,
         task_type=task_type,
+        # a classification head is trained in full (modules_to_save): "all-linear" must not also wrap it, as it
+        # would the token-classification head of a process reward model
+        exclude_modules=["score"] if task_type in ("SEQ_CLS", "TOKEN_CLS") else None,
     )
     try:
         return get_peft_model(model, config)

@@ -18,6 +18,13 @@ def load_reward_backbone(path: str, dtype: str = "float32"):
     """`AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)`: a causal LM
     checkpoint gets a fresh scalar head."""
     from transformers import AutoModelForSequenceClassification
+
+    return load_with_scalar_head(AutoModelForSequenceClassification, path, dtype)
+
+
+def load_with_scalar_head(auto_class, path: str, dtype: str = "float32"):
+    """`auto_class.from_pretrained(path, num_labels=1)` (a sequence- or token-classification class),
+    with a pad token id set: a causal LM checkpoint gets a fresh scalar head."""
     from transformers.utils import logging as hf_logging
 
     from alignkit.models.load import DTYPES, check_model_path, hub_errors
@@ -30,7 +37,7 @@ def load_reward_backbone(path: str, dtype: str = "float32"):
     hf_logging.set_verbosity_error()
     try:
         with hub_errors(path):
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+            model = auto_class.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
     finally:
         hf_logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:  # its forward needs one to batch; alignkit's tokenizers pad with EOS

@@ -12,6 +12,7 @@ from .advantages import (
     explained_variance,
     gae,
     grpo_advantages,
+    process_advantages,
     rloo_advantages,
 )
 from .kl import KL_ESTIMATORS, kl_estimator, kl_k1, kl_k2, kl_k3
@@ -19,6 +20,7 @@ from .logprobs import entropy_from_logits, token_logprobs
 from .masked import masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
+    "process_advantages",
     "KL_ESTIMATORS",
     "entropy_from_logits",
     "kl_estimator",

@@ -131,6 +131,38 @@ def rloo_advantages(rewards: Tensor, group_size: int, scale_by_std: bool = False
     return adv.view(-1)
 
 
+def process_advantages(step_rewards: Tensor, step_mask: Tensor, group_size: int, scale_by_std: bool = True,
+                       eps: float = 1e-6) -> Tensor:
+    """Process supervision's advantages (DeepSeekMath, Shao et al. 2024, §4.1.3), per token:
+
+        r~_k = (r_k - mean_g) / (std_g + eps)      over every step k of every completion in the group
+        A_t  = sum_{k : end(k) >= t} r~_k          the normalised rewards of the steps at or after token t
+
+    (r_k - mean_g when not scale_by_std; std with Bessel's correction, as `grpo_advantages`). A token's
+    advantage counts the step it belongs to and every later one: dense credit where the outcome
+    reward gives every token the same advantage. A group with fewer than 2 steps gives 0.
+
+    Shapes: step_rewards [B, T], the reward of step k at its last token's column (read where step_mask
+    is set; anything elsewhere is ignored); step_mask [B, T] bool; rows grouped consecutively by
+    group_size. Returns [B, T] (0 after each row's last step).
+    """
+    if step_rewards.shape != step_mask.shape or step_rewards.dim() != 2:
+        raise ValueError(f"step_rewards {tuple(step_rewards.shape)} and step_mask {tuple(step_mask.shape)} must "
+                         "share one shape [B, T]")
+    if group_size < 1 or step_rewards.shape[0] % group_size:
+        raise ValueError(f"batch of {step_rewards.shape[0]} rows does not split into groups of {group_size}")
+    mask = step_mask.bool().view(-1, group_size * step_mask.shape[1])
+    r = torch.where(mask, step_rewards.float().view_as(mask), 0)
+    n = mask.sum(-1, keepdim=True)
+    mean = r.sum(-1, keepdim=True) / n.clamp(min=1)
+    centred = torch.where(mask & (n >= 2), r - mean, 0)
+    if scale_by_std:
+        std = ((centred ** 2).sum(-1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        centred = centred / (std + eps)
+    normalised = centred.view_as(step_rewards)
+    return normalised.flip(-1).cumsum(-1).flip(-1)  # reversed cumulative sum: steps at or after t
+
+
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {
     "grpo": grpo_advantages,
     "rloo": rloo_advantages,

@@ -1,6 +1,7 @@
 """Reward sources behind one interface: `f(prompts, completions, **fields) -> list[float]`.
 
     reward: runs/rm                               # a reward-model checkpoint (alignkit rm)
+    reward: runs/prm                              # a process reward model (alignkit prm): its steps' min score
     reward: alignkit.tasks.arithmetic:exact_match  # a Python callable `module:function`
     reward: [runs/rm, mypkg.rewards:length]        # several, summed with `reward_weights`
 
@@ -31,9 +32,10 @@ def load_reward_fn(spec: str, device=None, dtype: str = "float32") -> Callable:
     """A reward function from a reward-model directory (placed on `device`, stored as
     `dtype`) or a `module:function` name."""
     if Path(spec).is_dir():
+        from alignkit.models.process_reward import ProcessRewardModel, is_process_reward_model
         from alignkit.models.reward import RewardModel
 
-        model = RewardModel.load(spec, device=device, dtype=dtype)
+        model = (ProcessRewardModel if is_process_reward_model(spec) else RewardModel).load(spec, device=device, dtype=dtype)
         return _named(lambda prompts, completions, **fields: model.score(prompts, completions), spec)
     if ":" not in spec:
         raise RewardError(f"reward '{spec}' is neither a reward-model directory nor a 'module:function' name")

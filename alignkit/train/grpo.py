@@ -50,16 +50,16 @@ from alignkit.config import require
 from alignkit.losses import aggregate, clipped_policy_loss, kl_penalty_loss
 from alignkit.losses.policy import aggregation_units, sequence_level_logprobs
 from alignkit.models.forward import token_stats
-from alignkit.ops import adaptive_kl_beta, advantage_estimator, kl_k1, masked_sum
+from alignkit.ops import adaptive_kl_beta, advantage_estimator, kl_k1, masked_sum, process_advantages
 from alignkit.train.common import print_summary, say
 from alignkit.train.loop import StepPlan, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
-from alignkit.train.online import (OnlineConfig, collate_prompts, greedy_reward, load_prompts, load_rewards,
-                                   sample_completions, sample_rows)
+from alignkit.train.online import (OnlineConfig, ProcessRewardKeys, collate_prompts, greedy_reward, load_process_reward,
+                                   load_prompts, load_rewards, process_step_rewards, sample_completions, sample_rows)
 from alignkit.train.reference import make_reference
 
 
 @dataclass
-class GRPOConfig(OnlineConfig):
+class GRPOConfig(ProcessRewardKeys, OnlineConfig):
     """Online RL with group baselines: G completions per prompt, scored by `reward`."""
 
     lr: float = 1e-5
@@ -133,6 +133,10 @@ class GRPOConfig(OnlineConfig):
         from alignkit.config import ConfigError
 
         super().validate()
+        self.validate_process_reward()
+        if self.process_reward and self.advantage != "grpo":
+            raise ConfigError("process_reward gives each token the group-normalised rewards of its step and the later "
+                              "ones (process_advantages), in the place of the rloo baseline; use advantage grpo")
         if self.num_generations < 2:
             raise ConfigError(f"num_generations must be >= 2 (a group baseline needs two samples), "
                               f"got {self.num_generations}")
@@ -205,7 +209,7 @@ class Rollouts:
     """Generates, scores and prepares the micro-batches of one step (the loop's `prepare`)."""
 
     def __init__(self, cfg: GRPOConfig, tokenizer, reward_fns, weights, reference, accelerator,
-                 examples: list[dict] | None = None):
+                 examples: list[dict] | None = None, prm=None):
         self.cfg, self.tokenizer, self.reward_fns, self.weights, self.reference = cfg, tokenizer, reward_fns, weights, reference
         self.examples = examples or []  # where dynamic sampling draws its refills from
         self.accelerator = accelerator
@@ -213,6 +217,7 @@ class Rollouts:
         self.flat_steps = 0  # steps in a row with every advantage 0
         self.kl = {"beta": cfg.beta}  # the KL coefficient, which kl_budget moves: checkpointed as the loop's `state`
         self.share_prompt = cfg.share_prompt  # `run` turns it off where the attention cannot take the mask
+        self.prm = prm  # a ProcessRewardModel: step rewards and process advantages
 
     def generate(self, model, batch: dict, step: int, temperature: float):
         g = self.cfg.num_generations if temperature > 0 else 1
@@ -319,7 +324,19 @@ class Rollouts:
             rewards = kl_penalised_rewards(rewards, rollout.logprobs, out["ref_logprobs"], rollout.completion_mask,
                                            beta, resolved_kl_estimator(cfg)).masked_fill(~valid, 0.0)
             out["rewards_with_kl"] = rewards
-        out["advantages"] = self.advantages(rewards, g, scale_by_std=cfg.scale_rewards, valid=valid)
+        if self.prm is None:
+            out["advantages"] = self.advantages(rewards, g, scale_by_std=cfg.scale_rewards, valid=valid)
+            return out
+        # process supervision: w p_k at each step's last token, the outcome (with its KL) added at the last token
+        prompts = [p for p in batch["prompts"] for _ in range(g)]
+        step_rewards, steps = process_step_rewards(self.prm, rollout, self.tokenizer, prompts, cfg.process_reward_weight)
+        out["process_reward"] = step_rewards.sum(-1)
+        last = (rollout.completion_mask.sum(-1) - 1).clamp(min=0)
+        rows = torch.arange(len(last), device=last.device)
+        step_rewards[rows, last] += rewards
+        steps[rows, last] = True
+        steps &= valid[:, None]
+        out["advantages"] = process_advantages(step_rewards, steps, g, scale_by_std=cfg.scale_rewards)
         return out
 
     def check_learnable(self, prepared: list[dict], step: int) -> None:
@@ -447,6 +464,8 @@ def make_policy_step(cfg: GRPOConfig):
         if cfg.entropy_coef:
             per_token = per_token - cfg.entropy_coef * torch.where(loss_mask.bool(), entropy, 0)
             metrics["entropy"] = (masked_sum(entropy.detach(), mask), n_tok)
+        if "process_reward" in batch:
+            metrics["process_reward"] = (batch["process_reward"].sum(), n_seq)
         if cfg.mask_truncated_completions:
             metrics["truncated_masked"] = ((~batch["ended"]).float().sum(), n_seq)
         if "ref_logprobs" in batch:
@@ -482,7 +501,8 @@ def run(cfg: GRPOConfig) -> TrainResult:
     reward_fns, weights = load_rewards(cfg, accelerator.device)
     reference = make_reference(cfg.model, cfg.ref_model, cfg.lora_r > 0, accelerator.device, accelerator.autocast,
                                dtype=cfg.ref_dtype) if cfg.beta > 0 else None
-    rollouts = Rollouts(cfg, tokenizer, reward_fns, weights, reference, accelerator, examples)
+    rollouts = Rollouts(cfg, tokenizer, reward_fns, weights, reference, accelerator, examples,
+                        load_process_reward(cfg, accelerator.device, cfg.reward_dtype))
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
     if cfg.share_prompt and attention not in ("sdpa", "eager"):
         rollouts.share_prompt = False  # the shared rows need a custom 4-D mask, which this attention cannot take

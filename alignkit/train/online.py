@@ -57,6 +57,60 @@ class OnlineConfig(TrainConfig):
                               f"non-zero weight, got {weighted}")
 
 
+@dataclass
+class ProcessRewardKeys:
+    """Step rewards from a process reward model (`alignkit prm`), for PPO and GRPO / RLOO."""
+
+    process_reward: str = ""
+    """A PRM folder: each step of a completion is scored (p_k = P(step k correct)) and rewarded at its last token,
+    beside the outcome reward of `reward` at the end (weight it 0 to train on steps alone). Empty: outcome only."""
+    process_reward_weight: float = 1.0
+    """Scale w of the step rewards."""
+
+    def validate_process_reward(self) -> None:
+        from alignkit.config import ConfigError
+        from alignkit.models.process_reward import is_process_reward_model
+
+        if self.process_reward and not is_process_reward_model(self.process_reward):
+            raise ConfigError(f"process_reward: {self.process_reward} is not a process reward model folder "
+                              "(`alignkit prm` writes one: its config.json has step_separator)")
+
+
+def load_process_reward(cfg: ProcessRewardKeys, device, dtype: str = "float32"):
+    """The ProcessRewardModel of `cfg.process_reward` on `device`, or None."""
+    if not cfg.process_reward:
+        return None
+    from alignkit.models.process_reward import ProcessRewardModel
+
+    return ProcessRewardModel.load(cfg.process_reward, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def process_step_rewards(prm, rollout, tokenizer, prompts: list, weight: float = 1.0,
+                         mode: str = "score") -> tuple[torch.Tensor, torch.Tensor]:
+    """Each completion's step rewards at its steps' last tokens: (rewards [N, C] float32, step_mask [N, C] bool).
+
+    mode "score": r_k = w p_k, the PRM's score of step k (Lightman et al. 2023; DeepSeekMath's process
+    supervision). mode "delta": r_k = w (p_k - p_{k-1}), p_0 = 0, potential-based shaping (Ng et al. 1999)
+    whose sum over a completion is w p_K: dense credit without rewarding more steps. `prompts` holds one
+    prompt per completion. A completion's tokens are decoded one by one to find where each step ends
+    (`step_end_columns`); a step the PRM could not score (cut by its max_length) gets nothing."""
+    ids, mask = rollout.completion_ids.cpu(), rollout.completion_mask.cpu().bool()
+    vocab = sorted(set(ids[mask].tolist()))
+    text_of = dict(zip(vocab, tokenizer.batch_decode([[i] for i in vocab], skip_special_tokens=True)))
+    token_texts = [[text_of[t] for t in row[m].tolist()] for row, m in zip(ids, mask)]
+    rewards = torch.zeros(ids.shape, dtype=torch.float32)
+    steps = torch.zeros(ids.shape, dtype=torch.bool)
+    for row, scored in enumerate(prm.completion_step_scores(prompts, token_texts)):
+        previous = 0.0
+        for column, p in scored:
+            rewards[row, column] += weight * (p - previous if mode == "delta" else p)
+            steps[row, column] = True
+            previous = p
+    device = rollout.completion_ids.device
+    return rewards.to(device), steps.to(device)
+
+
 def load_rewards(cfg: OnlineConfig, device) -> tuple[list, list[float]]:
     """The reward callables of `cfg.reward` (reward models on `device`) and their weights; with
     `reward_uncertainty_penalty` the weighted sources become one `PenalisedEnsemble` (weight 1)

@@ -38,13 +38,14 @@ from alignkit.ops import adaptive_kl_beta, explained_variance, gae, kl_estimator
 from alignkit.train.common import print_summary, say
 from alignkit.train.loop import (StepPlan, TrainResult, load_trainable_model, make_accelerator, resolve_resume,
                                   step_indices, train)
-from alignkit.train.online import (OnlineConfig, collate_prompts, greedy_reward, load_prompts, load_rewards,
-                                   sample_completions, sample_rows, whiten_over_processes)
+from alignkit.train.online import (OnlineConfig, ProcessRewardKeys, collate_prompts, greedy_reward, load_process_reward,
+                                   load_prompts, load_rewards, process_step_rewards, sample_completions, sample_rows,
+                                   whiten_over_processes)
 from alignkit.train.reference import make_reference
 
 
 @dataclass
-class PPOConfig(OnlineConfig):
+class PPOConfig(ProcessRewardKeys, OnlineConfig):
     """Online RL with a learned critic and a per-token KL penalty."""
 
     lr: float = 1e-5
@@ -94,11 +95,15 @@ class PPOConfig(OnlineConfig):
     """Reference model (empty: the starting `model`; with LoRA, the policy with adapters disabled)."""
     ref_dtype: str = "float32"
     """Storage dtype of a loaded reference copy (bfloat16 / float16: half its memory)."""
+    process_reward_mode: Literal["delta", "score"] = "delta"
+    """Step rewards of `process_reward`: delta = w (p_k - p_{k-1}) (potential-based: they sum to w p_K, so more
+    steps earn nothing); score = w p_k at every step."""
 
     def validate(self) -> None:
         from alignkit.config import ConfigError
 
         super().validate()
+        self.validate_process_reward()
         if self.gradient_checkpointing:  # transformers checkpoints only in training mode
             raise ConfigError("gradient_checkpointing: PPO runs its policy in eval mode (no dropout, so that the "
                               "recomputed log-probs equal the sampler's), where transformers does not checkpoint")
@@ -130,7 +135,7 @@ def ppo_loss(cfg: PPOConfig, autocast):
     return step
 
 
-def plan_step(cfg: PPOConfig, tokenizer, reward_fns, weights, reference, accelerator, kl: dict, step_ids):
+def plan_step(cfg: PPOConfig, tokenizer, reward_fns, weights, reference, accelerator, kl: dict, step_ids, prm=None):
     """The loop's `prepare`: steps 1-4 on this process's prompts (the loop hands them as one
     micro-batch), then step 5's updates. `step_ids(step)` are the ids of the step's prompts on
     all processes, in order: a minibatch is a set of them, so it is the same on any process count."""
@@ -151,11 +156,16 @@ def plan_step(cfg: PPOConfig, tokenizer, reward_fns, weights, reference, acceler
             entropy = masked_sum(entropy, mask)
         ref_logprobs = reference(both.policy, lambda m: token_stats(m, ids, attn, cfg.temperature, columns=columns).logprobs)
 
-        # --- 2. rewards with KL: -beta kl_t per token, the sequence reward on the last token ---
+        # --- 2. rewards with KL: -beta kl_t per token, the sequence reward on the last token, each step's
+        # process reward (if any) on the step's last token ---
         kl_t = torch.where(mask.bool(), kl_estimator(cfg.kl_estimator)(old_logprobs, ref_logprobs), 0.0)
         rewards = -kl["beta"] * kl_t
         last = mask.sum(-1) - 1
         rewards[torch.arange(len(last), device=device), last] += scores
+        if prm is not None:
+            step_rewards, step_mask = process_step_rewards(prm, roll, tokenizer, batch["prompts"],
+                                                           cfg.process_reward_weight, cfg.process_reward_mode)
+            rewards += step_rewards
         # --- 3. GAE, 4. whitening over every process's tokens (a stand-in's count none) ---
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         advantages = whiten_over_processes(advantages, mask if real else torch.zeros_like(mask), accelerator)
@@ -190,6 +200,9 @@ def plan_step(cfg: PPOConfig, tokenizer, reward_fns, weights, reference, acceler
                    "explained_variance": (explained_variance(old_values, returns, mask) * real, real),
                    # each source's mean; one with weight 0 is watched, not optimised (e.g. a gold reward)
                    **{f"reward/{k}": (v * n, n) for k, v in per_source.items()}}
+        if prm is not None:
+            metrics["process_reward"] = (step_rewards.sum() * real, n)
+            metrics["steps_per_completion"] = (step_mask.sum() * real, n)
         shown = sample_rows(ids, attn, mask, scores, tokenizer, cfg.log_completions) if cfg.log_completions else []
         return StepPlan(updates, metrics, shown)
     return prepare
@@ -209,6 +222,7 @@ def run(cfg: PPOConfig) -> TrainResult:
         raise ValueError(f"ppo: rollout_batch_size ({cfg.rollout_batch_size}) counts the prompts of a step over all "
                          f"processes and must be a multiple of the process count ({world})")
     reward_fns, weights = load_rewards(cfg, accelerator.device)
+    prm = load_process_reward(cfg, accelerator.device, cfg.reward_dtype)
     policy = load_trainable_model(cfg, resume_from)  # seeds first: new weights (LoRA, the critic's head) repeat
     critic, critic_source = load_critic(policy, cfg.share_backbone, cfg.value_model or next(
         (s for s in cfg.reward if Path(s).is_dir()), cfg.model), resume_from, tokenizer.pad_token_id)
@@ -233,7 +247,7 @@ def run(cfg: PPOConfig) -> TrainResult:
         cfg, PolicyAndValue(policy, critic), tokenizer, examples, ppo_loss(cfg, accelerator.autocast),
         lambda b: b["completion_mask"].sum(), lambda b: collate_prompts(b, tokenizer.pad_token_id), name="ppo",
         batch_size=per_process, resume_from=resume_from, accelerator=accelerator, dropout=False, state=kl,
-        prepare=plan_step(cfg, tokenizer, reward_fns, weights, reference, accelerator, kl, step_ids),
+        prepare=plan_step(cfg, tokenizer, reward_fns, weights, reference, accelerator, kl, step_ids, prm),
         updates_per_step=updates_per_step, eval_examples=eval_examples,
         eval_fn=lambda m: greedy_reward(accelerator.unwrap_model(m).policy, eval_examples, tokenizer, reward_fns, weights, cfg,
                                         cfg.rollout_batch_size, accelerator.device))

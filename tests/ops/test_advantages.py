@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -220,3 +222,22 @@ def test_explained_variance_hand_values():
     assert explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
     assert explained_variance(torch.full((1, 4), 2.0), returns, mask) == pytest.approx(0.0, abs=1e-7)
 
+
+
+def test_process_advantages_hand_values():
+    """DeepSeekMath's process supervision: step rewards normalised over the group's steps, each token's
+    advantage the sum of its step's and the later steps' normalised rewards."""
+    from alignkit.ops import process_advantages
+
+    # one group of 2 completions, 5 tokens each; steps end at columns 1, 3 (row 0) and 2, 4 (row 1)
+    rewards = torch.tensor([[9.0, 1.0, 9.0, 0.0, 9.0], [9.0, 9.0, 1.0, 9.0, 2.0]])  # 9s are not steps: ignored
+    steps = torch.tensor([[0, 1, 0, 1, 0], [0, 0, 1, 0, 1]], dtype=torch.bool)
+    # steps 1, 0, 1, 2: mean 1, centred 0, -1, 0, 1; unscaled
+    a = process_advantages(rewards, steps, 2, scale_by_std=False)
+    torch.testing.assert_close(a, torch.tensor([[-1.0, -1.0, -1.0, -1.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]]))
+    # std (n - 1) = sqrt(2 / 3)
+    s = process_advantages(rewards, steps, 2, eps=0.0)
+    torch.testing.assert_close(s, a / math.sqrt(2 / 3))
+    # groups are separate; a group with one step, or equal steps, gives 0, never NaN
+    two = process_advantages(torch.ones(4, 3), torch.tensor([[0, 0, 1], [0, 0, 0], [0, 1, 1], [1, 0, 0]]).bool(), 2)
+    assert torch.equal(two, torch.zeros(4, 3))
