@@ -184,12 +184,20 @@ def apply_lora(model, r: int, alpha: float | None = None, dropout: float = 0.0,
                           f"(the model's layers include: {_module_examples(model)})") from e
 
 
-def save_weights(model, path: Path) -> None:
+def save_weights(model, path: Path, state_dict: dict | None = None) -> None:
     """`model.save_pretrained(path)`, loadable by plain transformers. With LoRA: the merged
-    model at `path` and the adapter alone in `path/adapter` (what resume loads)."""
+    model at `path` and the adapter alone in `path/adapter` (what resume loads). `state_dict`
+    replaces the model's own (a sharded model's gathered weights)."""
     if hasattr(model, "peft_config"):
         model.save_pretrained(Path(path) / "adapter")
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(path)
+    if state_dict is not None:  # gathered copies share no storage: drop tied duplicates (lm_head = embeddings)
+        tied = set(dict(model.named_parameters(remove_duplicate=False))) - set(dict(model.named_parameters()))
+        state_dict = {k: v for k, v in state_dict.items() if k not in tied}
+    model.save_pretrained(path, **({} if state_dict is None else {"state_dict": state_dict}))
+    name = type(model).__name__
+    if name.startswith("FSDP") and getattr(model.config, "architectures", None) == [name]:
+        model.config.architectures = [name[len("FSDP"):]]  # FSDP2's class FSDP<Model>: the model's own name
+        model.config.save_pretrained(path)

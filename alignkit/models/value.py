@@ -55,19 +55,26 @@ class PolicyAndValue(torch.nn.Module):
         stats = token_stats(self.policy, ids, attn, temperature, columns=columns, entropy=entropy)
         return stats.logprobs, stats.entropy, token_values(self.value, ids, attn, columns)
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, state_dict: dict | None = None):
         """The policy at `path`, loadable by plain transformers (with LoRA: merged, the adapter
         alone in path/adapter, as `load_trainable_model` resumes it); the critic in path/value,
-        or a shared backbone's value head in path/value_head.safetensors."""
+        or a shared backbone's value head in path/value_head.safetensors. `state_dict`: both
+        models' weights gathered from a sharded run (keys policy.*, value.*)."""
         from alignkit.models.load import save_weights
 
-        save_weights(self.policy, path)
+        def part(prefix: str) -> dict | None:
+            if state_dict is None:
+                return None
+            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+        save_weights(self.policy, path, part("policy."))
         if isinstance(self.value, ValueHead):
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in self.value.state_dict().items()}, Path(path) / VALUE_HEAD_FILE)
+            head = part("value.") or self.value.state_dict()
+            save_file({k: v.contiguous() for k, v in head.items()}, Path(path) / VALUE_HEAD_FILE)
         else:
-            self.value.save_pretrained(Path(path) / "value")
+            save_weights(self.value, Path(path) / "value", part("value."))
 
 
 def load_critic(policy, share_backbone: bool, source: str, resume_from: Path | None, pad_token_id: int):

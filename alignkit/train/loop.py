@@ -38,6 +38,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from alignkit.train.sharding import (SHARDED_DIR, full_state_dict, full_tensor, gathered, gradient_sync, is_sharded,
+                                     load_full_state_dict, load_sharded, local_fraction, save_sharded, shard_model)
+
 CHECKPOINT_PREFIX = "checkpoint-"
 BEST_WEIGHTS = "best_eval.pt"  # the weights of the best evaluation by `best_metric`, while a run lasts
 
@@ -124,6 +127,10 @@ class TrainConfig:
     """Resume even if the data, process count or batch geometry changed."""
     on_nan: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient stops training, or skips that optimiser update leaving weights unchanged."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes train: each holds the whole model and the gradients are averaged (ddp), or
+    each holds 1/N of every parameter, gradient and optimiser moment (fsdp: PyTorch's FSDP2, per decoder
+    layer, on CPUs and GPUs; checkpoints are written shard by shard and resume on any process count)."""
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward instead of keeping them from the forward:
     less memory for about one more forward of compute, the same gradients (transformers' checkpointing,
@@ -182,6 +189,9 @@ class TrainConfig:
             problem = weights_problem(self.data_weights, n_sources)
             if problem:
                 raise ConfigError(f"data_weights: {problem}")
+        if self.distributed == "fsdp" and self.lora_r > 0:
+            raise ConfigError("distributed fsdp with lora_r > 0: LoRA adapters are not sharded yet; "
+                              "use distributed ddp (the frozen base could be sharded, the adapters are small)")
         if self.early_stop_patience and not (self.best_metric and self.eval_steps > 0):
             raise ConfigError("early_stop_patience needs best_metric (the metric it watches) and eval_steps > 0 "
                               "(how often it is measured)")
@@ -556,6 +566,8 @@ def load_trainable_model(cfg: TrainConfig, resume_from: Path | None, load: Calla
         else:
             model = apply_lora(model, cfg.lora_r, cfg.lora_alpha or None, cfg.lora_dropout, cfg.lora_target_modules,
                                use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, task_type=task_type)
+    elif resume_from is not None and (resume_from / SHARDED_DIR).is_dir():
+        model = load(cfg.model)  # the architecture; the checkpoint's shards replace its weights in `train`
     else:
         model = load(str(resume_from) if resume_from is not None else cfg.model)
     if cfg.gradient_checkpointing:
@@ -593,11 +605,15 @@ def load_state(path: Path) -> dict:
 
 
 def save_model(model, tokenizer, path: Path, accelerator) -> None:
-    """The trained model (see `models.load.save_weights`) and its tokenizer in one directory."""
+    """The trained model (see `models.load.save_weights`) and its tokenizer in one directory, written by
+    the main process. Every process calls it: a sharded model is gathered first (a collective)."""
     from alignkit.models.load import save_weights
 
-    save_weights(accelerator.unwrap_model(model), path)
-    tokenizer.save_pretrained(path)
+    state = full_state_dict(model) if is_sharded(model) else None
+    if accelerator.is_main_process:
+        save_weights(accelerator.unwrap_model(model), path, state_dict=state)
+        tokenizer.save_pretrained(path)
+    accelerator.wait_for_everyone()
 
 
 def save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, step, meta,
@@ -607,15 +623,28 @@ def save_checkpoint(cfg, accelerator, model, tokenizer, optimizer, scheduler, st
     Written under a .tmp name, sealed by a manifest of sizes and sha256 sums, then
     renamed: a crash (even kill -9) mid-save never leaves a checkpoint that resume
     accepts. Everything is tensors and plain Python values, loaded back with
-    `torch.load(weights_only=True)` (no pickled code).
+    `torch.load(weights_only=True)` (no pickled code). With `distributed fsdp` the weights
+    and optimiser state are DCP shards in `sharded/`, one file per process (the config and
+    tokenizer beside them), on any process count.
     """
     final = Path(cfg.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     tmp = final.with_suffix(".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if cfg.distributed == "fsdp":
+        save_sharded(tmp / SHARDED_DIR, model, optimizer)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            torch.save({"scheduler": scheduler.state_dict()}, tmp / "training_state.pt")
+    else:
         save_model(model, tokenizer, tmp, accelerator)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "training_state.pt")
+        if accelerator.is_main_process:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                       tmp / "training_state.pt")
+    if accelerator.is_main_process:
         for f in extra_files:  # e.g. the best evaluation's weights, as they were at this step
             if f.exists():
                 shutil.copy2(f, tmp / f.name)
@@ -689,14 +718,21 @@ def sync_lr_to_schedule(optimizer, scheduler) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def restore_training_state(resume_from: Path, meta: dict, optimizer, scheduler, rank: int, allow_mismatch: bool) -> dict:
+def restore_training_state(resume_from: Path, meta: dict, model, optimizer, scheduler, rank: int,
+                           allow_mismatch: bool) -> dict:
     """Optimizer, scheduler (lr re-derived from this run's schedule) and this rank's RNG from a
-    `save_checkpoint` folder; returns its trainer_state.json. Refuses a run whose data or batch
-    geometry changed, unless `allow_mismatch`."""
+    `save_checkpoint` folder, and a sharded checkpoint's weights; returns its trainer_state.json.
+    Refuses a run whose data or batch geometry changed, unless `allow_mismatch`."""
     saved = json.loads((resume_from / "trainer_state.json").read_text())
     _check_resume_meta(saved, meta, resume_from, allow_mismatch)
     state = load_state(resume_from / "training_state.pt")
-    optimizer.load_state_dict(state["optimizer"])
+    if (resume_from / SHARDED_DIR).is_dir():  # resharded to this run's process count by DCP
+        load_sharded(resume_from / SHARDED_DIR, model, optimizer)
+    elif is_sharded(model):
+        raise TrainingError(f"resume from {resume_from}: written by an unsharded run (distributed ddp), which "
+                            "this sharded run cannot load its optimiser state from; resume it with distributed ddp")
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     sync_lr_to_schedule(optimizer, scheduler)
     rng_file = resume_from / f"rng_state_{rank}.pt"
@@ -732,13 +768,22 @@ def accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator
     was not finite.
     """
     world = accelerator.num_processes
+    if is_sharded(model) and world > 1:
+        # every forward and backward of a sharded model is a collective: a process with fewer
+        # micro-batches (a short last step) runs the others' count, the extra ones at weight 0
+        most = int(accelerator.reduce(torch.tensor(len(batches), device=accelerator.device), "max"))
+        batches, weights = batches + [batches[-1]] * (most - len(batches)), weights + [0.0] * (most - len(batches))
     local = sum(w * float(count_fn(b)) for w, b in zip(weights, batches))
     step_count = float(accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum"))
     sums = {"loss": 0.0, "_tokens": 0.0, "_examples": 0.0}
     bad_ids: list[int] = []
     for j, (batch, w) in enumerate(zip(batches, weights)):
         sync = j == len(batches) - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        if is_sharded(model):
+            context = gradient_sync(model, sync)
+        else:
+            context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+        with context:
             loss_sum, metrics = step_fn(model, batch)
             if not torch.isfinite(loss_sum.detach()):
                 bad_ids += batch["ids"].tolist()
@@ -886,6 +931,11 @@ def train(
         "config": config_dict(cfg),  # JSON values: a Path given through the Python API becomes its text
     }
 
+    if cfg.distributed == "fsdp" and world > 1:
+        # sharded before the optimiser exists: its moments are created shard by shard
+        model = shard_model(model.to(accelerator.device), accelerator.device.type, accelerator.mixed_precision)
+        local, whole = local_fraction(model)
+        print(f"{name}: process {rank} of {world} holds {local:,} of {whole:,} parameter elements (fsdp)", flush=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel updates all parameters in one pass: ~5x faster than foreach on CPU.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in trainable)
@@ -893,7 +943,8 @@ def train(
     scheduler = make_scheduler(cfg, optimizer, sum(n_updates(s) for s in range(total_steps)))
     # The scheduler is stepped by hand once per optimiser update; accelerate's wrapper would
     # step it once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not is_sharded(model):
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     out = Path(cfg.output_dir)
     best = BestEval(cfg.best_metric, cfg.best_metric_mode, cfg.early_stop_threshold) if cfg.best_metric else None
@@ -903,7 +954,7 @@ def train(
     best_file = out / BEST_WEIGHTS
     start_step = 0
     if resume_from is not None:
-        saved = restore_training_state(resume_from, meta, optimizer, scheduler, rank, cfg.allow_resume_mismatch)
+        saved = restore_training_state(resume_from, meta, model, optimizer, scheduler, rank, cfg.allow_resume_mismatch)
         start_step = saved["step"]
         if state is not None:
             state.update(saved["state"])
@@ -925,12 +976,13 @@ def train(
     model.train(dropout)
 
     def run_eval() -> dict[str, float]:
-        if eval_fn is None:
-            metrics = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)
-        else:
-            model.eval()
-            with torch.no_grad():
-                metrics = eval_fn(model)
+        with gathered(model):  # each process evaluates its own share: no collective per forward
+            if eval_fn is None:
+                metrics = evaluate(model, eval_examples, step_fn, count_fn, collate, cfg.batch_size, accelerator)
+            else:
+                model.eval()
+                with torch.no_grad():
+                    metrics = eval_fn(model)
         model.train(dropout)
         return metrics
 
@@ -939,10 +991,11 @@ def train(
         if best is None or not best.update(metrics, step):
             return
         best.metrics = dict(metrics)
+        weights = full_state_dict(model) if is_sharded(model) else accelerator.unwrap_model(model).state_dict()
         if accelerator.is_main_process:
             tmp = best_file.with_suffix(".tmp")
             out.mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.detach().cpu() for k, v in accelerator.unwrap_model(model).state_dict().items()}, tmp)
+            torch.save({k: v.detach().cpu() for k, v in weights.items()}, tmp)
             os.replace(tmp, best_file)
         accelerator.wait_for_everyone()
 
@@ -965,7 +1018,8 @@ def train(
             groups, weights = [indices[:1]], [0.0]
         batches = [{**_to_device(collate([examples[i] for i in g]), accelerator.device), "weight": w}
                    for g, w in zip(groups, weights)]
-        plan = prepare(model, batches, step) if prepare is not None else batches
+        with gathered(model):  # rollouts: each process samples on its own, as many tokens as it needs
+            plan = prepare(model, batches, step) if prepare is not None else batches
         if not isinstance(plan, StepPlan):  # one update on the given batches, in their order
             plan = StepPlan([[{**b, "weight": w} for b, w in zip(plan, weights)]])
         samples = plan.samples or samples
@@ -981,7 +1035,8 @@ def train(
             if cfg.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+            grad_norm = full_tensor(grad_norm)  # sharded: the norm over every process's shards
             flags = accelerator.reduce(torch.tensor([float(bool(bad_ids)), float(not torch.isfinite(grad_norm))], device=accelerator.device), "sum")
             if float(flags.sum()) > 0 or count == 0:
                 what = "loss" if float(flags[0]) > 0 else ("gradient" if count > 0 else "count of loss units (0)")
@@ -1066,16 +1121,19 @@ def train(
         result.best.update(metric=best.metric, value=best.value, step=best.step)
         result.best.setdefault("stopped_at", None)
         if best.step != end:  # roll back to the best evaluation's weights
-            accelerator.unwrap_model(model).load_state_dict(load_state(best_file))
+            if is_sharded(model):
+                load_full_state_dict(model, load_state(best_file))
+            else:
+                accelerator.unwrap_model(model).load_state_dict(load_state(best_file))
             result.eval_metrics = dict(best.metrics)
             if accelerator.is_main_process:
                 print(f"rolled back to step {best.step}: {best.metric} {best.value:.4g} there, "
                       f"{last_eval[best.metric]:.4g} at step {end}", flush=True)
         log({"step": end, "best/step": best.step, "best/value": best.value})
+    save_model(model, tokenizer, out, accelerator)
     if accelerator.is_main_process:
         from alignkit.models.card import write_model_card
 
-        save_model(model, tokenizer, out, accelerator)
         write_model_card(out, name, cfg, config_dict(cfg), result.eval_metrics, result.initial_eval_metrics)
         if best is not None:
             best_file.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from alignkit.losses import bradley_terry_loss, ranking_pairs
 from alignkit.models.reward import batch_rewards, load_reward_backbone
 from alignkit.train.common import load_train_eval, print_summary, say
 from alignkit.train.loop import TrainConfig, TrainResult, load_trainable_model, make_accelerator, resolve_resume, train
+from alignkit.train.sharding import gathered
 
 
 @dataclass
@@ -109,9 +110,12 @@ def run(cfg: RewardConfig) -> TrainResult:
     result = train(cfg, model, tokenizer, examples, rm_step, pair_count, collate, name="rm",
                    eval_examples=eval_examples, resume_from=resume_from, accelerator=accelerator)
     notes = [str(report)]
+    if cfg.normalize:
+        with gathered(model):  # sharded: every process gathers the weights, the main one scores alone
+            if accelerator.is_main_process:
+                mean, std = reward_stats(accelerator.unwrap_model(model), eval_examples or examples, collate,
+                                         cfg.batch_size, accelerator.device)
     if cfg.normalize and accelerator.is_main_process:
-        trained = accelerator.unwrap_model(model)
-        mean, std = reward_stats(trained, eval_examples or examples, collate, cfg.batch_size, accelerator.device)
         from transformers import AutoConfig
 
         # added to the config.json the final save wrote (with LoRA, the merged model's: its

@@ -211,7 +211,7 @@ def test_fsdp_through_accelerate_gives_the_ddp_loss_curve(runs, tiny_model_dir, 
         assert abs(a["train/loss"] - b["train/loss"]) <= 1e-4, (a, b)
 
 
-GRPO_ARGS = dict(reward="tests.helpers:contains_seven", num_generations=4, grad_accum=1, max_steps=3,
+GRPO_ARGS = dict(reward="tests.helpers:digit_fraction", num_generations=4, grad_accum=1, max_steps=3,
                  lr=1e-2, max_new_tokens=6, max_length=64, seed=3, log_steps=1, eval_fraction=0.0)
 
 
@@ -236,9 +236,13 @@ def test_grpo_and_rloo_two_processes_equal_one_process(trainer, beta, tiny_model
     for a, b in zip(one, two):  # the same sampled groups: the same rewards and in-group spreads
         for key in ("train/reward", "train/reward_std_in_group", "train/completion_length"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (key, a, b)
-    diff = max_abs_diff(tmp_path / "one", tmp_path / "two")
-    print(f"{trainer} 2x(1 prompt x 4) vs 1x(2 prompts x 4), 3 steps: max |dw| = {diff:.3g}")
-    assert diff < TOL
+    diff, moved = max_abs_diff(tmp_path / "one", tmp_path / "two"), max_abs_diff(tiny_model_dir, tmp_path / "one")
+    print(f"{trainer} 2x(1 prompt x 4) vs 1x(2 prompts x 4), 3 steps: max |dw| = {diff:.3g}, moved {moved:.3g}")
+    # the reward varies within groups (digits in a completion): a reward that is 0 everywhere leaves
+    # every advantage 0 and the weights unmoved, and any two runs would agree. Adam's first steps
+    # move a weight by up to lr * g / (|g| + 1e-8): float noise in a near-zero gradient, summed in
+    # another order, shows as ~1e-5 (rloo measured 2.4e-5); 1e-4 is 1% of one step at lr 1e-2
+    assert moved > 1e-3 and diff < (TOL if trainer == "grpo" else 1e-4)
 
 
 @pytest.mark.slow
