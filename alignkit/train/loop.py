@@ -135,6 +135,10 @@ class TrainConfig:
     """Recompute each decoder layer's activations in the backward instead of keeping them from the forward:
     less memory for about one more forward of compute, the same gradients (transformers' checkpointing,
     non-reentrant)."""
+    compile: bool = False
+    """torch.compile the training forward and backward (TorchInductor; on CPU it needs a C++ compiler): the
+    first steps of each new batch shape compile, later ones run the fused code. Sampling and evaluation run
+    the model uncompiled (their shapes change every call)."""
     chunked_head: Literal["auto", "on", "off"] = "auto"
     """The output head and its log-softmax in chunks of tokens, the logits never held for the whole batch (on:
     less memory, one more head matmul in the backward), the full logits (off), or chunks only when a batch's
@@ -757,7 +761,8 @@ def metric_means(sums: dict[str, float], count: float) -> dict[str, float]:
     return {k: v / max(sums.get(k + "#n", count), 1e-12) for k, v in sums.items() if "#" not in k and not k.startswith("_")}
 
 
-def accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator) -> tuple[dict[str, float], float, list[int]]:
+def accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator,
+                         forward=None) -> tuple[dict[str, float], float, list[int]]:
     """Backward through the micro-batches of one optimiser step.
 
     grad = sum_j w_j * grad(loss_sum_j) * world / N, with N = sum_j w_j * count_j summed
@@ -765,7 +770,7 @@ def accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator
     split (DDP then averages over the world, hence the factor `world`). Returns the
     local metric sums (plus `_tokens` and `_examples`, the attended tokens and the
     examples with weight > 0), N, and the ids of examples in micro-batches whose loss
-    was not finite.
+    was not finite. `forward` (the compiled model) runs the micro-batches in place of `model`.
     """
     world = accelerator.num_processes
     if is_sharded(model) and world > 1:
@@ -784,7 +789,7 @@ def accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator
         else:
             context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
         with context:
-            loss_sum, metrics = step_fn(model, batch)
+            loss_sum, metrics = step_fn(model if forward is None else forward, batch)
             if not torch.isfinite(loss_sum.detach()):
                 bad_ids += batch["ids"].tolist()
             # Every micro-batch runs backward, even a non-finite one, so that all processes
@@ -945,6 +950,8 @@ def train(
     # step it once per process.
     if not is_sharded(model):
         model, optimizer = accelerator.prepare(model, optimizer)
+    # the training passes only: a sampler's one-token steps would recompile at every new length
+    compiled = torch.compile(model) if cfg.compile else None
 
     out = Path(cfg.output_dir)
     best = BestEval(cfg.best_metric, cfg.best_metric_mode, cfg.early_stop_threshold) if cfg.best_metric else None
@@ -1031,7 +1038,7 @@ def train(
         step_count = 0.0
         for k, update in enumerate(plan.updates):
             sums, count, bad_ids = accumulate_gradients(model, update, [float(b["weight"]) for b in update],
-                                                        step_fn, count_fn, accelerator)
+                                                        step_fn, count_fn, accelerator, compiled)
             if cfg.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             else:
