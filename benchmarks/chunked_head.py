@@ -20,6 +20,12 @@ token) are measured the same way and reported beside it. Cases:
   loss against constant reference log-probs (as with `precompute_ref`).
 - `dpo trl-style`: chosen and rejected as two rows of 768 tokens each (TRL's concatenated
   forward), full logits, log-softmax gathered at the labels.
+- `sft trl` / `dpo trl`: TRL 1.16's own SFTTrainer and DPOTrainer (installed privately, see
+  benchmarks/common.py), one `train()` step of the same batch (text of a word-level tokenizer whose
+  words are the token ids, so the rows have exactly these lengths), DPO with
+  `precompute_ref_log_probs` as alignkit's `dpo` cases. TRL 1.16 patches a fused LM head that
+  computes log-probs in chunks (`add_fused_lm_head`): this is TRL's real peak, its data
+  collation and optimiser included.
 - `sft checkpointed`: `sft chunked` with the model's gradient checkpointing on (alignkit's
   `gradient_checkpointing` key), for its memory against its time (`--layers` sets the depth).
 """
@@ -35,7 +41,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = ["baseline", "sft chunked", "sft full", "sft transformers", "dpo chunked", "dpo full", "dpo trl-style"]
+CASES = ["baseline", "sft chunked", "sft full", "sft transformers", "sft trl", "dpo chunked", "dpo full",
+         "dpo trl-style", "dpo trl"]
 # `--cases "sft chunked" "sft checkpointed" --layers 8`: gradient_checkpointing's effect on the same step
 
 
@@ -54,6 +61,8 @@ def child(case: str, batch: int, length: int, vocab: int, layers: int = 2) -> di
     model = LlamaForCausalLM(config)
     ids = torch.randint(3, vocab, (batch, length))
     attn = torch.ones_like(ids)
+    if case.endswith(" trl"):
+        return trl_child(case, model, batch, length, vocab)
     start = time.perf_counter()
     if case == "baseline":
         with torch.no_grad():
@@ -98,6 +107,56 @@ def child(case: str, batch: int, length: int, vocab: int, layers: int = 2) -> di
             "seconds": round(seconds, 2), "logits_bytes_fp32": batch * length * vocab * 4}
 
 
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer whose word `w{i}` is token i (0 pad, 1 <s>, 2 </s>): text of known ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    raw = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def trl_child(case: str, model, batch: int, length: int, vocab: int) -> dict:
+    """One optimiser step of TRL's own trainer on `batch` rows of `length` tokens (EOS included)."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+
+    from common import TRL_DIR, ensure_trl
+
+    ensure_trl()
+    sys.path.insert(0, str(TRL_DIR))
+    tokenizer = word_tokenizer(vocab)
+    words = lambda n: " ".join(f"w{int(i)}" for i in torch.randint(3, vocab, (n,)))  # noqa: E731
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=1, report_to=[],
+                  save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0, learning_rate=1e-5)
+    start = time.perf_counter()
+    if case == "sft trl":
+        from trl import SFTConfig, SFTTrainer
+
+        data = Dataset.from_list([{"text": words(length - 1)} for _ in range(batch)])  # + EOS = length
+        trainer = SFTTrainer(model=model, args=SFTConfig(max_length=length, packing=False, **common),
+                             train_dataset=data, processing_class=tokenizer)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        prompt, response = length // 2, length // 4
+        data = Dataset.from_list([{"prompt": words(prompt), "chosen": " " + words(response - 1),
+                                   "rejected": " " + words(response - 1)} for _ in range(batch)])
+        trainer = DPOTrainer(model=model, args=DPOConfig(max_length=prompt + response, precompute_ref_log_probs=True,
+                                                         beta=0.1, **common),
+                             train_dataset=data, processing_class=tokenizer)
+    row_tokens = len(next(iter(trainer.train_dataset))["input_ids" if case == "sft trl" else "prompt_ids"])
+    trainer.train()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"case": case, "batch": batch, "length": length, "vocab": vocab, "peak_bytes": peak,
+            "seconds": round(seconds, 2), "first_row_tokens": row_tokens, "trl": __import__("trl").__version__}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
@@ -132,6 +191,9 @@ def main() -> None:
                 "peak_chunked_vs_peer": round(ours["peak_bytes"] / peer["peak_bytes"], 3),
                 "speed_chunked_vs_full": round(full["seconds"] / ours["seconds"], 3),
             }
+        trainer = results.get(f"{kind} trl")
+        if ours and trainer:  # TRL's time includes its trainer's setup and optimiser step: no speed ratio
+            summary.setdefault(kind, {})["peak_chunked_vs_trl_trainer"] = round(ours["peak_bytes"] / trainer["peak_bytes"], 3)
     print(json.dumps({"summary": summary}))
 
 

@@ -196,6 +196,9 @@ class TrainConfig:
         if self.distributed == "fsdp" and self.lora_r > 0:
             raise ConfigError("distributed fsdp with lora_r > 0: LoRA adapters are not sharded yet; "
                               "use distributed ddp (the frozen base could be sharded, the adapters are small)")
+        if self.distributed == "fsdp" and self.precision == "fp16":  # fp16 would need FSDP2's sharded grad scaler
+            raise ConfigError("distributed fsdp with precision fp16: sharded fp16 needs a gradient scaler alignkit "
+                              "does not run; use precision bf16 (or no)")
         if self.early_stop_patience and not (self.best_metric and self.eval_steps > 0):
             raise ConfigError("early_stop_patience needs best_metric (the metric it watches) and eval_steps > 0 "
                               "(how often it is measured)")

@@ -195,11 +195,13 @@ def test_decoder_layers_are_the_sharding_units(tiny_model_dir):
         assert same is model
 
 
-def test_fsdp_refuses_lora():
+def test_fsdp_refuses_lora_and_fp16():
     from alignkit.config import ConfigError
     from alignkit.train.loop import TrainConfig
 
     with pytest.raises(ConfigError, match="distributed fsdp with lora_r"):
         TrainConfig(distributed="fsdp", lora_r=4).validate()
+    with pytest.raises(ConfigError, match="precision fp16"):
+        TrainConfig(distributed="fsdp", precision="fp16").validate()
     TrainConfig(distributed="fsdp").validate()
     assert torch.distributed.is_available()
