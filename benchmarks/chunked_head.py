@@ -1,5 +1,5 @@
 """Peak memory and time of one SFT step and one DPO step at a 128k vocabulary: the chunked head
-(alignkit's default there), the full logits, and transformers' own loss (what TRL's trainers call).
+(alignkit's default there), the full logits, transformers' own loss, and TRL's and alignkit's trainers.
 
     .venv/bin/python benchmarks/chunked_head.py                 # prints one JSON line per case
     .venv/bin/python benchmarks/chunked_head.py --batch 2 --length 512
@@ -13,19 +13,21 @@ token) are measured the same way and reported beside it. Cases:
 - `sft chunked` / `sft full`: alignkit's `lm_step` (next-token loss on every token) with
   `chunked_head` on / off: the head in chunks of 2^24 logits, or the [B, T, V] logits in full.
 - `sft transformers`: `model(input_ids, labels=...).loss`, transformers' ForCausalLMLoss: the
-  full logits upcast to float32 and cross-entropy, which TRL's SFTTrainer computes its loss with
-  (its compute_loss then also reads the same logits for entropy and token accuracy).
+  full logits upcast to float32 and cross-entropy (what a plain transformers training loop pays).
 - `dpo chunked` / `dpo full`: alignkit's `sequence_logprobs` of a [prompt | chosen | rejected]
   row per pair (`pad_shared_prompt`), prompt 512 and each response 256 tokens, the DPO sigmoid
   loss against constant reference log-probs (as with `precompute_ref`).
-- `dpo trl-style`: chosen and rejected as two rows of 768 tokens each (TRL's concatenated
-  forward), full logits, log-softmax gathered at the labels.
+- `dpo trl-style`: chosen and rejected as two rows of 768 tokens each (the concatenated forward
+  of DPO implementations), full logits, log-softmax gathered at the labels.
 - `sft trl` / `dpo trl`: TRL 1.16's own SFTTrainer and DPOTrainer (installed privately, see
   benchmarks/common.py), one `train()` step of the same batch (text of a word-level tokenizer whose
   words are the token ids, so the rows have exactly these lengths), DPO with
   `precompute_ref_log_probs` as alignkit's `dpo` cases. TRL 1.16 patches a fused LM head that
   computes log-probs in chunks (`add_fused_lm_head`): this is TRL's real peak, its data
   collation and optimiser included.
+- `sft alignkit` / `dpo alignkit`: alignkit's own `sft` and `dpo` trainers (`precompute_ref`), one
+  optimiser step on the same text, its defaults (`chunked_head auto` chunks here), AdamW included:
+  the trainer-to-trainer comparison with the two TRL cases.
 - `sft checkpointed`: `sft chunked` with the model's gradient checkpointing on (alignkit's
   `gradient_checkpointing` key), for its memory against its time (`--layers` sets the depth).
 """
@@ -41,8 +43,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = ["baseline", "sft chunked", "sft full", "sft transformers", "sft trl", "dpo chunked", "dpo full",
-         "dpo trl-style", "dpo trl"]
+CASES = ["baseline", "sft chunked", "sft full", "sft transformers", "sft trl", "sft alignkit", "dpo chunked",
+         "dpo full", "dpo trl-style", "dpo trl", "dpo alignkit"]
 # `--cases "sft chunked" "sft checkpointed" --layers 8`: gradient_checkpointing's effect on the same step
 
 
@@ -63,6 +65,8 @@ def child(case: str, batch: int, length: int, vocab: int, layers: int = 2) -> di
     attn = torch.ones_like(ids)
     if case.endswith(" trl"):
         return trl_child(case, model, batch, length, vocab)
+    if case.endswith(" alignkit"):
+        return alignkit_child(case, model, batch, length, vocab)
     start = time.perf_counter()
     if case == "baseline":
         with torch.no_grad():
@@ -157,6 +161,35 @@ def trl_child(case: str, model, batch: int, length: int, vocab: int) -> dict:
             "seconds": round(seconds, 2), "first_row_tokens": row_tokens, "trl": __import__("trl").__version__}
 
 
+def alignkit_child(case: str, model, batch: int, length: int, vocab: int) -> dict:
+    """One optimiser step of alignkit's own trainer on the rows `trl_child` builds (same lengths)."""
+    import tempfile
+
+    import torch
+
+    from alignkit.train import dpo, sft
+
+    work = Path(tempfile.mkdtemp())
+    model.save_pretrained(work / "model")
+    word_tokenizer(vocab).save_pretrained(work / "model")
+    words = lambda n: " ".join(f"w{int(i)}" for i in torch.randint(3, vocab, (n,)))  # noqa: E731
+    prompt, response = (1, length - 2) if case == "sft alignkit" else (length // 2, length // 4 - 1)  # + EOS
+    rows = [{"prompt": words(prompt), "completion": " " + words(response), "chosen": " " + words(response),
+             "rejected": " " + words(response)} for _ in range(batch)]
+    (work / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(model=str(work / "model"), data=str(work / "data.jsonl"), output_dir=str(work / "out"),
+                  max_steps=1, batch_size=batch, max_length=length, lr=1e-5, log_steps=1)
+    start = time.perf_counter()
+    if case == "sft alignkit":
+        sft.run(sft.SFTConfig(**common))
+    else:
+        dpo.run(dpo.DPOConfig(**common, precompute_ref=True, beta=0.1))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"case": case, "batch": batch, "length": length, "vocab": vocab, "peak_bytes": peak,
+            "seconds": round(seconds, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
@@ -191,9 +224,13 @@ def main() -> None:
                 "peak_chunked_vs_peer": round(ours["peak_bytes"] / peer["peak_bytes"], 3),
                 "speed_chunked_vs_full": round(full["seconds"] / ours["seconds"], 3),
             }
-        trainer = results.get(f"{kind} trl")
+        trainer, own = results.get(f"{kind} trl"), results.get(f"{kind} alignkit")
         if ours and trainer:  # TRL's time includes its trainer's setup and optimiser step: no speed ratio
             summary.setdefault(kind, {})["peak_chunked_vs_trl_trainer"] = round(ours["peak_bytes"] / trainer["peak_bytes"], 3)
+        if own and trainer:  # trainer against trainer: setup, data, AdamW step and save on both sides
+            summary.setdefault(kind, {})["peak_alignkit_trainer_vs_trl_trainer"] = round(
+                own["peak_bytes"] / trainer["peak_bytes"], 3)
+            summary[kind]["time_trl_vs_alignkit_trainer"] = round(trainer["seconds"] / own["seconds"], 3)
     print(json.dumps({"summary": summary}))
 
 
