@@ -367,6 +367,13 @@ def position_warnings(model, lengths: list[int], new_tokens: int = 0) -> list[st
             f"max_position_embeddings ({limit}), up to {max(over):,} tokens; lower max_length to keep rows within it"]
 
 
+def row_lengths(examples: list[dict]) -> list[int]:
+    """The positions each example's rows reach: a grouped example (`sequences`: one prompt with its
+    responses, whose `input_ids` only concatenate them for the loop's length sort) reaches its
+    longest sequence, not their sum."""
+    return [max(map(len, ex["sequences"])) if ex.get("sequences") else len(ex["input_ids"]) for ex in examples]
+
+
 def plan_steps(n_examples: int, cfg: TrainConfig, world_size: int) -> tuple[int, int, int]:
     """(global batch, steps per epoch, total steps). The last batch of an epoch may be short."""
     if n_examples == 0:
@@ -926,7 +933,7 @@ def train(
     global_batch, steps_per_epoch, total_steps = plan_steps(len(examples), geometry, world)
     n_updates = updates_per_step if callable(updates_per_step) else (lambda step: updates_per_step)
     lengths = [len(ex["input_ids"]) for ex in examples]
-    for warning in position_warnings(model, lengths, getattr(cfg, "max_new_tokens", 0)):
+    for warning in position_warnings(model, row_lengths(examples), getattr(cfg, "max_new_tokens", 0)):
         if accelerator.is_main_process:
             print(warning, flush=True)
     meta = {

@@ -154,3 +154,21 @@ def test_lora_reward_model_learns_resumes_and_saves_a_plain_model(tiny_model_dir
     reward.run(reward.RewardConfig(output_dir=str(tmp_path / "resumed"), resume=str(out / "checkpoint-10"), **kw))
     a, b = load_file(out / "model.safetensors"), load_file(tmp_path / "resumed/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_position_warning_reads_each_sequence_of_a_grouped_example():
+    """A ranking example's input_ids concatenate its responses (for the length sort only): the
+    positions its rows reach are its longest sequence's, so 2 rows of 10 and 12 tokens under a
+    16-position model warn of nothing, and a 20-token row does."""
+    from types import SimpleNamespace
+
+    from alignkit.train.loop import position_warnings, row_lengths
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=16))
+    grouped = {"sequences": [[5] * 10, [6] * 12], "input_ids": [5] * 10 + [6] * 12}
+    assert row_lengths([grouped, {"input_ids": [1] * 7}]) == [12, 7]
+    assert position_warnings(model, row_lengths([grouped])) == []
+    long = {"sequences": [[5] * 10, [6] * 20], "input_ids": [5] * 10 + [6] * 20}
+    assert position_warnings(model, row_lengths([grouped, long])) == [
+        "WARNING: 1 of 2 rows are longer than the model's max_position_embeddings (16), up to 20 tokens; "
+        "lower max_length to keep rows within it"]
