@@ -122,11 +122,17 @@ def word_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+def random_words(n: int, vocab: int) -> str:
+    """`n` random words of `word_tokenizer(vocab)`: text that tokenizes to exactly n ids."""
+    import torch
+
+    return " ".join(f"w{int(i)}" for i in torch.randint(3, vocab, (n,)))
+
+
 def trl_child(case: str, model, batch: int, length: int, vocab: int) -> dict:
     """One optimiser step of TRL's own trainer on `batch` rows of `length` tokens (EOS included)."""
     import tempfile
 
-    import torch
     from datasets import Dataset
 
     from common import TRL_DIR, ensure_trl
@@ -134,7 +140,7 @@ def trl_child(case: str, model, batch: int, length: int, vocab: int) -> dict:
     ensure_trl()
     sys.path.insert(0, str(TRL_DIR))
     tokenizer = word_tokenizer(vocab)
-    words = lambda n: " ".join(f"w{int(i)}" for i in torch.randint(3, vocab, (n,)))  # noqa: E731
+    words = lambda n: random_words(n, vocab)  # noqa: E731
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=1, report_to=[],
                   save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0, learning_rate=1e-5)
     start = time.perf_counter()
@@ -165,14 +171,12 @@ def alignkit_child(case: str, model, batch: int, length: int, vocab: int) -> dic
     """One optimiser step of alignkit's own trainer on the rows `trl_child` builds (same lengths)."""
     import tempfile
 
-    import torch
-
     from alignkit.train import dpo, sft
 
     work = Path(tempfile.mkdtemp())
     model.save_pretrained(work / "model")
     word_tokenizer(vocab).save_pretrained(work / "model")
-    words = lambda n: " ".join(f"w{int(i)}" for i in torch.randint(3, vocab, (n,)))  # noqa: E731
+    words = lambda n: random_words(n, vocab)  # noqa: E731
     prompt, response = (1, length - 2) if case == "sft alignkit" else (length // 2, length // 4 - 1)  # + EOS
     rows = [{"prompt": words(prompt), "completion": " " + words(response), "chosen": " " + words(response),
              "rejected": " " + words(response)} for _ in range(batch)]

@@ -38,8 +38,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from alignkit.train.sharding import (SHARDED_DIR, full_state_dict, full_tensor, gathered, gradient_sync, is_sharded,
-                                     load_full_state_dict, load_sharded, local_fraction, save_sharded, shard_model)
+from alignkit.train.sharding import (SHARDED_DIR, full_state_dict, full_tensor, gathered, is_sharded,
+                                     load_full_state_dict, load_sharded, local_fraction, no_gradient_sync,
+                                     save_sharded, shard_model)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 BEST_WEIGHTS = "best_eval.pt"  # the weights of the best evaluation by `best_metric`, while a run lasts
@@ -794,10 +795,10 @@ def accumulate_gradients(model, batches, weights, step_fn, count_fn, accelerator
     bad_ids: list[int] = []
     for j, (batch, w) in enumerate(zip(batches, weights)):
         sync = j == len(batches) - 1
-        if is_sharded(model):
-            context = gradient_sync(model, sync)
+        if sync:
+            context = contextlib.nullcontext()
         else:
-            context = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+            context = no_gradient_sync(model) if is_sharded(model) else accelerator.no_sync(model)
         with context:
             loss_sum, metrics = step_fn(model if forward is None else forward, batch)
             if not torch.isfinite(loss_sum.detach()):
@@ -1035,8 +1036,10 @@ def train(
             groups, weights = [indices[:1]], [0.0]
         batches = [{**_to_device(collate([examples[i] for i in g]), accelerator.device), "weight": w}
                    for g, w in zip(groups, weights)]
-        with gathered(model):  # rollouts: each process samples on its own, as many tokens as it needs
-            plan = prepare(model, batches, step) if prepare is not None else batches
+        plan = batches
+        if prepare is not None:
+            with gathered(model):  # rollouts: each process samples on its own, as many tokens as it needs
+                plan = prepare(model, batches, step)
         if not isinstance(plan, StepPlan):  # one update on the given batches, in their order
             plan = StepPlan([[{**b, "weight": w} for b, w in zip(plan, weights)]])
         samples = plan.samples or samples

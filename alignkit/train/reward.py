@@ -113,17 +113,17 @@ def run(cfg: RewardConfig) -> TrainResult:
     if cfg.normalize:
         with gathered(model):  # sharded: every process gathers the weights, the main one scores alone
             if accelerator.is_main_process:
+                from transformers import AutoConfig
+
                 mean, std = reward_stats(accelerator.unwrap_model(model), eval_examples or examples, collate,
                                          cfg.batch_size, accelerator.device)
-    if cfg.normalize and accelerator.is_main_process:
-        from transformers import AutoConfig
-
-        # added to the config.json the final save wrote (with LoRA, the merged model's: its
-        # architectures name the sequence-classification class, the unmerged wrapper's do not)
-        saved = AutoConfig.from_pretrained(cfg.output_dir)
-        saved.reward_mean, saved.reward_std = mean, std
-        saved.save_pretrained(cfg.output_dir)
-        notes.append(f"reward over {'held-out' if eval_examples else 'training'} responses: mean {mean:.3f}, std {std:.3f} (stored for normalised scoring)")
+                # added to the config.json the final save wrote (with LoRA, the merged model's: its
+                # architectures name the sequence-classification class, the unmerged wrapper's do not)
+                saved = AutoConfig.from_pretrained(cfg.output_dir)
+                saved.reward_mean, saved.reward_std = mean, std
+                saved.save_pretrained(cfg.output_dir)
+                notes.append(f"reward over {'held-out' if eval_examples else 'training'} responses: "
+                             f"mean {mean:.3f}, std {std:.3f} (stored for normalised scoring)")
     print_summary("rm", result, notes)
     return result
 

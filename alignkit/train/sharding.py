@@ -101,21 +101,15 @@ def gathered(model):
             unit.set_reshard_after_forward(unit is not model, recurse=False)
 
 
-def gradient_sync(model, sync: bool):
-    """A context in which backward reduce-scatters the gradients (`sync`) or only accumulates them
-    locally, for the micro-batches before a step's last."""
-    if sync or not is_sharded(model):
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def no_sync():
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-
-    return no_sync()
+@contextlib.contextmanager
+def no_gradient_sync(model):
+    """A sharded model's backward only accumulates its gradients locally in the block (the micro-batches
+    before a step's last), as DDP's `no_sync`; outside it, backward reduce-scatters them."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def full_tensor(x: torch.Tensor) -> torch.Tensor:
