@@ -173,8 +173,14 @@ def render_report(out: str | Path, title: str, result: dict | None, histories: d
     if stages:
         parts.append("<h2>Stages</h2>" + _table(["stage", "seconds", "summary"], [
             [name, _fmt(s.get("seconds"), ".0f"),
-             ", ".join(f"{k}={_fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in s.items() if k != "seconds")]
+             ", ".join(f"{k}={_fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in s.items()
+                       if k not in ("seconds", "table"))]
             for name, s in stages.items()]))
+        # a stage may carry a table of its own: {"title", "headers", "rows"} (the search comparison)
+        for s in stages.values():
+            if isinstance(s.get("table"), dict):
+                parts.append(f"<h2>{html.escape(s['table']['title'])}</h2>"
+                             + _table(s["table"]["headers"], s["table"]["rows"]))
     images = {}
     if result:
         models = result["models"]
