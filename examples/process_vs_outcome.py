@@ -7,8 +7,8 @@ Per seed (`alignkit demo --task arithmetic_steps --seed S`): the SFT policy's so
 (ORM) and a process verifier (PRM) on the same samples; search picks from the same N samples with each; PPO and
 GRPO train for the same steps on the outcome alone or with the PRM's step rewards. Printed (and written to
 summary.json): the verifiers' held-out accuracies, exact match of each search method at each N, each policy's
-exact match on held-out questions, and for the process runs the first step whose 5-step mean training reward
-reached the outcome run's final one (None: never). A finished seed is read back, not rerun.
+exact match on held-out questions, and for the process runs the first step at which the mean training reward of
+the last 3 logged steps reached the outcome run's final one (the same mean; None: never). A finished seed is read back, not rerun.
 """
 
 from __future__ import annotations
@@ -26,17 +26,17 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
 
-def rewards(folder: Path) -> list[float]:
-    """The training reward at each logged step of an online run."""
+def rewards(folder: Path) -> list[tuple[int, float]]:
+    """(step, training reward) of each logged step of an online run."""
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r["train/reward"] for r in rows if "train/reward" in r]
+    return [(r["step"], r["train/reward"]) for r in rows if "train/reward" in r]
 
 
-def steps_to_reach(curve: list[float], target: float, window: int = 5) -> int | None:
-    """1-based step at which the mean of the last `window` logged rewards first reaches `target`."""
+def steps_to_reach(curve: list[tuple[int, float]], target: float, window: int = 3) -> int | None:
+    """The step at which the mean of the last `window` logged rewards first reaches `target` (None: never)."""
     for i in range(window, len(curve) + 1):
-        if statistics.mean(curve[i - window : i]) >= target:
-            return i
+        if statistics.mean(r for _, r in curve[i - window : i]) >= target:
+            return curve[i - 1][0]
     return None
 
 
@@ -50,8 +50,8 @@ def seed_summary(root: Path) -> dict:
            "exact_match": {name: m["gold"] for name, m in policies.items()}, "reach": {}}
     for method in ("ppo", "grpo"):
         outcome, process = rewards(root / method), rewards(root / f"{method}-process")
-        target = statistics.mean(outcome[-5:])
-        out["reach"][method] = {"outcome_final": target, "outcome_steps": len(outcome),
+        target = statistics.mean(r for _, r in outcome[-3:])
+        out["reach"][method] = {"outcome_final": target, "outcome_steps": outcome[-1][0],
                                 "process_steps_to_reach": steps_to_reach(process, target)}
     return out
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     for method in ("ppo", "grpo"):
         reach = [s["reach"][method] for s in seeds]
         lines.append(f"{method}: outcome run's final training reward {mean_sd([r['outcome_final'] for r in reach])} "
-                     f"after {reach[0]['outcome_steps']} steps; the process run reached it at steps "
+                     f"(mean of its last 3 logged steps, of {reach[0]['outcome_steps']}); the process run reached it at steps "
                      f"{[r['process_steps_to_reach'] for r in reach]}")
     print("\n".join(lines))
     summary = {"seeds": per_seed}
