@@ -533,7 +533,8 @@ def arithmetic_steps_stages(cfg: DemoConfig) -> Recipe:
         k = p["solution_samples"]
         samples = sample_and_score(policy, tokenizer, examples, k, [], [], seed=seed, **gen)
         labelled = task.labelled_solutions([r["prompt"] for r in records for _ in range(k)], samples.texts)
-        usable = [(i, r) for i, r in enumerate(labelled) if r["usable"]]
+        # a newline inside a completion would split the ORM's one step when it scores: counted as malformed
+        usable = [(i, r) for i, r in enumerate(labelled) if r["usable"] and "\n" not in samples.texts[i]]
         held = {i for i, _ in usable if (i // k) % 10 == 0}  # whole prompts: no question on both sides
         for name, keep in (("train", lambda i: i not in held), ("eval", lambda i: i in held)):
             chosen = [r for i, r in usable if keep(i)]
