@@ -169,7 +169,7 @@ def test_arithmetic_demo_grpo_raises_exact_match(tmp_path):
 def test_arithmetic_steps_demo_trains_both_verifiers_and_compares_search(tmp_path):
     """The quick multi-step demo end to end: SFT learns the worked format, the PRM and the ORM learn from the
     policy's own solutions (held-out accuracy up by a margin), search compares them on the same samples, the
-    four RL runs and eval finish, and the report shows the search table. Seed 0 measured: SFT exact match 0.29,
+    four RL runs and eval finish, and the report shows the search table. Seed 0 at 07ce72a: SFT exact match 0.29,
     PRM step accuracy 0.64 -> 0.76, ORM 0.51 -> 0.75."""
     out = tmp_path / "demo"
     summary = run_demo(DemoConfig(task="arithmetic_steps", output_dir=str(out), quick=True))
