@@ -575,7 +575,7 @@ def arithmetic_steps_stages(cfg: DemoConfig) -> Recipe:
 
     def run_search(folder):
         from alignkit.data import load_records
-        from alignkit.evaluate.search import compare_search, format_rows
+        from alignkit.evaluate.search import compare_search, format_rows, table
         from alignkit.models.load import load_causal_lm, load_tokenizer
         from alignkit.models.process_reward import ProcessRewardModel
 
@@ -587,15 +587,12 @@ def arithmetic_steps_stages(cfg: DemoConfig) -> Recipe:
                               tuple(p["search_ns"]), final_answer=task.final_answer, beam=process,
                               beam_prompts=p["beam_prompts"], seed=seed, **gen)
         print(format_rows(rows), flush=True)
-        (folder / "search.json").parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "search.json").write_text(json.dumps(rows, indent=1))
-        ns = sorted({r["n"] for r in rows})
+        headers, cells = table(rows)
         return {"table": {"title": "Search from the SFT policy: exact match of the pick (same samples for every "
                                    f"verifier; beam search on the first {p['beam_prompts']} prompts)",
-                          "headers": ["method"] + [f"N={n}" for n in ns],
-                          "rows": [[m] + [next((f"{r['exact_match']:.3f}" for r in rows if r["method"] == m
-                                                and r["n"] == n), "-") for n in ns]
-                                   for m in dict.fromkeys(r["method"] for r in rows)]}}
+                          "headers": headers, "rows": cells}}
 
     def rl_keys(**keys) -> dict:
         return dict(model=out("sft"), data=out("data/prompts_rl.jsonl"), reward=[gold], eval_fraction=0.0,

@@ -74,12 +74,15 @@ def compare_search(policy, tokenizer, prompts: list[str], answers: list, gold: C
     return rows
 
 
-def format_rows(rows: list[dict]) -> str:
-    """The rows as a table: one line per method, one column per N."""
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The rows as (headers, cells): one row per method, one column per N, "-" where a method has no such N."""
     ns = sorted({r["n"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    cell = {(r["method"], r["n"]): r["exact_match"] for r in rows}
-    lines = ["method      " + "".join(f"N={n:<7}" for n in ns)]
-    for m in methods:
-        lines.append(f"{m:<12}" + "".join(f"{cell[(m, n)]:<9.3f}" if (m, n) in cell else f"{'-':<9}" for n in ns))
-    return "\n".join(lines)
+    cell = {(r["method"], r["n"]): f"{r['exact_match']:.3f}" for r in rows}
+    methods = dict.fromkeys(r["method"] for r in rows)
+    return ["method"] + [f"N={n}" for n in ns], [[m] + [cell.get((m, n), "-") for n in ns] for m in methods]
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The rows as a text table (`table`)."""
+    headers, cells = table(rows)
+    return "\n".join(f"{line[0]:<12}" + "".join(f"{c:<9}" for c in line[1:]) for line in [headers] + cells)
